@@ -1,0 +1,3 @@
+from tl_app.cli import main
+
+main()

@@ -1,0 +1,339 @@
+"""The one typed configuration: the single source of defaults.
+
+Pipeline TOML files and CLI flags override these dataclasses; the resolved
+configuration is written next to every artifact (``config.json``/``config.toml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from tl_app.errors import ConfigError, closest
+
+RESIZE_POLICIES = ("auto", "stretch", "center_crop", "letterbox")
+STRATEGIES = ("bottleneck", "finetune")
+OPTIMIZERS = ("sgd", "rmsprop", "adagrad", "adadelta", "adam", "adamw", "nadam")
+SCHEDULES = ("constant", "cosine", "step", "plateau")
+POOLINGS = ("avg", "max", "flatten")
+HEAD_KINDS = ("dense", "logistic")
+PRECISIONS = ("none", "float16", "bfloat16")
+DISTRIBUTE = ("none", "mirrored", "multi-worker")
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are split, decoded and weighted."""
+
+    root: str = "datasets/sample"
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    split_seed: int = 0
+    resize_policy: str = "auto"
+    max_pixels: int = 89_478_485  # Pillow's decompression-bomb threshold
+    strict: bool = False
+    class_weights: Union[str, dict] = "balanced"
+    imbalance_warning_ratio: float = 3.0
+    background: list = field(default_factory=lambda: [255, 255, 255])
+    batch_size: int = 32
+
+
+@dataclass
+class BackboneConfig:
+    """Which pretrained network, which weights, which features."""
+
+    name: str = "resnet50"
+    weights: str = "imagenet"  # imagenet | none | path to a weight file
+    input_size: int = 0  # 0: the backbone's default
+    seed: int = 0  # initialises weights when weights = "none"
+    layer: str = ""  # empty: the last convolutional block
+    pooling: str = "avg"
+
+
+@dataclass
+class AugmentConfig:
+    """Training-only augmentation, shared by fine-tuning and cached views."""
+
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
+    rotation: float = 0.05  # fraction of a full turn
+    zoom: float = 0.1
+    translation: float = 0.1
+    random_crop: float = 0.0  # fraction of each side that may be cropped
+    shear: float = 0.0
+    contrast: float = 0.1
+    brightness: float = 0.1
+    channel_shift: float = 0.0  # in pixel units (0..255)
+    grayscale: float = 0.0  # probability
+
+
+@dataclass
+class HeadConfig:
+    """The small classifier on top of the features."""
+
+    kind: str = "dense"
+    units: list = field(default_factory=lambda: [256])
+    dropout: float = 0.3
+    batch_norm: bool = False
+    l1: float = 0.0
+    l2: float = 0.0
+    max_norm: float = 0.0  # 0: no constraint
+
+
+@dataclass
+class FeaturesConfig:
+    """The bottleneck feature cache."""
+
+    cache_dir: str = ".cache/features"
+    dtype: str = "float32"
+    augment_views: int = 0
+    out: str = ""  # extract writes here; empty: runs/<name>/features
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, both strategies."""
+
+    strategy: str = "bottleneck"
+    name: str = ""
+    runs_dir: str = "runs"
+    epochs: int = 20  # head epochs (phase 1)
+    finetune_epochs: int = 5  # phase 2
+    unfreeze_blocks: int = 1
+    unfreeze_layers: int = 0  # >0: unfreeze this many top layers instead of blocks
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    finetune_lr_factor: float = 0.1
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    step_every: int = 10
+    step_factor: float = 0.5
+    label_smoothing: float = 0.0
+    focal_gamma: float = 0.0  # >0: focal loss
+    early_stopping_patience: int = 5
+    mixed_precision: str = "none"
+    jit_compile: bool = False
+    distribute: str = "none"
+    seed: int = 0
+    deterministic: bool = False
+
+
+@dataclass
+class ExportConfig:
+    """Where and how trained models are exported."""
+
+    root: str = "saved_models"
+    name: str = ""
+    formats: list = field(default_factory=lambda: ["savedmodel", "keras"])
+    quantize: bool = False
+
+
+@dataclass
+class ServeConfig:
+    """The HTTP model server."""
+
+    host: str = "127.0.0.1"
+    port: int = 8501
+    max_batch_size: int = 32
+    batch_timeout_ms: float = 5.0
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_images: int = 64
+    token: str = ""
+    top_k: int = 5
+
+
+@dataclass
+class Config:
+    """Every setting of a tl-app run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    # ---- conversions -------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "config") -> "Config":
+        config = cls()
+        merge(config, data, source=source)
+        validate(config)
+        return config
+
+    def with_overrides(self, overrides: dict) -> "Config":
+        """A copy with dotted keys (``"train.epochs": 3``) replaced; None means unset."""
+        copy = Config.from_dict(self.to_dict())
+        nested: dict = {}
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            section, _, key = dotted.partition(".")
+            nested.setdefault(section, {})[key] = value
+        merge(copy, nested, source="command line")
+        validate(copy)
+        return copy
+
+    def write(self, directory: str | Path) -> Path:
+        """Write the resolved configuration as config.json and config.toml."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        (directory / "config.toml").write_text(to_toml(self.to_dict()))
+        return directory / "config.json"
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Defaults, then a pipeline TOML (or JSON) file, then CLI overrides."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"Pipeline config {str(path)!r} does not exist. "
+                f"Pass a TOML file such as pipelines/quickstart.toml."
+            )
+        try:
+            if path.suffix == ".json":
+                data = json.loads(path.read_text())
+            else:
+                data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid {path.suffix[1:].upper() or 'TOML'}: {exc}") from None
+        config = Config.from_dict(data, source=str(path))
+    if overrides:
+        config = config.with_overrides(overrides)
+    return config
+
+
+def section_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def merge(target: Any, data: dict, *, source: str, prefix: str = "") -> None:
+    """Set fields of a dataclass from a mapping, checking names and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: [{prefix.rstrip('.')}] must be a table, got {type(data).__name__}.")
+    hints = typing.get_type_hints(type(target))
+    names = [f.name for f in dataclasses.fields(target)]
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            hint = closest(key, names)
+            message = f"{source}: unknown key {dotted!r}."
+            if hint:
+                message += f" Did you mean {prefix + hint!r}?"
+            message += f" Valid keys here: {', '.join(names)}."
+            raise ConfigError(message)
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            merge(current, value, source=source, prefix=f"{dotted}.")
+            continue
+        setattr(target, key, coerce(value, hints[key], dotted, source))
+
+
+def coerce(value: Any, expected: Any, dotted: str, source: str) -> Any:
+    """Accept a value of the field's type (ints for floats too), else fail clearly."""
+    options = typing.get_args(expected) if typing.get_origin(expected) is Union else (expected,)
+    for option in options:
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is str and isinstance(value, str):
+            return value
+        if option is list and isinstance(value, (list, tuple)):
+            return list(value)
+        if option is list and isinstance(value, str):  # "a,b" from the CLI
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if option is dict and isinstance(value, dict):
+            return dict(value)
+    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(
+        f"{source}: {dotted} must be {wanted}, got {type(value).__name__} {value!r}."
+    )
+
+
+def check_choice(value: str, choices: tuple, dotted: str) -> None:
+    if value not in choices:
+        hint = closest(value, choices)
+        message = f"{dotted} = {value!r} is not valid; expected one of: {', '.join(choices)}."
+        if hint:
+            message += f" Did you mean {hint!r}?"
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    """Check values that a type alone cannot (choices and ranges)."""
+    check_choice(config.data.resize_policy, RESIZE_POLICIES, "data.resize_policy")
+    check_choice(config.train.strategy, STRATEGIES, "train.strategy")
+    check_choice(config.train.optimizer, OPTIMIZERS, "train.optimizer")
+    check_choice(config.train.schedule, SCHEDULES, "train.schedule")
+    check_choice(config.backbone.pooling, POOLINGS, "backbone.pooling")
+    check_choice(config.head.kind, HEAD_KINDS, "head.kind")
+    check_choice(config.train.mixed_precision, PRECISIONS, "train.mixed_precision")
+    check_choice(config.train.distribute, DISTRIBUTE, "train.distribute")
+    check_choice(config.features.dtype, ("float32", "float16"), "features.dtype")
+    for name in ("val_fraction", "test_fraction"):
+        value = getattr(config.data, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"data.{name} must be in [0, 1), got {value}.")
+    if config.data.val_fraction + config.data.test_fraction >= 1.0:
+        raise ConfigError("data.val_fraction + data.test_fraction must leave some images for training (< 1).")
+    if isinstance(config.data.class_weights, str) and config.data.class_weights not in ("balanced", "none"):
+        raise ConfigError(
+            f"data.class_weights = {config.data.class_weights!r}: expected 'balanced', 'none' "
+            "or a table of class name = weight."
+        )
+    if config.backbone.input_size and config.backbone.input_size < 32:
+        raise ConfigError(f"backbone.input_size must be at least 32 pixels, got {config.backbone.input_size}.")
+    for name in ("batch_size",):
+        if getattr(config.train, name) < 1 or getattr(config.data, name) < 1:
+            raise ConfigError(f"{name} must be a positive integer.")
+
+
+def to_toml(data: dict, prefix: str = "") -> str:
+    """A small TOML writer for the resolved config (tables of scalars and lists)."""
+    lines: list[str] = []
+    tables = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {toml_value(value)}")
+    out = "\n".join(lines)
+    for key, value in tables:
+        name = f"{prefix}{key}"
+        body = to_toml(value, prefix=f"{name}.")
+        out += f"\n\n[{name}]\n{body}" if body else f"\n\n[{name}]"
+    return out.strip() + "\n"
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

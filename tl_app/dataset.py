@@ -1,0 +1,426 @@
+"""Scan an image folder into a manifest: labels, stable splits, bad files, weights.
+
+Layouts: ``root/<class>/...`` (tl-app splits) or ``root/{train,val,test}/<class>/...``
+(splits respected). Every file found is either used or skipped with a reason,
+so ``found == used + skipped`` always holds.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import sys
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tl_app.config import DataConfig
+from tl_app.errors import ConfigError, DataError
+from tl_app.images import Probe, probe_file
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test"}
+IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+SCAN_CACHE_VERSION = 1
+
+
+@dataclass
+class Record:
+    """One usable image."""
+
+    path: str  # absolute
+    relpath: str  # relative to the dataset root, with forward slashes
+    label: str
+    label_index: int
+    split: str
+    sha256: str
+    format: str
+    width: int
+    height: int
+    fast: bool
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class Manifest:
+    """Everything later stages need to know about a dataset folder."""
+
+    root: str
+    layout: str  # "class-folders" or "split-folders"
+    classes: list[str]
+    records: list[Record] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    files_found: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    # ---- views -------------------------------------------------------
+    def split(self, name: str) -> list[Record]:
+        if name == "all":
+            return list(self.records)
+        return [r for r in self.records if r.split == name]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """counts[class][split]"""
+        table = {c: {s: 0 for s in SPLITS} for c in self.classes}
+        for record in self.records:
+            table[record.label][record.split] += 1
+        return table
+
+    def fingerprint(self) -> str:
+        """Changes when any image, label or split changes."""
+        digest = hashlib.sha256()
+        for r in sorted(self.records, key=lambda r: r.relpath):
+            digest.update(f"{r.relpath}\0{r.sha256}\0{r.label}\0{r.split}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def summary_line(self) -> str:
+        return (
+            f"{self.files_found} files found = {len(self.records)} images used "
+            f"+ {len(self.skipped)} skipped"
+        )
+
+    # ---- persistence -------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        data = dict(data)
+        data["records"] = [Record(**r) for r in data.get("records", [])]
+        data["skipped"] = [Skipped(**s) for s in data.get("skipped", [])]
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def write_skipped_report(self, directory: str | Path) -> list[Path]:
+        """skipped.csv and skipped.json (path, reason) next to a run's outputs."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        rows = [asdict(s) for s in self.skipped]
+        json_path = directory / "skipped.json"
+        atomic_write_text(json_path, json.dumps(rows, indent=1, ensure_ascii=False))
+        csv_path = directory / "skipped.csv"
+        with open(csv_path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "reason"])
+            writer.writeheader()
+            writer.writerows(rows)
+        return [csv_path, json_path]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---- scanning ----------------------------------------------------------
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def walk_files(directory: Path) -> list[Path]:
+    """Every non-hidden file below ``directory``; follows links, never loops."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for current, dirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        found.extend(Path(current) / f for f in sorted(files) if not is_hidden(f))
+    return found
+
+
+def class_sort_key(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def scan(root: str | Path, config: DataConfig | None = None, *, cache_dir: str | Path | None = None,
+         progress: bool = False) -> Manifest:
+    """Find, probe, label and split every file below ``root``."""
+    config = config or DataConfig()
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"Dataset folder {str(root)!r} does not exist or is not a folder. Expected a folder "
+            f"with one sub-folder per class (root/<class>/*.jpg) or root/train|val|test/<class>/*. "
+            f"Create a sample with 'tl-app datasets sample datasets/sample'."
+        )
+    top = sorted((p for p in root.iterdir() if not is_hidden(p.name)), key=lambda p: p.name)
+    top_dirs = [p for p in top if p.is_dir()]
+    split_dirs = [p for p in top_dirs if p.name.lower() in SPLIT_ALIASES]
+    layout = "split-folders" if split_dirs and len(split_dirs) == len(top_dirs) else "class-folders"
+
+    entries: list[tuple[Path, str | None, str | None]] = []  # (file, label, given split)
+    loose: list[Path] = [p for p in top if not p.is_dir()]
+    if layout == "split-folders":
+        for split_dir in split_dirs:
+            split = SPLIT_ALIASES[split_dir.name.lower()]
+            for child in sorted(split_dir.iterdir(), key=lambda p: p.name):
+                if is_hidden(child.name):
+                    continue
+                if child.is_dir():
+                    entries += [(f, child.name, split) for f in walk_files(child)]
+                else:
+                    loose.append(child)
+    else:
+        for class_dir in top_dirs:
+            entries += [(f, class_dir.name, None) for f in walk_files(class_dir)]
+
+    cache = ScanCache(cache_dir, root, config.max_pixels) if cache_dir else None
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        probes = list(pool.map(lambda e: cache.probe(e[0]) if cache else probe_file(e[0], config.max_pixels), entries))
+    if cache:
+        cache.save()
+
+    classes = sorted({label for _, label, _ in entries}, key=class_sort_key)
+    index = {c: i for i, c in enumerate(classes)}
+    manifest = Manifest(root=str(root.resolve()), layout=layout, classes=classes)
+    manifest.files_found = len(entries) + len(loose)
+    manifest.skipped += [Skipped(str(p), "not inside a class folder") for p in loose]
+    pending: list[tuple[Path, str, str | None, Probe]] = []
+    for (path, label, split), probe in zip(entries, probes):
+        if not probe.ok:
+            manifest.skipped.append(Skipped(str(path), probe.reason))
+            continue
+        pending.append((path, label, split, probe))
+    for path, label, split, probe in pending:
+        manifest.records.append(Record(
+            path=str(path.absolute()), relpath=path.relative_to(root).as_posix(), label=label,
+            label_index=index[label], split=split or "", sha256=probe.sha256, format=probe.format,
+            width=probe.width, height=probe.height, fast=probe.fast,
+        ))
+    # classes whose every file was bad still exist as classes, but warn
+    if layout == "class-folders":
+        assign_splits(manifest, config)
+    manifest.warnings += class_warnings(manifest, config)
+    if config.strict and manifest.skipped:
+        listing = "\n".join(f"  {s.path}: {s.reason}" for s in manifest.skipped)
+        raise DataError(f"--strict: {len(manifest.skipped)} bad file(s) in {root}:\n{listing}")
+    if not manifest.records:
+        raise DataError(
+            f"No usable images in {root} ({manifest.files_found} files found, all skipped). "
+            f"Expected image files (JPEG, PNG, GIF, BMP, WebP, TIFF) inside class folders."
+        )
+    return manifest
+
+
+def split_score(relpath: str, seed: int) -> float:
+    """A number in [0, 1) that depends only on the relative path and the seed."""
+    digest = hashlib.sha256(f"{seed}:{relpath}".encode()).hexdigest()
+    return int(digest[:13], 16) / float(16 ** 13)
+
+
+def assign_splits(manifest: Manifest, config: DataConfig) -> None:
+    """Stable hash splits; byte-identical duplicates follow one member; small classes get a val image."""
+    test_cut = config.test_fraction
+    val_cut = config.test_fraction + config.val_fraction
+    groups: dict[str, list[Record]] = {}
+    for record in manifest.records:
+        groups.setdefault(record.sha256, []).append(record)
+    for members in groups.values():
+        anchor = min(members, key=lambda r: r.relpath)
+        score = split_score(anchor.relpath, config.split_seed)
+        split = "test" if score < test_cut else "val" if score < val_cut else "train"
+        for record in members:
+            record.split = split
+    if config.val_fraction <= 0:
+        return
+    for label in manifest.classes:
+        records = [r for r in manifest.records if r.label == label]
+        groups_in_class = {r.sha256 for r in records}
+        if len(groups_in_class) < 2 or any(r.split == "val" for r in records):
+            continue
+        # move the train group whose score is closest to the val range
+        train = [r for r in records if r.split == "train"]
+        if len(train) < 2:
+            continue
+        chosen = min(train, key=lambda r: split_score(r.relpath, config.split_seed))
+        for record in groups[chosen.sha256]:
+            record.split = "val"
+
+
+def class_warnings(manifest: Manifest, config: DataConfig) -> list[str]:
+    out = []
+    counts = manifest.counts()
+    for label, by_split in counts.items():
+        total = sum(by_split.values())
+        if total == 0:
+            out.append(f"class {label!r} has no usable images")
+        elif config.val_fraction > 0 and by_split["val"] == 0 and manifest.layout == "class-folders":
+            out.append(f"class {label!r} has {total} image(s): too few for a validation image")
+        elif manifest.layout == "split-folders" and by_split["val"] == 0:
+            out.append(f"class {label!r} has no validation images in the given val/ folder")
+    totals = [sum(v.values()) for v in counts.values() if sum(v.values()) > 0]
+    if totals and min(totals) > 0:
+        ratio = max(totals) / min(totals)
+        if ratio >= config.imbalance_warning_ratio:
+            out.append(
+                f"class imbalance: the largest class has {ratio:.1f}x the images of the smallest; "
+                f"class weights ({config.class_weights if isinstance(config.class_weights, str) else 'explicit'}) "
+                f"and per-class metrics matter here"
+            )
+    return out
+
+
+def class_weights(manifest: Manifest, setting: str | dict = "balanced", split: str = "train") -> dict[int, float]:
+    """balanced: n / (k * count_k) over the training split; none: 1; or an explicit mapping."""
+    k = manifest.num_classes
+    if setting == "none":
+        return {i: 1.0 for i in range(k)}
+    if isinstance(setting, dict):
+        unknown = sorted(set(setting) - set(manifest.classes))
+        if unknown:
+            raise ConfigError(
+                f"class_weights names unknown class(es) {unknown}; classes are {manifest.classes}."
+            )
+        return {i: float(setting.get(c, 1.0)) for i, c in enumerate(manifest.classes)}
+    if setting != "balanced":
+        raise ConfigError(f"class_weights must be 'balanced', 'none' or a mapping, got {setting!r}.")
+    counts = [0] * k
+    for record in manifest.split(split):
+        counts[record.label_index] += 1
+    n = sum(counts)
+    return {i: (n / (k * c) if c else 0.0) for i, c in enumerate(counts)}
+
+
+# ---- presentation --------------------------------------------------------
+def inspect_dict(manifest: Manifest, weights: dict[int, float] | None = None) -> dict:
+    """The machine-readable document behind ``tl-app datasets inspect --json``."""
+    counts = manifest.counts()
+    formats: dict[str, dict[str, int]] = {c: {} for c in manifest.classes}
+    for r in manifest.records:
+        formats[r.label][r.format] = formats[r.label].get(r.format, 0) + 1
+    skipped_per_class: dict[str, int] = {}
+    for s in manifest.skipped:
+        label = label_of_skipped(manifest, s.path)
+        if label:
+            skipped_per_class[label] = skipped_per_class.get(label, 0) + 1
+    return {
+        "root": manifest.root,
+        "layout": manifest.layout,
+        "classes": [
+            {
+                "name": c,
+                "counts": counts[c],
+                "total": sum(counts[c].values()),
+                "formats": formats[c],
+                "skipped": skipped_per_class.get(c, 0),
+                **({"class_weight": round(weights[i], 4)} if weights else {}),
+            }
+            for i, c in enumerate(manifest.classes)
+        ],
+        "splits": {s: len(manifest.split(s)) for s in SPLITS},
+        "totals": {"found": manifest.files_found, "used": len(manifest.records), "skipped": len(manifest.skipped)},
+        "skipped": [asdict(s) for s in manifest.skipped],
+        "warnings": list(manifest.warnings),
+        "fingerprint": manifest.fingerprint(),
+    }
+
+
+def label_of_skipped(manifest: Manifest, path: str) -> str | None:
+    try:
+        parts = Path(path).relative_to(manifest.root).parts
+    except ValueError:
+        try:
+            parts = Path(path).resolve().relative_to(manifest.root).parts
+        except (ValueError, OSError):
+            return None
+    if manifest.layout == "split-folders":
+        parts = parts[1:]
+    return parts[0] if len(parts) > 1 else None
+
+
+def format_table(manifest: Manifest, weights: dict[int, float] | None = None) -> str:
+    doc = inspect_dict(manifest, weights)
+    header = ["class", "train", "val", "test", "total", "skipped", "formats"] + (["weight"] if weights else [])
+    rows = []
+    for c in doc["classes"]:
+        fmt = ",".join(f"{k.lower()}:{v}" for k, v in sorted(c["formats"].items()))
+        row = [c["name"], c["counts"]["train"], c["counts"]["val"], c["counts"]["test"], c["total"], c["skipped"], fmt]
+        if weights:
+            row.append(f"{c['class_weight']:.3f}")
+        rows.append([str(x) for x in row])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def print_report(manifest: Manifest, weights: dict[int, float] | None = None, out=None) -> None:
+    out = out or sys.stdout
+    print(format_table(manifest, weights), file=out)
+    for warning in manifest.warnings:
+        print(f"warning: {warning}", file=out)
+    print(manifest.summary_line(), file=out)
+    if manifest.skipped:
+        reasons: dict[str, int] = {}
+        for s in manifest.skipped:
+            reasons[s.reason.split(":")[0]] = reasons.get(s.reason.split(":")[0], 0) + 1
+        print("skipped: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())), file=out)
+
+
+# ---- the scan cache ----------------------------------------------------------
+class ScanCache:
+    """Remembers probes by (path, size, mtime) so a re-scan reads nothing unchanged.
+
+    Content hashes are what every later cache keys on, so a file whose size or
+    mtime changed is always hashed again.
+    """
+
+    def __init__(self, cache_dir: str | Path, root: Path, max_pixels: int):
+        key = hashlib.sha256(f"{root.resolve()}|{max_pixels}|{SCAN_CACHE_VERSION}".encode()).hexdigest()[:16]
+        self.path = Path(cache_dir) / f"scan-{key}.json"
+        self.max_pixels = max_pixels
+        self.entries: dict[str, list] = {}
+        self.fresh: dict[str, list] = {}
+        try:
+            self.entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def probe(self, path: Path) -> Probe:
+        try:
+            stat = path.stat()
+            stamp = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            return probe_file(path, self.max_pixels)
+        key = str(path.absolute())
+        hit = self.entries.get(key)
+        if hit and hit[:2] == stamp:
+            probe = Probe(**hit[2])
+        else:
+            probe = probe_file(path, self.max_pixels)
+        if not probe.reason.startswith("unreadable"):
+            self.fresh[key] = stamp + [asdict(probe)]
+        return probe
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps(self.fresh))
+        except OSError:
+            pass  # a cache that cannot be written only costs time
