@@ -10,7 +10,7 @@ import click
 
 from tl_app import __version__
 from tl_app.cli import common
-from tl_app.cli import setup_cmds, train_cmds
+from tl_app.cli import features_cmds, finetune_cmds, insight_cmds, serving_cmds, setup_cmds, train_cmds
 
 common.quiet_tensorflow()
 
@@ -28,6 +28,6 @@ def main():
     """
 
 
-for module in (setup_cmds, train_cmds):
+for module in (setup_cmds, train_cmds, features_cmds, finetune_cmds, serving_cmds, insight_cmds):
     for command in module.COMMANDS:
         main.add_command(command)

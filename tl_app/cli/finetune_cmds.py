@@ -1,0 +1,5 @@
+"""tl-app commands (finetune); filled in by the module's owner."""
+
+from __future__ import annotations
+
+COMMANDS: list = []

@@ -1,0 +1,5 @@
+"""tl-app commands (insight); filled in by the module's owner."""
+
+from __future__ import annotations
+
+COMMANDS: list = []

@@ -1,0 +1,5 @@
+"""tl-app commands (serving); filled in by the module's owner."""
+
+from __future__ import annotations
+
+COMMANDS: list = []
