@@ -49,6 +49,8 @@ def probe_file(path: str | Path, max_pixels: int) -> Probe:
     path = Path(path)
     if path.is_symlink() and not path.exists():
         return Probe(reason="broken link")
+    if not path.is_file():  # FIFOs, sockets, devices: reading could block forever
+        return Probe(reason="not a regular file")
     try:
         data = path.read_bytes()
     except PermissionError:
@@ -126,7 +128,5 @@ def decode_pil(source: str | bytes | Path, background=(255, 255, 255)) -> np.nda
     """Decode a path or encoded bytes to an HxWx3 uint8 array."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
-    elif isinstance(source, np.bytes_):
-        source = os.fsdecode(bytes(source))
     with Image.open(source) as image:
         return np.asarray(to_rgb(image, background), dtype=np.uint8)

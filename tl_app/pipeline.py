@@ -6,6 +6,7 @@ size; the backbone's own preprocessing runs inside the model.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -43,8 +44,10 @@ def resize_images(images: tf.Tensor, size: int, policy: str) -> tf.Tensor:
     return tf.clip_by_value(out, 0.0, 255.0)
 
 
-def _pil_decode(path: np.ndarray, background: np.ndarray) -> np.ndarray:
-    return decode_pil(path, tuple(int(v) for v in background))
+def _pil_decode(path, background: np.ndarray) -> np.ndarray:
+    if isinstance(path, np.ndarray):
+        path = path.item()
+    return decode_pil(os.fsdecode(path), tuple(int(v) for v in background))
 
 
 def decode_file(path: tf.Tensor, fast: tf.Tensor, background: Sequence[int] = (255, 255, 255)) -> tf.Tensor:

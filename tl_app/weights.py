@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import h5py
@@ -99,25 +100,51 @@ def load_weight_file(model, path: str | Path, spec=None) -> None:
     path = Path(path)
     name = spec.name if spec else model.name
     try:
-        if path.suffix == ".keras" or path.name.endswith(".weights.h5"):
-            model.load_weights(str(path))
-        elif is_legacy_h5(path) and path.suffix in (".h5", ".hdf5"):
-            model.load_weights(str(path))
-        elif h5py.is_hdf5(str(path)):
-            # Keras picks the loader from the suffix: give it a link with the right one.
-            suffix = ".h5" if is_legacy_h5(path) else ".weights.h5"
-            with tempfile.TemporaryDirectory(prefix="tl-app-weights-") as tmp:
-                alias = Path(tmp) / ("weights" + suffix)
-                os.symlink(path.resolve(), alias)
-                model.load_weights(str(alias))
-        else:
-            raise ValueError("not an HDF5 or .keras file")
-    except (ValueError, KeyError, OSError) as exc:
+        if not path.name.endswith(".keras") and not is_legacy_h5(path) and h5py.is_hdf5(str(path)):
+            check_shapes(model, path)
+        with warnings.catch_warnings():
+            # Keras only warns when parts of a file do not match; a partial load is a wrong load.
+            warnings.filterwarnings("error", message=".*(Skipping|mismatch|not match).*", category=UserWarning)
+            _load(model, path)
+    except (ValueError, KeyError, OSError, UserWarning) as exc:
         raise TlAppError(
             f"{path} does not fit the {name} backbone: {str(exc).splitlines()[0][:300]}. "
             f"Expected a weight file saved from keras.applications {name} without its top "
             f"(include_top=False)."
         ) from None
+
+
+def check_shapes(model, path: Path) -> None:
+    """Keras-3 weight files: the file's arrays must be exactly the model's, by shape."""
+    shapes: list[tuple] = []
+
+    def visit(_name, item):
+        if isinstance(item, h5py.Dataset):
+            shapes.append(tuple(item.shape))
+
+    with h5py.File(path, "r") as handle:
+        handle.visititems(visit)
+    expected = sorted(tuple(w.shape) for w in model.weights)
+    if sorted(shapes) != expected:
+        raise ValueError(
+            f"the file holds {len(shapes)} arrays, the model has {len(expected)} weights of other shapes"
+        )
+
+
+def _load(model, path: Path) -> None:
+    """Keras picks the loader from the file suffix: give it a link with the right one."""
+    if path.suffix == ".keras" or path.name.endswith(".weights.h5"):
+        model.load_weights(str(path))
+    elif is_legacy_h5(path) and path.suffix in (".h5", ".hdf5"):
+        model.load_weights(str(path))
+    elif h5py.is_hdf5(str(path)):
+        suffix = ".h5" if is_legacy_h5(path) else ".weights.h5"
+        with tempfile.TemporaryDirectory(prefix="tl-app-weights-") as tmp:
+            alias = Path(tmp) / ("weights" + suffix)
+            os.symlink(path.resolve(), alias)
+            model.load_weights(str(alias))
+    else:
+        raise ValueError("not an HDF5 or .keras file")
 
 
 def fingerprint(spec, weights: str, seed: int = 0) -> str:

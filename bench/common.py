@@ -1,0 +1,57 @@
+"""Shared helpers for benchmarks: every figure is a ratio against a baseline
+measured in the same process, because these machines are noisy."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+
+def write_photo_folder(root: str | Path, count: int, classes: int = 2, size=(500, 375), seed: int = 0) -> Path:
+    """Real-size JPEG 'photos' (smooth gradients plus noise, ~500x375) in class folders."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(count):
+        folder = root / f"class_{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"photo_{i:05d}.jpg"
+        if path.exists():
+            continue
+        base = rng.uniform(0, 255, 3)
+        slope = rng.uniform(-0.3, 0.3, (2, 3))
+        pixels = base + xx[..., None] * slope[0] + yy[..., None] * slope[1]
+        pixels += rng.normal(0, 12, (h, w, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=88)
+    return root
+
+
+def predict_throughput(model, size: int, batch: int = 32, batches: int = 4, warmup: int = 1) -> float:
+    """Images/s of model.predict on in-memory tensors (the reference every pipeline is compared with)."""
+    x = np.random.default_rng(0).uniform(0, 255, (batch * batches, size, size, 3)).astype("float32")
+    model.predict(x[: batch * warmup], batch_size=batch, verbose=0)
+    start = time.perf_counter()
+    model.predict(x, batch_size=batch, verbose=0)
+    return len(x) / (time.perf_counter() - start)
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def emit(name: str, results: dict) -> None:
+    """The last line of every benchmark: one JSON document."""
+    print(json.dumps({"bench": name, **results}, sort_keys=True))
