@@ -65,6 +65,7 @@ def train(config: Config, resume: str | Path | None = None, echo=print) -> dict:
         from tl_app.finetune import resume_finetune
 
         return resume_finetune(resume, echo=echo)
+    get_spec(config.backbone.name)  # an unknown name fails before any work
     if config.train.strategy == "bottleneck":
         from tl_app.bottleneck import train_bottleneck
 

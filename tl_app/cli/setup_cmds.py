@@ -151,4 +151,30 @@ def datasets_inspect(directory, as_json, strict, val_fraction, test_fraction, sp
         print_report(manifest, weights_, out=sys.stdout)
 
 
-COMMANDS = [backbones, weights, datasets]
+@click.command()
+@click.option("--pipeline", "-p", default="pipelines/quickstart.toml", show_default=True,
+              type=click.Path(dir_okay=False), help="Pipeline TOML to run.")
+@click.option("--data", default=None, help="Dataset folder (default: the pipeline's; the sample is written if missing).")
+@click.option("--json", "as_json", is_flag=True)
+def quickstart(pipeline, data, as_json):
+    """Run the main job on the bundled sample data, end to end.
+
+    \b
+    Writes datasets/sample if missing, trains a head on cached ResNet50
+    features, exports to saved_models/quickstart/<version>, predicts and
+    evaluates. Works offline (random weights, said plainly).
+
+    \b
+    Example:
+      tl-app quickstart
+    """
+    from tl_app.quickstart import format_summary, run_quickstart
+
+    outputs = run_quickstart(pipeline, data, echo=(lambda *a, **k: None) if as_json else click.echo)
+    if as_json:
+        echo_json(outputs)
+    else:
+        click.echo(format_summary(outputs))
+
+
+COMMANDS = [backbones, weights, datasets, quickstart]

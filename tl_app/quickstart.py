@@ -1,0 +1,103 @@
+"""The quick start: sample data -> features -> head -> export -> predict -> evaluate.
+
+Runs offline: when the ImageNet weights cannot be had it says so plainly,
+continues with random weights, and records that in every output.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tl_app.backbones import get_spec
+from tl_app.config import load_config
+from tl_app.errors import WeightsUnavailableError
+from tl_app.weights import resolve_weights
+
+DEFAULT_PIPELINE = "pipelines/quickstart.toml"
+
+
+def ensure_sample_data(root: Path, echo) -> bool:
+    """Write the sample dataset if the folder is missing or empty; True if written."""
+    from tl_app.sample_data import write_sample_dataset
+
+    if root.is_dir() and any(root.iterdir()):
+        return False
+    summary = write_sample_dataset(root, seed=0)
+    echo(f"[quickstart] wrote the sample dataset: {sum(summary['classes'].values())} images in {root}")
+    return True
+
+
+def choose_weights(config, echo) -> str:
+    """ImageNet if available, else random weights with a plain explanation."""
+    if config.backbone.weights.lower() != "imagenet":
+        return config.backbone.weights
+    spec = get_spec(config.backbone.name)
+    try:
+        resolve_weights(spec, "imagenet")
+        return "imagenet"
+    except WeightsUnavailableError:
+        echo(
+            f"[quickstart] ImageNet weights for {spec.name} are not available on this machine "
+            f"(no internet, nothing in the Keras cache). Continuing with RANDOM weights: the "
+            f"pipeline runs end to end, but accuracy is far below what pretrained features give. "
+            f"This is recorded in the run's config and model card. To use real weights offline: "
+            f"tl-app weights import {spec.weights_file} --backbone {spec.name}"
+        )
+        return "none"
+
+
+def run_quickstart(pipeline: str | Path = DEFAULT_PIPELINE, data: str | None = None, echo=print) -> dict:
+    started = time.perf_counter()
+    overrides = {"data.root": data} if data else {}
+    config = load_config(pipeline, overrides)
+    root = Path(config.data.root)
+    ensure_sample_data(root, echo)
+    weights = choose_weights(config, echo)
+    config = config.with_overrides({"backbone.weights": weights})
+
+    from tl_app.train import train
+
+    summary = train(config, echo=echo)
+    run_dir = Path(summary["run_dir"])
+    outputs = {"run_dir": str(run_dir), "weights": weights, "metrics": summary.get("metrics", {})}
+    outputs.update(_after_training(config, run_dir, root, echo))
+    outputs["seconds"] = round(time.perf_counter() - started, 1)
+    return outputs
+
+
+def _after_training(config, run_dir: Path, root: Path, echo) -> dict:
+    """Export, batch-predict and evaluate the trained model."""
+    from tl_app.evaluate import evaluate_model
+    from tl_app.export import export_run
+    from tl_app.inference import predict_paths
+
+    out: dict = {}
+    export = export_run(run_dir, root=config.export.root, name=config.export.name or "quickstart",
+                        formats=config.export.formats)
+    out["export"] = str(export["path"])
+    preds = run_dir / "predictions.csv"
+    result = predict_paths(export["path"], [str(root)], out=preds, top_k=3, echo=None)
+    out["predictions"] = str(preds)
+    out["predicted_images"] = result.get("predicted")
+    evaluation = evaluate_model(run_dir, str(root), split="val", out_dir=run_dir / "evaluation", echo=None)
+    out["evaluation"] = str(run_dir / "evaluation")
+    out["val_accuracy"] = evaluation.get("accuracy")
+    return out
+
+
+def format_summary(outputs: dict) -> str:
+    weights = outputs["weights"]
+    lines = [
+        "",
+        "tl-app quick start finished in {:.0f}s".format(outputs["seconds"]),
+        f"  weights:       {weights}" + ("  (random: ImageNet weights unavailable offline)" if weights == "none" else ""),
+        f"  run directory: {outputs['run_dir']}  (config, manifest, model.keras, history, curves)",
+    ]
+    for key, label in (("export", "exported model"), ("predictions", "predictions"), ("evaluation", "evaluation")):
+        if key in outputs:
+            lines.append(f"  {label + ':':<14} {outputs[key]}")
+    if outputs.get("val_accuracy") is not None:
+        lines.append(f"  val accuracy:  {outputs['val_accuracy']:.3f}")
+    lines.append("Next: tl-app serve saved_models/  |  tl-app report " + outputs["run_dir"])
+    return "\n".join(lines)
