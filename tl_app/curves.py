@@ -1,0 +1,145 @@
+"""Training curves and a one-line diagnosis, written after every training run.
+
+Reads ``run_dir/history.json`` ({"epochs": [{"epoch", "phase", "loss", "accuracy",
+"val_loss", "val_accuracy"}, ...]}) and writes ``curves.png`` and ``diagnosis.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tl_app.errors import ModelNotFoundError
+
+HISTORY_FILE = "history.json"
+CURVES_FILE = "curves.png"
+DIAGNOSIS_FILE = "diagnosis.json"
+
+# thresholds on the mean of the last few epochs
+UNDERFIT_TRAIN_ACCURACY = 0.70
+OVERFIT_GAP = 0.10
+OVERFIT_VAL_LOSS_RISE = 1.25
+TAIL_EPOCHS = 3
+
+REMEDIES = {
+    "over-fitting": [
+        "more training data, or stronger augmentation (augment.* settings, features.augment_views for bottleneck)",
+        "more regularisation: head.dropout, head.l2, train.weight_decay, train.label_smoothing",
+        "a smaller head (head.units) or fewer unfrozen blocks (train.unfreeze_blocks)",
+        "stop earlier (train.early_stopping_patience) or lower the learning rate",
+    ],
+    "under-fitting": [
+        "train longer (train.epochs / train.finetune_epochs) or raise the learning rate",
+        "a bigger head (head.units) or a bigger backbone (e.g. resnet101)",
+        "unfreeze more blocks (--strategy finetune, train.unfreeze_blocks)",
+        "less regularisation or augmentation; check the labels for mistakes",
+    ],
+    "healthy": [
+        "nothing urgent; if validation accuracy was still rising, a few more epochs may help",
+    ],
+    "unknown": [
+        "hold out a validation split (data.val_fraction > 0) so training can be judged",
+    ],
+}
+
+
+def read_history(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} does not exist: the run has not finished an epoch yet.")
+    data = json.loads(path.read_text())
+    return list(data.get("epochs", data if isinstance(data, list) else []))
+
+
+def series(epochs: list[dict], key: str) -> np.ndarray:
+    return np.array([e.get(key) if e.get(key) is not None else np.nan for e in epochs], float)
+
+
+def tail_mean(values: np.ndarray) -> float:
+    values = values[~np.isnan(values)]
+    return float(values[-TAIL_EPOCHS:].mean()) if len(values) else float("nan")
+
+
+def diagnose(epochs: list[dict]) -> dict:
+    """over-fitting (train/val gap or rising val loss), under-fitting (low train accuracy) or healthy."""
+    acc, val_acc = series(epochs, "accuracy"), series(epochs, "val_accuracy")
+    loss, val_loss = series(epochs, "loss"), series(epochs, "val_loss")
+    train_acc, valid_acc = tail_mean(acc), tail_mean(val_acc)
+    evidence = {"train_accuracy": train_acc, "val_accuracy": valid_acc, "epochs": len(epochs)}
+    if not epochs or np.isnan(valid_acc) or np.isnan(train_acc):
+        kind, line = "unknown", "no validation metrics: cannot tell over-fitting from under-fitting"
+    else:
+        gap = train_acc - valid_acc
+        evidence["gap"] = gap
+        rising = False
+        finite = val_loss[~np.isnan(val_loss)]
+        if len(finite) >= 3:
+            best = int(np.argmin(finite))
+            rising = best <= len(finite) - 3 and finite[-1] > OVERFIT_VAL_LOSS_RISE * max(finite[best], 1e-8)
+            rising = rising and tail_mean(loss) <= float(np.nanmin(loss[: best + 1]))
+            evidence["best_val_loss_epoch"] = best + 1
+        if train_acc < UNDERFIT_TRAIN_ACCURACY:
+            kind = "under-fitting"
+            line = f"under-fitting: training accuracy is only {train_acc:.2f} (validation {valid_acc:.2f})"
+        elif gap > OVERFIT_GAP:
+            kind = "over-fitting"
+            line = (f"over-fitting: training accuracy {train_acc:.2f} vs validation {valid_acc:.2f} "
+                    f"(gap {gap:.2f})")
+        elif rising:
+            kind = "over-fitting"
+            line = (f"over-fitting: validation loss rose from {finite.min():.3f} (epoch {best + 1}) to "
+                    f"{finite[-1]:.3f} while training loss kept falling")
+        else:
+            kind = "healthy"
+            line = f"healthy: training accuracy {train_acc:.2f}, validation {valid_acc:.2f} (gap {gap:+.2f})"
+    remedies = REMEDIES[kind]
+    return {"diagnosis": kind, "line": f"{line}; try: {remedies[0]}" if kind != "healthy" else line,
+            "remedies": list(remedies), "evidence": evidence}
+
+
+def phase_boundaries(epochs: list[dict]) -> list[float]:
+    """x positions (between epochs) where the phase changes."""
+    phases = [e.get("phase", 1) for e in epochs]
+    return [i + 0.5 for i in range(1, len(phases)) if phases[i] != phases[i - 1]]
+
+
+def plot_curves(epochs: list[dict], path: str | Path, title: str = "") -> Path:
+    """Loss and accuracy, train vs validation, with the phase boundary marked."""
+    from tl_app.plots import plt, save_figure
+
+    x = np.arange(1, len(epochs) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
+        for prefix, style, name in (("", "-o", "train"), ("val_", "-s", "validation")):
+            values = series(epochs, prefix + key)
+            if np.isfinite(values).any():
+                ax.plot(x, values, style, markersize=3, label=name)
+        for boundary in phase_boundaries(epochs):
+            ax.axvline(boundary, color="grey", linestyle="--", linewidth=1)
+            ax.text(boundary, 0.98, " fine-tuning", transform=ax.get_xaxis_transform(), va="top",
+                    fontsize=8, color="grey")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        if len(x):
+            ax.set_xlim(0.5, len(x) + 0.5)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def write_training_report(run_dir: str | Path) -> dict:
+    """curves.png + diagnosis.json for a run; returns {"diagnosis", "line", "remedies", "curves", ...}."""
+    run_dir = Path(run_dir)
+    epochs = read_history(run_dir)
+    result = diagnose(epochs)
+    curves = plot_curves(epochs, run_dir / CURVES_FILE, title=result["line"] if len(result["line"]) < 150 else
+                         result["line"].split(";")[0])
+    result["curves"] = str(curves)
+    (run_dir / DIAGNOSIS_FILE).write_text(json.dumps(result, indent=2))
+    return result
