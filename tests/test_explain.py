@@ -123,16 +123,32 @@ def test_explain_writes_overlays_for_the_top_class_and_a_chosen_class(patch_mode
     assert json.loads((tmp_path / "out" / "explanations_occlusion.json").read_text())["method"] == "occlusion"
 
 
-def test_gradcam_on_a_run_dir_uses_the_registry_conv_layer(tiny_config, cli, tmp_path):
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, sample_dir):
+    """A real run directory (resnet50, 32x32, untrained head)."""
     from factories import make_run_dir
 
+    from tl_app.config import Config
+
+    tmp = tmp_path_factory.mktemp("explain")
+    config = Config()
+    config.data.root = str(sample_dir)
+    config.backbone.weights = "none"
+    config.backbone.input_size = 32
+    config.features.cache_dir = str(tmp / "cache" / "features")
+    config.train.runs_dir = str(tmp / "runs")
+    config.head.units = [16]
+    return make_run_dir(config)
+
+
+def test_gradcam_on_a_run_dir_uses_the_registry_conv_layer(run_dir, sample_dir, cli, tmp_path):
     from tl_app.evaluate import open_model
     from tl_app.explain import GradCam
 
-    run = make_run_dir(tiny_config)
+    run = run_dir
     cam = GradCam(open_model(run).model, "resnet50")
     assert cam.conv_layer == "conv5_block3_out"
-    image = next(Path(tiny_config.data.root).glob("circles/*"))
+    image = next(sample_dir.glob("circles/*"))
     result = cli("explain", run, image, "--method", "gradcam", "--out", tmp_path / "x", "--json")
     summary = json.loads(result.output)
     assert result.exit_code == 0
@@ -140,11 +156,9 @@ def test_gradcam_on_a_run_dir_uses_the_registry_conv_layer(tiny_config, cli, tmp
     assert "1x1" in summary["warning"]  # 32x32 input: conv5 has no spatial detail, and we say so
 
 
-def test_unknown_class_and_method_are_clear_errors(tiny_config, cli):
-    from factories import make_run_dir
-
-    run = make_run_dir(tiny_config)
-    image = next(Path(tiny_config.data.root).glob("circles/*"))
+def test_unknown_class_and_method_are_clear_errors(run_dir, sample_dir, cli):
+    run = run_dir
+    image = next(sample_dir.glob("circles/*"))
     result = cli("explain", run, image, "--class", "circle")
     assert result.exit_code != 0 and "Did you mean 'circles'" in result.output
     result = cli("explain", run, image, "--method", "saliency")

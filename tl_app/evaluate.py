@@ -43,16 +43,43 @@ def find_export_dir(path: Path) -> Path | None:
     """saved_models/<name>/<version> or saved_models/<name> (its newest version), if it is an export."""
     if (path / "model.keras").is_file() and (path / CARD_FILE).is_file():
         return path
+    if not path.is_dir():
+        return None
     versions = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name),
-                      reverse=True) if path.is_dir() else []
+                      reverse=True)
     for version in versions:
         if (version / "model.keras").is_file() and (version / CARD_FILE).is_file():
             return version
     return None
 
 
+_LOADED: dict[tuple, LoadedModel] = {}
+
+
 def open_model(path: str | Path) -> LoadedModel:
-    """Load a run directory (runs/<name>) or an exported model folder with model.keras + model_card.json."""
+    """Load a run directory (runs/<name>) or an exported model folder with model.keras + model_card.json.
+
+    The last two models are kept (keyed by path and file time), so report,
+    evaluate and explain in one process do not deserialise the same model again.
+    """
+    path = Path(path)
+    target = path / "model.keras" if (path / "run.json").is_file() else (find_export_dir(path) or path) / "model.keras"
+    try:
+        stamp = target.stat().st_mtime_ns
+    except OSError:
+        stamp = None
+    key = (str(path.resolve()), stamp)
+    if stamp is not None and key in _LOADED:
+        return _LOADED[key]
+    loaded = _open_model(path)
+    if stamp is not None:
+        while len(_LOADED) >= 2:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = loaded
+    return loaded
+
+
+def _open_model(path: Path) -> LoadedModel:
     import keras
 
     import tl_app.augment  # noqa: F401  (registers custom layers)
@@ -60,7 +87,6 @@ def open_model(path: str | Path) -> LoadedModel:
     from tl_app.config import Config
     from tl_app.runs import MODEL_FILE, RUN_FILE, load_run_model
 
-    path = Path(path)
     if not path.exists():
         raise ModelNotFoundError(
             f"Model {str(path)!r} does not exist. Expected a run directory (runs/<name>, printed at the end of "

@@ -221,7 +221,7 @@ def write_sheet(queries: list[dict], path: str | Path) -> Path:
     rows = []
     for entry in queries:
         row = [Tile(entry["query"], f"query\n{Path(entry['query']).name[:20]}", GOOD)]
-        row += [Tile(hit["path"], f"#{hit['rank']} sim {hit['similarity']:.3f}\n{hit['label']}", NEUTRAL)
+        row += [Tile(hit["path"], f"#{hit['rank']} sim {hit['similarity']:.4f}\n{hit['label']}", NEUTRAL)
                 for hit in entry["neighbours"]]
         rows.append(row)
     return contact_sheet(rows, path, title="nearest images by cosine similarity")
