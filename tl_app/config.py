@@ -24,6 +24,7 @@ POOLINGS = ("avg", "max", "flatten")
 HEAD_KINDS = ("dense", "logistic")
 PRECISIONS = ("none", "float16", "bfloat16")
 DISTRIBUTE = ("none", "mirrored", "multi-worker")
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -152,6 +153,17 @@ class ServeConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Where heavy work runs: this process ("local") or a Ray cluster ("ray"; pip install 'tl-app[ray]')."""
+
+    name: str = "local"
+    address: str = ""  # ray: "" starts a local instance, "auto" joins a running one, ray://host:10001 a remote one
+    num_workers: int = 1  # ray: backbone actors (extract, predict) or training workers
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+
+@dataclass
 class Config:
     """Every setting of a tl-app run."""
 
@@ -163,6 +175,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     # ---- conversions -------------------------------------------------
     def to_dict(self) -> dict:
@@ -290,6 +303,11 @@ def validate(config: Config) -> None:
     check_choice(config.train.mixed_precision, PRECISIONS, "train.mixed_precision")
     check_choice(config.train.distribute, DISTRIBUTE, "train.distribute")
     check_choice(config.features.dtype, ("float32", "float16"), "features.dtype")
+    check_choice(config.engine.name, ENGINES, "engine.name")
+    if config.engine.num_workers < 1:
+        raise ConfigError(f"engine.num_workers must be at least 1, got {config.engine.num_workers}.")
+    if config.engine.cpus_per_worker < 0 or config.engine.gpus_per_worker < 0:
+        raise ConfigError("engine.cpus_per_worker and engine.gpus_per_worker must be 0 or more.")
     for name in ("val_fraction", "test_fraction"):
         value = getattr(config.data, name)
         if not 0.0 <= value < 1.0:
