@@ -33,6 +33,14 @@ def test_large_train_val_gap_is_over_fitting():
     assert any("regularisation" in r for r in result["remedies"])
 
 
+def test_a_gap_within_the_noise_of_a_tiny_validation_set_is_not_over_fitting():
+    epochs = history([0.7, 0.8, 0.85, 0.85], [0.6, 0.7, 0.72, 0.72])
+    assert diagnose(epochs)["diagnosis"] == "over-fitting"
+    small = diagnose(epochs, val_images=25)  # two standard errors ~ 0.18
+    assert small["diagnosis"] == "healthy" and "noise of 25 validation images" in small["line"]
+    assert diagnose(epochs, val_images=2000)["diagnosis"] == "over-fitting"
+
+
 def test_rising_validation_loss_is_over_fitting_even_with_small_gap():
     result = diagnose(history([0.8, 0.85, 0.88, 0.9, 0.9, 0.9], [0.8, 0.84, 0.86, 0.85, 0.84, 0.84],
                               train_loss=[0.6, 0.5, 0.4, 0.3, 0.25, 0.2],

@@ -62,7 +62,16 @@ def tail_mean(values: np.ndarray) -> float:
     return float(values[-TAIL_EPOCHS:].mean()) if len(values) else float("nan")
 
 
-def diagnose(epochs: list[dict]) -> dict:
+def gap_limit(val_accuracy: float, val_images: int | None) -> float:
+    """The train/val gap that counts as over-fitting: OVERFIT_GAP, or two standard errors of the
+    validation accuracy when the validation set is too small to resolve OVERFIT_GAP."""
+    if not val_images:
+        return OVERFIT_GAP
+    p = min(max(val_accuracy, 0.0), 1.0)
+    return max(OVERFIT_GAP, 2.0 * float(np.sqrt(p * (1.0 - p) / val_images)))
+
+
+def diagnose(epochs: list[dict], val_images: int | None = None) -> dict:
     """over-fitting (train/val gap or rising val loss), under-fitting (low train accuracy) or healthy."""
     acc, val_acc = series(epochs, "accuracy"), series(epochs, "val_accuracy")
     loss, val_loss = series(epochs, "loss"), series(epochs, "val_loss")
@@ -72,7 +81,8 @@ def diagnose(epochs: list[dict]) -> dict:
         kind, line = "unknown", "no validation metrics: cannot tell over-fitting from under-fitting"
     else:
         gap = train_acc - valid_acc
-        evidence["gap"] = gap
+        limit = gap_limit(valid_acc, val_images)
+        evidence.update(gap=gap, gap_limit=limit, val_images=val_images)
         rising = False
         finite = val_loss[~np.isnan(val_loss)]
         if len(finite) >= 3:
@@ -83,10 +93,10 @@ def diagnose(epochs: list[dict]) -> dict:
         if train_acc < UNDERFIT_TRAIN_ACCURACY:
             kind = "under-fitting"
             line = f"under-fitting: training accuracy is only {train_acc:.2f} (validation {valid_acc:.2f})"
-        elif gap > OVERFIT_GAP:
+        elif gap > limit:
             kind = "over-fitting"
             line = (f"over-fitting: training accuracy {train_acc:.2f} vs validation {valid_acc:.2f} "
-                    f"(gap {gap:.2f})")
+                    f"(gap {gap:.2f} > {limit:.2f})")
         elif rising:
             kind = "over-fitting"
             line = (f"over-fitting: validation loss rose from {finite.min():.3f} (epoch {best + 1}) to "
@@ -94,6 +104,8 @@ def diagnose(epochs: list[dict]) -> dict:
         else:
             kind = "healthy"
             line = f"healthy: training accuracy {train_acc:.2f}, validation {valid_acc:.2f} (gap {gap:+.2f})"
+            if gap > OVERFIT_GAP:
+                line += f", within the noise of {val_images} validation images"
     remedies = REMEDIES[kind]
     return {"diagnosis": kind, "line": f"{line}; try: {remedies[0]}" if kind != "healthy" else line,
             "remedies": list(remedies), "evidence": evidence}
@@ -109,6 +121,8 @@ def plot_curves(epochs: list[dict], path: str | Path, title: str = "") -> Path:
     """Loss and accuracy, train vs validation, with the phase boundary marked."""
     from tl_app.plots import plt, save_figure
 
+    from matplotlib.ticker import MaxNLocator
+
     x = np.arange(1, len(epochs) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
@@ -121,6 +135,7 @@ def plot_curves(epochs: list[dict], path: str | Path, title: str = "") -> Path:
             ax.text(boundary, 0.98, " fine-tuning", transform=ax.get_xaxis_transform(), va="top",
                     fontsize=8, color="grey")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.set_title(label)
         ax.grid(alpha=0.3)
@@ -133,11 +148,24 @@ def plot_curves(epochs: list[dict], path: str | Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
+def validation_size(run_dir: Path) -> int | None:
+    """How many validation images the run had (metrics.json or run.json), when recorded."""
+    for name in ("metrics.json", "run.json"):
+        try:
+            data = json.loads((run_dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+        data = data.get("metrics", data) if name == "run.json" else data
+        if isinstance(data, dict) and data.get("val_images"):
+            return int(data["val_images"])
+    return None
+
+
 def write_training_report(run_dir: str | Path) -> dict:
     """curves.png + diagnosis.json for a run; returns {"diagnosis", "line", "remedies", "curves", ...}."""
     run_dir = Path(run_dir)
     epochs = read_history(run_dir)
-    result = diagnose(epochs)
+    result = diagnose(epochs, validation_size(run_dir))
     curves = plot_curves(epochs, run_dir / CURVES_FILE, title=result["line"] if len(result["line"]) < 150 else
                          result["line"].split(";")[0])
     result["curves"] = str(curves)
