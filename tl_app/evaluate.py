@@ -63,6 +63,11 @@ def open_model(path: str | Path) -> LoadedModel:
     evaluate and explain in one process do not deserialise the same model again.
     """
     path = Path(path)
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"Model {str(path)!r} does not exist. Expected a run directory (runs/<name>, printed at the end of "
+            f"'tl-app train') or an exported model folder (saved_models/<name>[/<version>])."
+        )
     target = path / "model.keras" if (path / "run.json").is_file() else (find_export_dir(path) or path) / "model.keras"
     try:
         stamp = target.stat().st_mtime_ns
@@ -87,11 +92,6 @@ def _open_model(path: Path) -> LoadedModel:
     from tl_app.config import Config
     from tl_app.runs import MODEL_FILE, RUN_FILE, load_run_model
 
-    if not path.exists():
-        raise ModelNotFoundError(
-            f"Model {str(path)!r} does not exist. Expected a run directory (runs/<name>, printed at the end of "
-            f"'tl-app train') or an exported model folder (saved_models/<name>[/<version>])."
-        )
     if (path / RUN_FILE).is_file():
         info = json.loads((path / RUN_FILE).read_text())
         model = load_run_model(path)
