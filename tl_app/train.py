@@ -60,16 +60,38 @@ def prepare_run(config: Config, run_dir: str | Path | None = None, echo=print) -
 
 
 def train(config: Config, resume: str | Path | None = None, echo=print) -> dict:
-    """Run the configured strategy; returns a summary with the run directory."""
+    """Run the configured strategy; returns a summary with the run directory.
+
+    Every run ends with training curves (curves.png) and a one-line diagnosis.
+    """
     if resume is not None:
         from tl_app.finetune import resume_finetune
 
-        return resume_finetune(resume, echo=echo)
-    get_spec(config.backbone.name)  # an unknown name fails before any work
-    if config.train.strategy == "bottleneck":
-        from tl_app.bottleneck import train_bottleneck
+        summary = resume_finetune(resume, echo=echo)
+    else:
+        get_spec(config.backbone.name)  # an unknown name fails before any work
+        if config.train.strategy == "bottleneck":
+            from tl_app.bottleneck import train_bottleneck
 
-        return train_bottleneck(config, echo=echo)
-    from tl_app.finetune import train_finetune
+            summary = train_bottleneck(config, echo=echo)
+        else:
+            from tl_app.finetune import train_finetune
 
-    return train_finetune(config, echo=echo)
+            summary = train_finetune(config, echo=echo)
+    return finish_run(summary, echo)
+
+
+def finish_run(summary: dict, echo=print) -> dict:
+    """Curves and diagnosis for a finished run, printed and added to the summary."""
+    from tl_app.curves import write_training_report
+
+    report = write_training_report(summary["run_dir"])
+    summary["diagnosis"] = report["line"]
+    summary["curves"] = report["curves"]
+    if echo:
+        echo(f"diagnosis: {report['line']}")
+        if report["diagnosis"] not in ("healthy", "unknown"):
+            for remedy in report["remedies"]:
+                echo(f"  - {remedy}")
+        echo(f"curves: {report['curves']}")
+    return summary
