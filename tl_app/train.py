@@ -74,6 +74,10 @@ def train(config: Config, resume: str | Path | None = None, echo=print) -> dict:
             from tl_app.bottleneck import train_bottleneck
 
             summary = train_bottleneck(config, echo=echo)
+        elif config.engine.name == "ray":  # Ray Train runs the workers; the chief finishes the run
+            from tl_app.engines.distributed import train_on_ray
+
+            return train_on_ray(config, echo=echo)
         else:
             from tl_app.finetune import train_finetune
 

@@ -49,6 +49,36 @@ def pipeline_options(func):
     return func
 
 
+ENGINE_FLAGS = {"engine": "engine.name", "address": "engine.address", "num_workers": "engine.num_workers",
+                "cpus_per_worker": "engine.cpus_per_worker", "gpus_per_worker": "engine.gpus_per_worker"}
+
+
+def engine_options(func):
+    """--engine local|ray and the Ray cluster's address and worker sizes (the [engine] section).
+
+    The command receives them as keyword arguments; ``engine_overrides(kwargs)``
+    turns them into dotted config overrides. See docs/scale-out.md.
+    """
+    options = [
+        click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
+                     help="local: this process (default). ray: Ray actors (pip install 'tl-app[ray]')."),
+        click.option("--address", default=None,
+                     help="Ray cluster: empty starts a local one, 'auto' joins 'ray start' on this machine, "
+                          "ray://HEAD:10001 a remote head."),
+        click.option("--num-workers", type=int, default=None, help="Ray actors or training workers (default 1)."),
+        click.option("--cpus-per-worker", type=float, default=None, help="CPUs per Ray worker (default 1)."),
+        click.option("--gpus-per-worker", type=float, default=None, help="GPUs per Ray worker (default 0)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def engine_overrides(kwargs: dict) -> dict:
+    """Pop the engine flags out of a command's keyword arguments as dotted overrides."""
+    return {dotted: kwargs.pop(name, None) for name, dotted in ENGINE_FLAGS.items()}
+
+
 def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 

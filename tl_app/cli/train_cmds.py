@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tl_app.cli.common import build_config, echo_json, pipeline_options
+from tl_app.cli.common import build_config, echo_json, engine_options, engine_overrides, pipeline_options
 
 
 @click.command()
@@ -33,10 +33,11 @@ from tl_app.cli.common import build_config, echo_json, pipeline_options
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
               help="Continue an interrupted fine-tuning run from its folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@engine_options
 @pipeline_options
 def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs, unfreeze_blocks, batch_size,
           learning_rate, optimizer, schedule, head_kind, class_weights, augment_views, mixed_precision,
-          jit_compile, distribute, seed, name, runs_dir, resume, as_json, pipeline, sets):
+          jit_compile, distribute, seed, name, runs_dir, resume, as_json, pipeline, sets, **engine):
     """Train a classifier on an image folder and write a run directory.
 
     \b
@@ -45,6 +46,8 @@ def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs
       tl-app train photos/ --strategy finetune --backbone vgg16 --unfreeze-blocks 1
       tl-app train -p pipelines/finetune-resnet50.toml
       tl-app train --resume runs/finetune-resnet50-20260101-120000
+      TF_CONFIG=... tl-app train photos/ --strategy finetune --distribute multi-worker   (on every worker)
+      tl-app train photos/ --strategy finetune --engine ray --address auto --num-workers 4
     """
     from tl_app.train import train as run_training
 
@@ -56,6 +59,7 @@ def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs
         "head.kind": head_kind, "data.class_weights": class_weights, "features.augment_views": augment_views,
         "train.mixed_precision": mixed_precision, "train.jit_compile": jit_compile,
         "train.distribute": distribute, "train.seed": seed, "train.name": name, "train.runs_dir": runs_dir,
+        **engine_overrides(engine),
     })
     summary = run_training(config, resume=resume, echo=None if as_json else click.echo)
     if as_json:

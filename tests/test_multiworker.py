@@ -1,0 +1,137 @@
+"""Multi-worker fine-tuning: two real worker processes on loopback, and Ray Train as launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tl_app.engines.distributed import is_chief, local_cluster, read_tf_config, tf_config_for
+from tl_app.errors import TlAppError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# One worker: the library's fine-tuning under --distribute multi-worker, plus a Keras
+# callback that records every epoch's loss and the final weights of this worker.
+WORKER = textwrap.dedent("""
+    import json, sys
+    import keras, numpy as np
+    from tl_app.config import Config
+    from tl_app.finetune import train_finetune
+
+    config = Config.from_dict(json.loads(open(sys.argv[1]).read()))
+    out = sys.argv[2]
+    losses = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            losses.append(float(logs["loss"]))
+
+        def on_train_end(self, logs=None):
+            np.savez(out + "/weights.npz", *[np.asarray(w) for w in self.model.get_weights()])
+
+    summary = train_finetune(config, echo=None, callbacks=[Record()])
+    json.dump({"losses": losses, "summary": summary}, open(out + "/result.json", "w"), default=str)
+""")
+
+
+def test_local_cluster_gives_each_worker_its_place():
+    configs = [json.loads(c) for c in local_cluster(2)]
+    workers = configs[0]["cluster"]["worker"]
+    assert len(set(workers)) == 2 and all(w.startswith("127.0.0.1:") for w in workers)
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": 0}, {"type": "worker", "index": 1}]
+    assert all(c["cluster"] == configs[0]["cluster"] for c in configs)
+    assert is_chief(configs[0]) and not is_chief(configs[1])
+    with_chief = {"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker", "index": 0}}
+    assert not is_chief(with_chief)
+
+
+def test_missing_or_broken_tf_config_says_how_to_set_it():
+    with pytest.raises(TlAppError, match="TF_CONFIG"):
+        read_tf_config({})
+    with pytest.raises(TlAppError, match="not valid"):
+        read_tf_config({"TF_CONFIG": "{not json"})
+    with pytest.raises(TlAppError, match="outside"):
+        read_tf_config({"TF_CONFIG": tf_config_for(["a:1", "b:2"], 2)})
+    assert read_tf_config({"TF_CONFIG": tf_config_for(["a:1", "b:2"], 1)})["task"]["index"] == 1
+
+
+def last_json(text: str) -> dict:
+    """The JSON summary the CLI prints last (Ray may forward worker log lines before it)."""
+    lines = text.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:]))
+
+
+def multi_worker_config(tiny_config, root: Path):
+    config = tiny_config.with_overrides({
+        "train.strategy": "finetune", "train.distribute": "multi-worker", "train.name": "mw",
+        "train.epochs": 2, "train.finetune_epochs": 1, "train.runs_dir": str(root / "runs"),
+        "features.cache_dir": str(root / "cache"),
+    })
+    return config
+
+
+@pytest.mark.slow
+def test_two_workers_on_loopback_end_with_identical_weights_and_falling_loss(tiny_config, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    procs, outs = [], []
+    for index, tf_config in enumerate(local_cluster(2)):
+        out = tmp_path / f"worker{index}"
+        out.mkdir()
+        config_file = out / "config.json"
+        config_file.write_text(json.dumps(multi_worker_config(tiny_config, out).to_dict()))
+        env = {**os.environ, "TF_CONFIG": tf_config, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        log = open(out / "log.txt", "w")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(config_file), str(out)], cwd=REPO,
+                                      env=env, stdout=log, stderr=subprocess.STDOUT))
+        outs.append(out)
+    try:
+        codes = [p.wait(timeout=500) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0], "\n".join((o / "log.txt").read_text()[-3000:] for o in outs)
+
+    results = [json.loads((o / "result.json").read_text()) for o in outs]
+    weights = [np.load(o / "weights.npz") for o in outs]
+    assert len(weights[0].files) == len(weights[1].files) > 0
+    for name in weights[0].files:
+        np.testing.assert_array_equal(weights[0][name], weights[1][name])
+    losses = results[0]["losses"]
+    assert losses == results[1]["losses"]  # one synchronised training, seen from both workers
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+    # only the chief (worker 0) writes the model and the history
+    chief_run, other_run = outs[0] / "runs" / "mw", outs[1] / "runs" / "mw"
+    assert (chief_run / "model.keras").is_file() and not (other_run / "model.keras").exists()
+    history = json.loads((chief_run / "history.json").read_text())["epochs"]
+    assert [round(e["loss"], 5) for e in history] == [round(v, 5) for v in losses]
+
+
+@pytest.mark.slow
+def test_ray_train_runs_the_same_fine_tuning_on_two_workers(tiny_config, tmp_path, cli):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+    try:
+        result = cli("train", tiny_config.data.root, "--strategy", "finetune", "--backbone", "resnet50",
+                     "--weights", "none", "--input-size", 32, "--epochs", 2, "--finetune-epochs", 1,
+                     "--batch-size", 8, "--set", "head.units=[16]", "--name", "ray-mw",
+                     "--runs-dir", tmp_path / "runs", "--engine", "ray", "--num-workers", 2, "--json")
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 0, result.output
+    summary = last_json(result.output)
+    run_dir = Path(summary["run_dir"])
+    assert run_dir == tmp_path / "runs" / "ray-mw" and (run_dir / "model.keras").is_file()
+    losses = [e["loss"] for e in json.loads((run_dir / "history.json").read_text())["epochs"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert "val_accuracy" in summary["metrics"]

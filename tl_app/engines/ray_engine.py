@@ -1,0 +1,344 @@
+"""Feature extraction on Ray Data: the local extractor's code, run by actors.
+
+The driver decides what to compute exactly as the local engine does (the
+records the cache lacks), sends (position, path, content hash) rows through
+``Dataset.map_batches`` into a pool of actors, and writes each batch of
+features to the same FeatureCache the moment it comes back; a run that dies
+resumes from the cache. Each actor builds the backbone once and runs
+``tl_app.features.Extractor`` itself on its batches, so decoding, resizing,
+padding and prediction are the local engine's own functions, not copies.
+
+Image paths (and a local weight file) must be readable from every worker at
+the same path: a shared filesystem on a cluster, nothing to do on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import closing
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from tl_app.config import Config
+from tl_app.dataset import Record
+from tl_app.engines import connect, require_ray
+from tl_app.errors import TlAppError
+
+
+# ---- inside the actors -----------------------------------------------------
+class _Discard:
+    """A cache stand-in for the actors: the driver, not the workers, writes the cache."""
+
+    def write(self, *args, **kwargs):
+        return None
+
+
+class _Silent:
+    def update(self, count: int) -> None:
+        pass
+
+
+def limit_threads(cpus: float) -> None:
+    """Give TensorFlow as many threads as the actor was granted CPUs (before TF starts)."""
+    if cpus and cpus >= 1:
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(int(cpus))
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, int(cpus)))
+        except RuntimeError:
+            pass  # TF already initialised in this process: keep its threads
+
+
+def rows_to_records(batch: dict) -> list[Record]:
+    """The few Record fields the local pipeline reads (path, fast, sha256)."""
+    return [Record(path=str(path), relpath="", label="", label_index=0, split="", sha256=str(sha), format="",
+                   width=0, height=0, fast=bool(fast))
+            for path, fast, sha in zip(batch["path"], batch["fast"], batch["sha256"])]
+
+
+class FeatureActor:
+    """One backbone per Ray actor, built once; each call featurises one batch of images."""
+
+    def __init__(self, config: Config, recipe, batch_size: int, cpus: float = 0.0):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        limit_threads(cpus)
+        from tl_app.features import Extractor
+
+        self.extractor = Extractor(config, recipe)
+        self.extractor.build()
+        self.dim = self.extractor.dim()
+        self.batch_size = int(batch_size)
+
+    def __call__(self, batch: dict) -> dict:
+        records = rows_to_records(batch)
+        out = np.zeros((len(records), self.dim), np.float32)
+        failed = self.extractor.compute(records, list(range(len(records))), _Discard(), out, self.batch_size,
+                                        _Silent())
+        done = np.array([i for i in range(len(records)) if i not in failed], np.int64)
+        return {"position": np.asarray(batch["position"], np.int64)[done], "features": out[done]}
+
+
+class ViewActor(FeatureActor):
+    """Augmented views: the local extractor's deterministic augmenter, per (image, view)."""
+
+    def __call__(self, batch: dict) -> dict:
+        records = rows_to_records(batch)
+        k = int(batch["k"][0]) if len(records) else 1
+        wanted = [[int(v) for v in str(views).split(",")] for views in batch["views"]]
+        missing = [t * k + v - 1 for t, views in enumerate(wanted) for v in views]
+        flat = np.zeros((len(records) * k, self.dim), np.float32)
+        self.extractor.compute_views(records, list(range(len(records))), k, missing, _Discard(), flat,
+                                     self.batch_size, _Silent())
+        rows = np.asarray(batch["row"], np.int64)
+        return {"row": np.array([rows[m // k] for m in missing], np.int64),
+                "view": np.array([m % k + 1 for m in missing], np.int32),
+                "features": flat[missing] if missing else np.zeros((0, self.dim), np.float32)}
+
+
+# ---- on the driver ------------------------------------------------------------
+def actor_options(config: Config) -> dict:
+    """map_batches arguments from [engine]: a fixed pool of num_workers actors, CPUs/GPUs each."""
+    from ray.data import ActorPoolStrategy
+
+    engine = config.engine
+    options: dict[str, Any] = {"compute": ActorPoolStrategy(size=int(engine.num_workers)),
+                               "num_cpus": float(engine.cpus_per_worker)}
+    if engine.gpus_per_worker:
+        options["num_gpus"] = float(engine.gpus_per_worker)
+    return options
+
+
+def run_actors(config: Config, actor_class, items: list[dict], constructor: dict, batch_size: int) -> Iterator[dict]:
+    """Stream the actors' output batches back to the driver as they finish."""
+    ray = connect(config.engine)
+    dataset = ray.data.from_items(items)
+    mapped = dataset.map_batches(actor_class, fn_constructor_kwargs=constructor, batch_size=int(batch_size),
+                                 batch_format="numpy", **actor_options(config))
+    try:
+        yield from mapped.iter_batches(batch_size=None, batch_format="numpy")
+    except ray.exceptions.RayError as exc:
+        raise TlAppError(
+            f"The Ray engine failed: {exc}\nEvery batch that finished is in the feature cache; "
+            f"run the same command again to resume."
+        ) from None
+
+
+class RayExtractor:
+    """tl_app.features.Extractor's interface (model, dim, compute, compute_views) on Ray actors."""
+
+    def __init__(self, config: Config, recipe):
+        require_ray()  # before any work: without Ray, say which extra to install
+        self.config = config
+        self.recipe = recipe
+        self.model = None  # the backbone lives in the actors
+        self._dim: int | None = None
+
+    def dim(self) -> int:
+        """The feature width; it does not depend on the weights, so a random-weight copy answers."""
+        if self._dim is None:
+            from tl_app.features import Extractor
+
+            shape_only = self.config.with_overrides({"backbone.weights": "none"})
+            probe = Extractor(shape_only, self.recipe)
+            self._dim = probe.dim()
+            del probe
+        return self._dim
+
+    def _constructor(self, batch_size: int) -> dict:
+        return {"config": self.config, "recipe": self.recipe, "batch_size": batch_size,
+                "cpus": float(self.config.engine.cpus_per_worker)}
+
+    def compute(self, records: Sequence[Record], missing, cache, out, batch_size, progress) -> set[int]:
+        """Features of the missing records (identical files once), one cache shard per returned batch."""
+        first: dict[str, int] = {}
+        duplicates: dict[str, list[int]] = {}
+        for i in missing:
+            first.setdefault(records[i].sha256, i)
+            duplicates.setdefault(records[i].sha256, []).append(i)
+        items = [{"position": i, "path": records[i].path, "fast": bool(records[i].fast),
+                  "sha256": records[i].sha256} for i in sorted(first.values())]
+        done: set[int] = set()
+        if not items:
+            return set(missing)
+        actors = run_actors(self.config, FeatureActor, items, self._constructor(batch_size), batch_size)
+        with closing(actors) as batches:  # an error or interrupt here stops the actors too
+            for batch in batches:
+                self._take_features(batch, records, duplicates, cache, out, done, progress)
+        return set(missing) - done
+
+    @staticmethod
+    def _take_features(batch, records, duplicates, cache, out, done: set, progress) -> None:
+        """Write one returned batch to the cache at once (a later failure keeps it), then to ``out``."""
+        positions = batch["position"].tolist()
+        if not positions:
+            return
+        features = np.asarray(batch["features"], np.float32)
+        cache.write([records[p].sha256 for p in positions], [0] * len(positions), features)
+        count = 0
+        for p, vector in zip(positions, features):
+            for q in duplicates[records[p].sha256]:
+                out[q] = vector
+                done.add(q)
+                count += 1
+        progress.update(count)
+
+    def compute_views(self, records, train_rows, k, missing_views, cache, flat, batch_size, progress) -> None:
+        """The missing augmented views; flat[t * k + v - 1] is view v of train row t (as locally)."""
+        by_train_row: dict[int, list[int]] = {}
+        for flat_index in missing_views:
+            by_train_row.setdefault(flat_index // k, []).append(flat_index % k + 1)
+        items = []
+        for t in sorted(by_train_row):
+            record = records[train_rows[t]]
+            items.append({"row": t, "path": record.path, "fast": bool(record.fast), "sha256": record.sha256,
+                          "views": ",".join(str(v) for v in by_train_row[t]), "k": int(k)})
+        if not items:
+            return
+        actors = run_actors(self.config, ViewActor, items, self._constructor(batch_size), batch_size)
+        with closing(actors) as batches:
+            for batch in batches:
+                rows, views = batch["row"].tolist(), batch["view"].tolist()
+                if not rows:
+                    continue
+                features = np.asarray(batch["features"], np.float32)
+                cache.write([records[train_rows[t]].sha256 for t in rows], views, features)
+                for t, v, vector in zip(rows, views, features):
+                    flat[t * k + v - 1] = vector
+                progress.update(len(rows))
+
+
+# ---- batch prediction ------------------------------------------------------------
+class PredictActor:
+    """One loaded classifier per Ray actor; each call predicts one batch of files."""
+
+    def __init__(self, model_path: str, batch_size: int, cpus: float = 0.0):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        limit_threads(cpus)
+        from tl_app.inference import load_predictor
+
+        self.predictor = load_predictor(model_path)
+        self.batch_size = int(batch_size)
+
+    def __call__(self, batch: dict) -> dict:
+        import tensorflow as tf
+
+        from tl_app.inference import decode_failure_reason, header_probe
+        from tl_app.pipeline import decode_file, resize_images
+
+        indices = np.asarray(batch["index"], np.int64)
+        paths = [str(p) for p in batch["path"]]
+        reasons = [""] * len(paths)
+        fast = [False] * len(paths)
+        for i, path in enumerate(paths):
+            fast[i], reasons[i] = header_probe(path)
+        good = [i for i in range(len(paths)) if not reasons[i]]
+        size, policy = self.predictor.input_size, self.predictor.resize_policy
+        probs = np.zeros((len(paths), len(self.predictor.classes)), np.float32)
+        ok = np.zeros(len(paths), bool)
+        if good:
+            def load(path, is_fast, row):  # the local engine's decode and resize
+                image = resize_images(decode_file(path, is_fast), size, policy)
+                image.set_shape([size, size, 3])
+                return image, row
+
+            ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(paths[i]) for i in good],
+                                                     [fast[i] for i in good], good))
+            ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+            for images, rows in ds.batch(self.batch_size):
+                rows = rows.numpy()
+                probs[rows] = self.predictor.predict(images)
+                ok[rows] = True
+        for i in good:
+            if not ok[i]:
+                reasons[i] = decode_failure_reason(paths[i])
+        return {"index": indices, "ok": ok, "probabilities": probs, "reason": np.array(reasons, dtype=object)}
+
+
+def predict_paths_ray(model, inputs, config: Config, out=None, top_k: int = 5, batch_size: int = 32,
+                      echo=print, progress: bool | None = None) -> dict:
+    """tl_app.inference.predict_paths on Ray actors: same rows, same order, same summary.
+
+    Inputs are listed on the driver; header checks, decoding and the model run
+    in the actors. Rows are written in input order as soon as every earlier
+    row is known: the same rows as the local engine (which may write a bad
+    file's row a little early), in the same format.
+    """
+    import time
+
+    from tl_app.errors import ConfigError
+    from tl_app.inference import Predictor, Progress, RowWriter, iter_inputs
+
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {top_k}.")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
+    if isinstance(model, Predictor):
+        raise ConfigError("--engine ray loads the model in every actor: pass the model's path, not a Predictor.")
+    require_ray()
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = list(inputs)
+    if not inputs:
+        raise ConfigError("No inputs given: pass image files, folders or globs, e.g. tl-app predict MODEL photos/.")
+    from tl_app.inference import load_predictor
+
+    predictor = load_predictor(os.path.abspath(str(model)))  # fails here, clearly, before any actor starts
+    model_path = os.path.abspath(str(predictor.source))  # this version, even if a newer one appears meanwhile
+    classes, version = predictor.classes, predictor.version
+    k = min(top_k, len(classes))
+    del predictor
+
+    listed = list(iter_inputs(inputs))
+    writer = RowWriter(out, k)
+    bar = Progress(len(listed), enabled=progress if progress is not None else echo is not None)
+    results: dict[int, tuple] = {}
+    bad_files: list[dict] = []
+    counts = {"done": 0, "bad": 0, "next": 0}
+
+    def flush() -> None:
+        while counts["next"] in results:
+            path, ok, probs, reason = results.pop(counts["next"])
+            counts["next"] += 1
+            if ok:
+                order = np.argsort(-probs, kind="stable")[:k]
+                writer.prediction(path, [(classes[j], float(probs[j])) for j in order])
+                counts["done"] += 1
+            else:
+                writer.failure(path, reason)
+                counts["bad"] += 1
+                if len(bad_files) < 100:
+                    bad_files.append({"path": path, "reason": reason})
+
+    items = []
+    for index, (path, problem) in enumerate(listed):
+        if problem:
+            results[index] = (path, False, None, problem)
+        else:
+            items.append({"index": index, "path": path})
+    started = time.perf_counter()
+    try:
+        flush()
+        if items:
+            constructor = {"model_path": model_path, "batch_size": batch_size,
+                           "cpus": float(config.engine.cpus_per_worker)}
+            with closing(run_actors(config, PredictActor, items, constructor, batch_size)) as batches:
+                for batch in batches:
+                    rows = zip(batch["index"].tolist(), batch["ok"].tolist(), np.asarray(batch["probabilities"]),
+                               batch["reason"].tolist())
+                    for index, ok, probs, reason in rows:
+                        results[index] = (listed[index][0], ok, probs, str(reason))
+                    flush()
+                    bar.update(counts["done"], counts["bad"])
+        flush()
+    finally:
+        writer.close()
+    seconds = time.perf_counter() - started
+    bar.update(counts["done"], counts["bad"], final=True)
+    return {
+        "model": model_path, "version": version, "predicted": counts["done"], "bad": counts["bad"],
+        "total": len(listed), "seconds": round(seconds, 3),
+        "images_per_second": round(counts["done"] / seconds, 2) if seconds > 0 else 0.0,
+        "out": str(writer.path) if writer.path else None, "bad_files": bad_files, "engine": "ray",
+    }
