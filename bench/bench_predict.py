@@ -1,0 +1,93 @@
+"""`tl-app predict` (files -> decode -> resize -> SavedModel, streamed through tf.data) vs raw
+`model.predict` on in-memory tensors, same model, same run. Target: ratio >= 0.9.
+
+    python bench/bench_predict.py [--quick] [--backbone resnet50] [--size 224] [--images N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import emit, write_photo_folder
+
+
+def build_export(tmp: Path, backbone: str, size: int) -> tuple[Path, Path]:
+    """A real run directory and its SavedModel export (random weights: speed does not depend on them)."""
+    from tl_app.backbones import build_feature_model
+    from tl_app.config import Config
+    from tl_app.export import export_run
+    from tl_app.heads import assemble, build_head
+    from tl_app.runs import MODEL_FILE, write_run_info
+    from tl_app.sample_data import write_sample_dataset
+    from tl_app.train import prepare_run
+
+    write_sample_dataset(tmp / "sample", seed=0, counts={"circles": 4, "squares": 4, "triangles": 4})
+    config = Config()
+    config.data.root = str(tmp / "sample")
+    config.backbone.name = backbone
+    config.backbone.weights = "none"
+    config.backbone.input_size = size
+    config.features.cache_dir = str(tmp / "cache" / "features")
+    config.train.runs_dir = str(tmp / "runs")
+    config.train.name = "bench"
+    prepared = prepare_run(config, echo=None)
+    features = build_feature_model(prepared.spec, size, "none", 0, "", "avg")
+    model = assemble(features, build_head(3, int(features.output.shape[-1]), config.head))
+    model.save(prepared.run_dir / MODEL_FILE)
+    write_run_info(prepared.run_dir, metrics={})
+    result = export_run(prepared.run_dir, root=tmp / "saved_models", name="bench", formats="savedmodel",
+                        echo=None)
+    return prepared.run_dir, result["path"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--images", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    from tl_app.inference import load_predictor, predict_paths
+    from tl_app.runs import load_run_model
+
+    count = args.images or (64 if args.quick else 320)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run_dir, version = build_export(tmp, args.backbone, args.size)
+        photos = write_photo_folder(tmp / "photos", count)
+        predictor = load_predictor(version)
+        predict_paths(predictor, sorted(photos.rglob("*.jpg"))[: args.batch_size], out=tmp / "warm.csv",
+                      batch_size=args.batch_size, echo=None)  # traces the pipeline and the signature
+        model = load_run_model(run_dir)
+        x = np.random.default_rng(0).uniform(0, 255, (count, args.size, args.size, 3)).astype("float32")
+        model.predict(x[: args.batch_size], batch_size=args.batch_size, verbose=0)
+        predict_runs, raw_runs = [], []
+        for _ in range(args.rounds):  # interleaved, best of each: neighbours' load hits both alike
+            start = time.perf_counter()
+            summary = predict_paths(predictor, [photos], out=tmp / "preds.csv", batch_size=args.batch_size,
+                                    echo=None)
+            predict_runs.append(summary["predicted"] / (time.perf_counter() - start))
+            assert summary["predicted"] == count and summary["bad"] == 0
+            start = time.perf_counter()
+            model.predict(x, batch_size=args.batch_size, verbose=0)
+            raw_runs.append(count / (time.perf_counter() - start))
+        predict_ips, raw_ips = max(predict_runs), max(raw_runs)
+
+    ratio = predict_ips / raw_ips
+    print(f"tl-app predict: {predict_ips:7.1f} images/s ({count} JPEGs ~500x375 from disk -> {args.size}, "
+          f"{args.backbone} SavedModel, batch {args.batch_size}, CSV out)")
+    print(f"model.predict:  {raw_ips:7.1f} images/s (in-memory {args.size}x{args.size} tensors, same model)")
+    print(f"ratio predict / model.predict: {ratio:.2f} (target >= 0.9)")
+    emit("predict", {"images": count, "rounds": args.rounds, "backbone": args.backbone, "size": args.size,
+                     "predict_images_per_s": round(predict_ips, 2), "model_predict_images_per_s": round(raw_ips, 2),
+                     "ratio": round(ratio, 3)})
+
+
+if __name__ == "__main__":
+    main()

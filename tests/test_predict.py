@@ -1,0 +1,197 @@
+"""tl-app predict: files, folders and globs; bad files reported; parity with the model; bounded memory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_export import reference_pixels, shared_export  # noqa: E402
+
+from tl_app.errors import ConfigError, ModelNotFoundError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, sample_dir):
+    return shared_export(tmp_path_factory, sample_dir)
+
+
+@pytest.fixture(scope="module")
+def keras_model(exported):
+    from tl_app.runs import load_run_model
+
+    return load_run_model(exported["run_dir"])
+
+
+@pytest.fixture
+def messy_folder(tmp_path, sample_dir):
+    """Good images in nested folders, plus every kind of bad file."""
+    root = tmp_path / "photos"
+    (root / "nested" / "deeper").mkdir(parents=True)
+    good = sorted(sample_dir.glob("*/*"))[:6]
+    for i, path in enumerate(good):
+        target = root / ("nested/deeper" if i % 3 == 2 else "nested" if i % 3 == 1 else ".") / path.name
+        shutil.copy(path, target)
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "notes.png").write_text("this is not an image")
+    jpeg = next(p for p in good if p.suffix == ".jpg")
+    (root / "nested" / "truncated.jpg").write_bytes(jpeg.read_bytes()[: len(jpeg.read_bytes()) // 3])
+    (root / "readme.txt").write_text("ignored: not an image suffix")
+    (root / ".hidden.png").write_bytes(good[0].read_bytes())
+    return root, good
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_folders_files_and_globs_with_bad_files_listed_never_fatal(exported, messy_folder, tmp_path, cli):
+    root, good = messy_folder
+    out = tmp_path / "preds.csv"
+    extra = tmp_path / "single.png"
+    shutil.copy(next(p for p in good if p.suffix == ".png"), extra)
+    result = cli("predict", exported["root"] / "shapes", root, extra, str(tmp_path / "glob*" / "*.png"),
+                 tmp_path / "missing.jpg", "--out", out, "--top-k", "2", "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out)
+    by_path = {Path(r["path"]).name: r for r in rows}
+    predicted = [r for r in rows if not r["error"]]
+    assert len(predicted) == len(good) + 1
+    for row in predicted:
+        assert row["label_1"] in ("circles", "squares", "triangles") and row["label_2"]
+        assert float(row["probability_1"]) >= float(row["probability_2"]) > 0
+    assert by_path["empty.jpg"]["error"] == "empty file (0 bytes)"
+    assert "not an image" in by_path["notes.png"]["error"]
+    assert by_path["truncated.jpg"]["error"]
+    assert by_path["missing.jpg"]["error"] == "no such file or directory"
+    assert "no file matches" in by_path["*.png"]["error"]
+    assert ".hidden.png" not in by_path and "readme.txt" not in by_path
+    assert "images/s" in result.output  # the progress bar (stderr is mixed into output)
+    assert "could not be used" in result.output and "empty.jpg: empty file" in result.output
+
+
+def test_jsonl_output_has_top_k_and_reasons(exported, messy_folder, tmp_path):
+    from tl_app.inference import predict_paths
+
+    root, good = messy_folder
+    out = tmp_path / "preds.jsonl"
+    summary = predict_paths(exported["version_dir"], [root], out=out, top_k=3, echo=None)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["predicted"] == len(good) and summary["bad"] == 3 and len(lines) == len(good) + 3
+    ok = [line for line in lines if line["error"] is None]
+    assert all(len(line["predictions"]) == 3 for line in ok)
+    assert all(abs(sum(p["probability"] for p in line["predictions"]) - 1) < 1e-5 for line in ok)
+    assert {Path(b["path"]).name for b in summary["bad_files"]} == {"empty.jpg", "notes.png", "truncated.jpg"}
+
+
+def test_predict_agrees_with_the_in_memory_model_and_the_savedmodel_to_1e5(exported, keras_model, tmp_path):
+    import tensorflow as tf
+
+    from tl_app.inference import predict_paths
+
+    pixels, records = reference_pixels(exported["run_dir"])
+    expected = keras_model.predict(pixels, verbose=0)
+    classes = ["circles", "squares", "triangles"]
+    for model_path in (exported["root"] / "shapes", exported["run_dir"]):  # SavedModel path and Keras path
+        out = tmp_path / f"{model_path.name}.jsonl"
+        predict_paths(model_path, [r.path for r in records], out=out, top_k=3, batch_size=7, echo=None)
+        got = {}
+        for line in out.read_text().splitlines():
+            row = json.loads(line)
+            probs = np.zeros(3)
+            for p in row["predictions"]:
+                probs[classes.index(p["label"])] = p["probability"]
+            got[row["path"]] = probs
+        assert np.max(np.abs(np.stack([got[r.path] for r in records]) - expected)) <= 1e-5
+    loaded = tf.saved_model.load(str(exported["version_dir"]))
+    signature = loaded.signatures["serving_default"]
+    served = signature(image_bytes=tf.constant([Path(r.path).read_bytes() for r in records]))["probabilities"]
+    assert np.max(np.abs(served.numpy() - expected)) <= 1e-5
+
+
+def test_rotated_transparent_and_gif_images_are_decoded_as_in_training(exported, keras_model, tmp_path):
+    from tl_app.inference import predict_paths
+    from tl_app.pipeline import load_images
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    pixels = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.fromarray(pixels).save(folder / "rotated.jpg", exif=exif)
+    rgba = np.dstack([pixels, rng.integers(0, 255, (40, 56), dtype=np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    Image.fromarray(pixels).convert("P").save(folder / "palette.gif")
+    paths = sorted(folder.iterdir())
+    expected = keras_model.predict(load_images(paths, 32, "center_crop"), verbose=0)  # Pillow, as training
+    out = tmp_path / "odd.jsonl"
+    summary = predict_paths(exported["version_dir"], [folder], out=out, top_k=3, echo=None)
+    assert summary["predicted"] == 3 and summary["bad"] == 0
+    classes = ["circles", "squares", "triangles"]
+    rows = {json.loads(line)["path"]: json.loads(line)["predictions"] for line in out.read_text().splitlines()}
+    for path, want in zip(paths, expected):
+        got = np.zeros(3)
+        for p in rows[str(path)]:
+            got[classes.index(p["label"])] = p["probability"]
+        assert np.max(np.abs(got - want)) <= 1e-5, path.name
+
+
+def test_model_argument_forms_and_mistakes(exported, sample_dir, tmp_path):
+    from tl_app.inference import load_predictor, predict_paths
+
+    for path, kind, version in ((exported["root"] / "shapes", "savedmodel", 1),
+                                (exported["version_dir"], "savedmodel", 1),
+                                (exported["run_dir"], "keras", None)):
+        predictor = load_predictor(path)
+        assert (predictor.kind, predictor.version) == (kind, version)
+        assert predictor.classes == ["circles", "squares", "triangles"] and predictor.input_size == 32
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        load_predictor(tmp_path / "nope")
+    (tmp_path / "empty_model").mkdir()
+    with pytest.raises(ModelNotFoundError, match="no exported model version"):
+        load_predictor(tmp_path / "empty_model")
+    with pytest.raises(ConfigError, match=".csv or .jsonl"):
+        predict_paths(exported["version_dir"], [sample_dir], out=tmp_path / "x.xlsx", echo=None)
+    with pytest.raises(ConfigError, match="top-k"):
+        predict_paths(exported["version_dir"], [sample_dir], top_k=0, echo=None)
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_for_many_inputs(exported, tmp_path):
+    """RSS after 2000 images is within 150 MB of RSS after 200: images stream, rows are not kept."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2000):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    script = f"""
+import os, psutil, glob
+from tl_app.inference import predict_paths, load_predictor
+p = load_predictor({str(exported['version_dir'])!r})
+files = sorted(glob.glob({str(folder)!r} + '/*.png'))
+predict_paths(p, files[:200], out={str(tmp_path / 'a.csv')!r}, echo=None)
+small = psutil.Process().memory_info().rss
+s = predict_paths(p, files, out={str(tmp_path / 'b.csv')!r}, echo=None)
+print(s['predicted'], (psutil.Process().memory_info().rss - small) / 1e6)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    count, growth = out.stdout.split()
+    print(f"predict memory: RSS growth {float(growth):.1f} MB from 200 to 2000 images")
+    assert int(count) == 2000
+    assert float(growth) < 150, f"RSS grew by {growth} MB"
