@@ -1,0 +1,233 @@
+"""Bottleneck extraction and training, each against a baseline measured in this run.
+
+1. extraction throughput over a folder of real-size (~500x375) JPEGs vs raw
+   model.predict on in-memory tensors (resnet50, vgg16; batch 32). Target >= 0.9x.
+2. a second extraction of the unchanged folder vs the first. Target >= 50x faster.
+3. peak RSS extracting many vs few images, one fresh subprocess per size. Target <= 1.3x.
+4. the bottleneck route (extract once + 20 head epochs) vs a plain Keras
+   frozen-base model.fit of 20 epochs over the images, with validation accuracy
+   for both. Target >= 10x faster at equal or better accuracy.
+
+    python bench/bench_extract.py [--quick]
+
+Random weights (no internet here): the timings are those of real weights; the
+accuracies are what random features give on a synthetic two-class task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from common import emit, predict_throughput, timed, write_photo_folder
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+FULL = {"size": 224, "images": 96, "rounds": 3, "raw_batches": 2, "rss": (200, 2000), "rss_size": 224,
+        "route_images": 200, "route_size": 224, "epochs": 20}
+QUICK = {"size": 96, "images": 96, "rounds": 3, "raw_batches": 2, "rss": (40, 400), "rss_size": 64,
+         "route_images": 64, "route_size": 64, "epochs": 20}
+
+
+def make_config(root, cache, size, backbone="resnet50", **extra):
+    from tl_app.config import Config
+
+    config = Config()
+    config.data.root = str(root)
+    config.features.cache_dir = str(cache)
+    config.backbone.name = backbone
+    config.backbone.weights = "none"
+    config.backbone.input_size = size
+    config.data.batch_size = 32
+    config.train.batch_size = 32
+    for dotted, value in extra.items():
+        section, key = dotted.split("__")
+        setattr(getattr(config, section), key, value)
+    return config
+
+
+# ---- 1 and 2: throughput and the second run ----------------------------------
+def throughput(name: str, folder: Path, tmp: Path, p: dict) -> dict:
+    """Rounds of (extract into a fresh cache, then raw predict); each round's ratio uses the raw
+    figures measured just before and after it, and the median round is reported (the machine is shared)."""
+    from tl_app.backbones import build_feature_model, get_spec
+    from tl_app.features import extract_features
+    from tl_app.train import scan_dataset
+
+    manifest = scan_dataset(make_config(folder, tmp / f"cache-{name}-0", p["size"], name))
+    model = build_feature_model(get_spec(name), p["size"], "none")
+    raw = [predict_throughput(model, p["size"], batch=32, batches=p["raw_batches"])]
+    rounds = []
+    for r in range(p["rounds"]):
+        config = make_config(folder, tmp / f"cache-{name}-{r}", p["size"], name)
+        first, first_s = timed(extract_features, config, manifest, tmp / f"out-{name}", None)
+        raw.append(predict_throughput(model, p["size"], batch=32, batches=p["raw_batches"]))
+        baseline = (raw[-2] + raw[-1]) / 2
+        n = first.stats["computed"]
+        rounds.append({"raw": round(baseline, 2), "steady": first.stats["compute_images_per_s"],
+                       "end_to_end": round(n / first_s, 2), "first_s": first_s,
+                       "ratio_steady": round(first.stats["compute_images_per_s"] / baseline, 3),
+                       "ratio_end_to_end": round(n / first_s / baseline, 3)})
+    del model
+    median = sorted(rounds, key=lambda x: x["ratio_steady"])[len(rounds) // 2]
+    second, second_s = timed(extract_features, config, None, tmp / f"out-{name}", None)  # last round's cache
+    assert second.stats["computed"] == 0 and second.stats["cached"] == n
+    first_s = rounds[-1]["first_s"]
+    out = {"raw_predict_images_per_s": median["raw"], "extract_images_per_s": median["end_to_end"],
+           "extract_steady_images_per_s": median["steady"], "ratio_steady": median["ratio_steady"],
+           "ratio_end_to_end": median["ratio_end_to_end"],
+           "rounds_ratio_steady": [x["ratio_steady"] for x in rounds], "raw_measurements": [round(x, 2) for x in raw],
+           "first_s": round(first_s, 2), "second_s": round(second_s, 3),
+           "second_run_speedup": round(first_s / second_s, 1)}
+    print(f"{name:<9} raw predict {median['raw']:6.2f} img/s | extract {median['steady']:6.2f} img/s after the "
+          f"first batch = {median['ratio_steady']:.2f}x (target >= 0.9x; rounds "
+          f"{', '.join(f'{x:.2f}' for x in out['rounds_ratio_steady'])}), end to end incl. building the model "
+          f"{median['end_to_end']:.2f} img/s = {median['ratio_end_to_end']:.2f}x | second run {second_s:.3f}s "
+          f"vs {first_s:.1f}s = {out['second_run_speedup']:.0f}x faster (target >= 50x)", flush=True)
+    return out
+
+
+# ---- 3: peak RSS ---------------------------------------------------------------
+def child_rss(folder: str, cache: str, size: int) -> None:
+    """Run in a fresh process: extract to a folder, print peak RSS (bytes) as JSON."""
+    import resource
+
+    from tl_app.features import extract_features
+
+    config = make_config(folder, cache, size)
+    result = extract_features(config, out_dir=Path(cache) / "out", echo=None)
+    import psutil
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"images": result.stats["computed"], "peak_rss": peak,
+                      "end_rss": psutil.Process().memory_info().rss}))
+
+
+def peak_rss(tmp: Path, p: dict) -> dict:
+    few, many = p["rss"]
+    results = {}
+    for count in (few, many):
+        folder = write_photo_folder(tmp / f"rss-{count}", count)
+        proc = subprocess.run([sys.executable, __file__, "--child-rss", str(folder), str(tmp / f"rss-cache-{count}"),
+                               str(p["rss_size"])], capture_output=True, text=True, cwd=HERE)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        results[count] = json.loads(proc.stdout.strip().splitlines()[-1])
+    ratio = results[many]["peak_rss"] / results[few]["peak_rss"]
+    end_ratio = results[many]["end_rss"] / results[few]["end_rss"]
+    print(f"peak RSS: {results[few]['peak_rss'] / 2**20:.0f} MiB for {few} images, "
+          f"{results[many]['peak_rss'] / 2**20:.0f} MiB for {many} images at {p['rss_size']}px = "
+          f"{ratio:.3f}x (target <= 1.3x); RSS after the last image: {results[few]['end_rss'] / 2**20:.0f} vs "
+          f"{results[many]['end_rss'] / 2**20:.0f} MiB = {end_ratio:.3f}x", flush=True)
+    return {"few": few, "many": many, "few_mib": round(results[few]["peak_rss"] / 2**20, 1),
+            "many_mib": round(results[many]["peak_rss"] / 2**20, 1), "ratio": round(ratio, 3),
+            "end_few_mib": round(results[few]["end_rss"] / 2**20, 1),
+            "end_many_mib": round(results[many]["end_rss"] / 2**20, 1), "end_ratio": round(end_ratio, 3)}
+
+
+# ---- 4: bottleneck route vs frozen-base fit --------------------------------------
+def write_two_class_photos(root: Path, count: int, seed: int = 1) -> Path:
+    """~500x375 JPEGs whose classes differ in tint and texture direction (learnable from random features)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = 375, 500
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(count):
+        label = i % 2
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tint = np.array([170, 90, 60] if label == 0 else [60, 110, 170], np.float32) + rng.uniform(-40, 40, 3)
+        period = rng.uniform(8, 20)
+        wave = np.sin((xx if label == 0 else yy) / period * 2 * np.pi)[..., None] * 35
+        pixels = tint + wave + rng.normal(0, 20, (h, w, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=88)
+    return root
+
+
+def frozen_base_fit(config, epochs: int) -> tuple[float, float]:
+    """The Keras guide's route: frozen base inside the model, model.fit over the images every epoch."""
+    import keras
+
+    from tl_app.backbones import build_feature_model, get_spec
+    from tl_app.bottleneck import make_loss, make_optimizer
+    from tl_app.dataset import class_weights
+    from tl_app.heads import assemble, build_head
+    from tl_app.pipeline import make_dataset
+    from tl_app.train import scan_dataset
+
+    start = time.perf_counter()
+    manifest = scan_dataset(config)
+    size = config.backbone.input_size
+    feature_model = build_feature_model(get_spec(config.backbone.name), size, "none", config.backbone.seed)
+    feature_model.trainable = False
+    keras.utils.set_random_seed(config.train.seed)
+    head = build_head(manifest.num_classes, int(feature_model.output.shape[-1]), config.head)
+    model = assemble(feature_model, head)
+    model.compile(optimizer=make_optimizer(config), loss=make_loss(config), metrics=["accuracy"])
+    k = manifest.num_classes
+    train = make_dataset(manifest.split("train"), size, config.data.resize_policy, 32, num_classes=k, shuffle=True)
+    val = make_dataset(manifest.split("val"), size, config.data.resize_policy, 32, num_classes=k)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=epochs, restore_best_weights=True)
+    model.fit(train, validation_data=val, epochs=epochs, class_weight=class_weights(manifest), callbacks=[stop],
+              verbose=0)
+    _, accuracy = model.evaluate(val, verbose=0)
+    return time.perf_counter() - start, float(accuracy)
+
+
+def routes(tmp: Path, p: dict) -> dict:
+    from tl_app.bottleneck import train_bottleneck
+
+    folder = write_two_class_photos(tmp / "route-data", p["route_images"])
+    config = make_config(folder, tmp / "route-cache", p["route_size"], train__epochs=p["epochs"],
+                         train__early_stopping_patience=p["epochs"], train__runs_dir=str(tmp / "runs"),
+                         data__val_fraction=0.25)
+    summary, bottleneck_s = timed(train_bottleneck, config, None)
+    bottleneck_acc = summary["metrics"]["val_accuracy"]
+    frozen_s, frozen_acc = frozen_base_fit(config, p["epochs"])
+    ratio = frozen_s / bottleneck_s
+    print(f"bottleneck route (extract once + {p['epochs']} head epochs): {bottleneck_s:.1f}s, val_accuracy "
+          f"{bottleneck_acc:.3f} | frozen-base model.fit {p['epochs']} epochs: {frozen_s:.1f}s, val_accuracy "
+          f"{frozen_acc:.3f} | {ratio:.1f}x faster (target >= 10x)", flush=True)
+    return {"images": p["route_images"], "size": p["route_size"], "epochs": p["epochs"],
+            "bottleneck_s": round(bottleneck_s, 2), "frozen_fit_s": round(frozen_s, 2), "speedup": round(ratio, 1),
+            "bottleneck_val_accuracy": round(bottleneck_acc, 4), "frozen_val_accuracy": round(frozen_acc, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller counts and input sizes (about a minute or two)")
+    parser.add_argument("--child-rss", nargs=3, metavar=("FOLDER", "CACHE", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="*", default=None, help="throughput rss route")
+    args = parser.parse_args()
+    if args.child_rss:
+        child_rss(args.child_rss[0], args.child_rss[1], int(args.child_rss[2]))
+        return
+    warnings.filterwarnings("ignore", category=UserWarning, module="keras")  # tf.data length notices
+    p = QUICK if args.quick else FULL
+    only = set(args.only or ["throughput", "rss", "route"])
+    results: dict = {"mode": "quick" if args.quick else "full", "params": {k: v for k, v in p.items()}}
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp_name:
+        tmp = Path(tmp_name)
+        if "throughput" in only:
+            folder = write_photo_folder(tmp / "photos", p["images"])
+            print(f"{p['images']} JPEGs ~500x375 -> {p['size']}x{p['size']}, batch 32, random weights", flush=True)
+            for name in ("resnet50", "vgg16"):
+                results[name] = throughput(name, folder, tmp, p)
+        if "rss" in only:
+            results["peak_rss"] = peak_rss(tmp, p)
+        if "route" in only:
+            results["route"] = routes(tmp, p)
+    emit("extract", results)
+
+
+if __name__ == "__main__":
+    main()
