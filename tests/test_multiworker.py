@@ -63,10 +63,10 @@ def test_missing_or_broken_tf_config_says_how_to_set_it():
 
 
 def last_json(text: str) -> dict:
-    """The JSON summary the CLI prints last (Ray may forward worker log lines before it)."""
+    """The JSON summary the CLI prints (Ray may forward worker log lines around it)."""
     lines = text.splitlines()
     start = max(i for i, line in enumerate(lines) if line == "{")
-    return json.loads("\n".join(lines[start:]))
+    return json.JSONDecoder().raw_decode("\n".join(lines[start:]))[0]
 
 
 def multi_worker_config(tiny_config, root: Path):

@@ -476,7 +476,7 @@ def extract_features(config: Config, manifest: Manifest | None = None, out_dir: 
     view_cache = FeatureCache(cache_root, recipe.with_augment(augment_settings(config))) if views_wanted else None
     records = list(manifest.records)
     batch_size = int(config.data.batch_size)
-    extractor = Extractor(config, recipe)
+    extractor = make_extractor(config, recipe)
 
     dim = cache.dim() or (view_cache.dim() if view_cache else None) or extractor.dim()
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -542,6 +542,15 @@ def extract_features(config: Config, manifest: Manifest | None = None, out_dir: 
              f"{cached} from the cache" + (f"; views: {views_computed} computed, {views_cached} cached"
                                            if views_wanted else "") + f" ({stats['seconds']:.1f}s)")
     return feature_set
+
+
+def make_extractor(config: Config, recipe: Recipe):
+    """The local Extractor, or with --engine ray the Ray engine's (same interface, run by Ray Data actors)."""
+    if config.engine.name == "ray":
+        from tl_app.engines.ray_engine import RayExtractor
+
+        return RayExtractor(config, recipe)
+    return Extractor(config, recipe)
 
 
 class Extractor:

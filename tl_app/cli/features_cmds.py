@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tl_app.cli.common import build_config, echo_json, pipeline_options
+from tl_app.cli.common import build_config, echo_json, engine_options, engine_overrides, pipeline_options
 
 FORMAT_HELP = """\b
 Output (load it with numpy alone):
@@ -46,9 +46,10 @@ what is missing, and an interrupted run resumes.
 @click.option("--batch-size", type=int, default=None)
 @click.option("--cache-dir", default=None, help="Feature cache folder (default .cache/features).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary at the end.")
+@engine_options
 @pipeline_options
 def extract(data, backbone, weights, input_size, layer, pooling, resize_policy, out_dir, dtype, augment_views,
-            batch_size, cache_dir, as_json, pipeline, sets):
+            batch_size, cache_dir, as_json, pipeline, sets, **engine):
     """Compute bottleneck features for every usable image of DATA.
 
     \b
@@ -65,6 +66,7 @@ def extract(data, backbone, weights, input_size, layer, pooling, resize_policy, 
         "data.resize_policy": resize_policy, "features.out": out_dir, "features.dtype": dtype,
         "features.augment_views": augment_views, "data.batch_size": batch_size,
         "features.cache_dir": cache_dir,
+        **engine_overrides(engine),
     })
     out = default_out_dir(config)
     result = extract_features(config, out_dir=out, echo=None if as_json else click.echo)

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from tl_app.cli.common import echo_json
+from tl_app.cli.common import build_config, echo_json, engine_options, engine_overrides
 
 
 @click.command()
@@ -50,7 +50,8 @@ def export(run_dir, name, root, formats, quantize, as_json):
 @click.option("--batch-size", "-b", type=int, default=32, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (on stderr).")
-def predict(model, inputs, out, top_k, batch_size, quiet, as_json):
+@engine_options
+def predict(model, inputs, out, top_k, batch_size, quiet, as_json, **engine):
     """Classify images: files, folders (recursive) and globs; bad files are reported, not fatal.
 
     MODEL is saved_models/<name> (its newest version), a version folder or a run directory.
@@ -59,11 +60,19 @@ def predict(model, inputs, out, top_k, batch_size, quiet, as_json):
     Examples:
       tl-app predict saved_models/flowers photos/ --out preds.csv
       tl-app predict saved_models/flowers/3 'shots/**/*.jpg' --top-k 3 --out preds.jsonl
+      tl-app predict saved_models/flowers /data/photos --out preds.csv --engine ray --address auto
     """
     from tl_app.inference import predict_paths
 
-    summary = predict_paths(model, inputs, out=out, top_k=top_k, batch_size=batch_size,
-                            echo=click.echo, progress=not quiet)
+    config = build_config(None, (), **engine_overrides(engine))
+    if config.engine.name == "ray":  # Ray Data actors, one model each (docs/scale-out.md)
+        from tl_app.engines.ray_engine import predict_paths_ray
+
+        summary = predict_paths_ray(model, inputs, config, out=out, top_k=top_k, batch_size=batch_size,
+                                    echo=click.echo, progress=not quiet)
+    else:
+        summary = predict_paths(model, inputs, out=out, top_k=top_k, batch_size=batch_size,
+                                echo=click.echo, progress=not quiet)
     if as_json:
         click.echo(__import__("json").dumps(summary, indent=2, default=str), err=True)
         return
