@@ -110,11 +110,22 @@ def actor_options(config: Config) -> dict:
     return options
 
 
+MAX_BATCHES_PER_CALL = 4
+
+
+def rows_per_call(count: int, batch_size: int, workers: int) -> int:
+    """Rows sent to an actor at once: up to 4 model batches (the actor's tf.data pipeline then
+    decodes the next batch while the model runs), yet at least two calls per actor."""
+    batches = count // max(1, workers * batch_size * 2)
+    return batch_size * max(1, min(MAX_BATCHES_PER_CALL, batches))
+
+
 def run_actors(config: Config, actor_class, items: list[dict], constructor: dict, batch_size: int) -> Iterator[dict]:
     """Stream the actors' output batches back to the driver as they finish."""
     ray = connect(config.engine)
     dataset = ray.data.from_items(items)
-    mapped = dataset.map_batches(actor_class, fn_constructor_kwargs=constructor, batch_size=int(batch_size),
+    rows = rows_per_call(len(items), int(batch_size), int(config.engine.num_workers))
+    mapped = dataset.map_batches(actor_class, fn_constructor_kwargs=constructor, batch_size=rows,
                                  batch_format="numpy", **actor_options(config))
     try:
         yield from mapped.iter_batches(batch_size=None, batch_format="numpy")
