@@ -17,27 +17,30 @@ from tl_app.errors import TlAppError
 
 REPO = Path(__file__).resolve().parents[1]
 
-# One worker: the library's fine-tuning under --distribute multi-worker, plus a Keras
-# callback that records every epoch's loss and the final weights of this worker.
+# One worker: the real `tl-app train ... --distribute multi-worker` command, with a Keras
+# callback added to the fine-tuning call that records every epoch's loss and this
+# worker's final weights (the non-chief workers write no model of their own).
 WORKER = textwrap.dedent("""
     import json, sys
     import keras, numpy as np
-    from tl_app.config import Config
-    from tl_app.finetune import train_finetune
+    import tl_app.finetune
+    from tl_app.cli import main
 
-    config = Config.from_dict(json.loads(open(sys.argv[1]).read()))
-    out = sys.argv[2]
+    out = sys.argv[1]
     losses = []
 
     class Record(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             losses.append(float(logs["loss"]))
+            json.dump(losses, open(out + "/losses.json", "w"))
 
         def on_train_end(self, logs=None):
             np.savez(out + "/weights.npz", *[np.asarray(w) for w in self.model.get_weights()])
 
-    summary = train_finetune(config, echo=None, callbacks=[Record()])
-    json.dump({"losses": losses, "summary": summary}, open(out + "/result.json", "w"), default=str)
+    train_finetune = tl_app.finetune.train_finetune
+    tl_app.finetune.train_finetune = lambda config, echo=print, callbacks=None: train_finetune(
+        config, echo=echo, callbacks=[Record()])
+    main(sys.argv[2:])
 """)
 
 
@@ -69,13 +72,10 @@ def last_json(text: str) -> dict:
     return json.JSONDecoder().raw_decode("\n".join(lines[start:]))[0]
 
 
-def multi_worker_config(tiny_config, root: Path):
-    config = tiny_config.with_overrides({
-        "train.strategy": "finetune", "train.distribute": "multi-worker", "train.name": "mw",
-        "train.epochs": 2, "train.finetune_epochs": 1, "train.runs_dir": str(root / "runs"),
-        "features.cache_dir": str(root / "cache"),
-    })
-    return config
+def train_args(config, runs_dir: Path) -> list[str]:
+    return ["train", config.data.root, "--strategy", "finetune", "--backbone", "resnet50", "--weights", "none",
+            "--input-size", "32", "--epochs", "2", "--finetune-epochs", "1", "--batch-size", "8",
+            "--set", "head.units=[16]", "--name", "mw", "--runs-dir", str(runs_dir), "--json"]
 
 
 @pytest.mark.slow
@@ -86,12 +86,11 @@ def test_two_workers_on_loopback_end_with_identical_weights_and_falling_loss(tin
     for index, tf_config in enumerate(local_cluster(2)):
         out = tmp_path / f"worker{index}"
         out.mkdir()
-        config_file = out / "config.json"
-        config_file.write_text(json.dumps(multi_worker_config(tiny_config, out).to_dict()))
+        args = train_args(tiny_config, out / "runs") + ["--distribute", "multi-worker"]
         env = {**os.environ, "TF_CONFIG": tf_config, "TF_CPP_MIN_LOG_LEVEL": "2"}
         log = open(out / "log.txt", "w")
-        procs.append(subprocess.Popen([sys.executable, str(script), str(config_file), str(out)], cwd=REPO,
-                                      env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, str(script), str(out), *args], cwd=REPO, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
         outs.append(out)
     try:
         codes = [p.wait(timeout=500) for p in procs]
@@ -101,20 +100,22 @@ def test_two_workers_on_loopback_end_with_identical_weights_and_falling_loss(tin
                 p.kill()
     assert codes == [0, 0], "\n".join((o / "log.txt").read_text()[-3000:] for o in outs)
 
-    results = [json.loads((o / "result.json").read_text()) for o in outs]
     weights = [np.load(o / "weights.npz") for o in outs]
     assert len(weights[0].files) == len(weights[1].files) > 0
     for name in weights[0].files:
         np.testing.assert_array_equal(weights[0][name], weights[1][name])
-    losses = results[0]["losses"]
-    assert losses == results[1]["losses"]  # one synchronised training, seen from both workers
+    losses = [json.loads((o / "losses.json").read_text()) for o in outs]
+    assert losses[0] == losses[1]  # one synchronised training, seen from both workers
+    losses = losses[0]
     assert len(losses) == 3 and losses[-1] < losses[0]
 
-    # only the chief (worker 0) writes the model and the history
+    # only the chief (worker 0) writes the model, the history and the report
     chief_run, other_run = outs[0] / "runs" / "mw", outs[1] / "runs" / "mw"
-    assert (chief_run / "model.keras").is_file() and not (other_run / "model.keras").exists()
+    assert (chief_run / "model.keras").is_file() and (chief_run / "curves.png").is_file()
+    assert not (other_run / "model.keras").exists() and not (other_run / "history.json").exists()
     history = json.loads((chief_run / "history.json").read_text())["epochs"]
     assert [round(e["loss"], 5) for e in history] == [round(v, 5) for v in losses]
+    assert last_json((outs[0] / "log.txt").read_text())["run_dir"] == str(chief_run)
 
 
 @pytest.mark.slow

@@ -82,6 +82,10 @@ def train(config: Config, resume: str | Path | None = None, echo=print) -> dict:
             from tl_app.finetune import train_finetune
 
             summary = train_finetune(config, echo=echo)
+    from tl_app.engines.distributed import is_chief
+
+    if not is_chief():  # a multi-worker run's other workers keep no history: the chief reports
+        return summary
     return finish_run(summary, echo)
 
 

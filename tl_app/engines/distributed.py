@@ -60,7 +60,10 @@ def is_chief(tf_config: dict | None = None) -> bool:
     if tf_config is None:
         if not os.environ.get("TF_CONFIG", "").strip():
             return True
-        tf_config = read_tf_config()
+        try:
+            tf_config = read_tf_config()
+        except TlAppError:  # not a usable cluster description: this process is on its own
+            return True
     task = tf_config.get("task", {})
     if "chief" in tf_config.get("cluster", {}):
         return task.get("type") == "chief"
