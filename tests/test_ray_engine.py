@@ -46,6 +46,15 @@ def test_cli_predict_engine_ray_without_ray_is_one_clear_error(cli, tiny_config,
     assert "pip install 'tl-app[ray]'" in result.output and "Traceback" not in result.output
 
 
+def test_ray_client_address_is_refused_for_ray_data(tiny_config):
+    pytest.importorskip("ray")
+    from tl_app.features import extract_features
+
+    config = tiny_config.with_overrides({"engine.name": "ray", "engine.address": "ray://head:10001"})
+    with pytest.raises(TlAppError, match="--address auto"):
+        extract_features(config, echo=None)
+
+
 def test_engine_settings_are_checked():
     with pytest.raises(ConfigError, match="Did you mean 'ray'"):
         load_config(None, {"engine.name": "rey"})

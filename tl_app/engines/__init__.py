@@ -45,7 +45,7 @@ def connect(engine):
             ray.init(address=address, runtime_env=env, ignore_reinit_error=True)
     except (ConnectionError, TimeoutError, ValueError) as exc:
         raise TlAppError(
-            f"Could not connect to the Ray cluster at {engine.address!r}: {exc}. Start one with "
+            f"Could not connect to the Ray cluster at {engine.address!r}: {str(exc).rstrip('.')}. Start one with "
             f"'ray start --head' and pass --address auto (same machine) or --address ray://HEAD:10001, "
             f"or leave --address empty to start a local instance."
         ) from None

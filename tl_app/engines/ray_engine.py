@@ -120,6 +120,18 @@ def rows_per_call(count: int, batch_size: int, workers: int) -> int:
     return batch_size * max(1, min(MAX_BATCHES_PER_CALL, batches))
 
 
+def check_data_address(config: Config) -> None:
+    """Ray Data needs a driver on the cluster: the Ray client (ray://) cannot run its executor."""
+    address = config.engine.address.strip()
+    if address.startswith("ray://"):
+        raise TlAppError(
+            f"--address {address}: Ray Data (extract and predict with --engine ray) does not run through the Ray "
+            f"client. Run tl-app on a node of the cluster with --address auto, or submit it there as a Ray job: "
+            f"ray job submit --address http://HEAD:8265 -- tl-app ... --engine ray --address auto "
+            f"(training with --engine ray does accept ray:// addresses)."
+        )
+
+
 def run_actors(config: Config, actor_class, items: list[dict], constructor: dict, batch_size: int) -> Iterator[dict]:
     """Stream the actors' output batches back to the driver as they finish."""
     ray = connect(config.engine)
@@ -141,6 +153,7 @@ class RayExtractor:
 
     def __init__(self, config: Config, recipe):
         require_ray()  # before any work: without Ray, say which extra to install
+        check_data_address(config)
         self.config = config
         self.recipe = recipe
         self.model = None  # the backbone lives in the actors
@@ -288,6 +301,7 @@ def predict_paths_ray(model, inputs, config: Config, out=None, top_k: int = 5, b
     if isinstance(model, Predictor):
         raise ConfigError("--engine ray loads the model in every actor: pass the model's path, not a Predictor.")
     require_ray()
+    check_data_address(config)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = list(inputs)
