@@ -53,6 +53,19 @@ def connect(engine):
     return ray
 
 
+def check_resources(ray, engine) -> None:
+    """Fail now, not hang: one worker's CPUs/GPUs must exist in the cluster as it is."""
+    total = ray.cluster_resources()
+    for name, per_worker in (("CPU", engine.cpus_per_worker), ("GPU", engine.gpus_per_worker)):
+        have = float(total.get(name, 0.0))
+        if per_worker and per_worker > have:
+            flag = f"--{name.lower()}s-per-worker"
+            raise TlAppError(
+                f"{flag} {per_worker:g}: the Ray cluster has {have:g} {name}(s) in all, so no worker could start. "
+                f"Lower {flag} (0 for none), or add nodes with {name}s (an autoscaling cluster: start one first)."
+            )
+
+
 def quiet_ray_data() -> None:
     """tl-app prints its own progress; Ray Data's bars and INFO lines would interleave with it."""
     import logging

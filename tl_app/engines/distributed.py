@@ -188,9 +188,9 @@ def _train_loop_per_worker(loop_config: dict) -> None:
 
 def train_on_ray(config: Config, echo: Callable | None = print) -> dict:
     """Fine-tune with N workers started by Ray Train's TensorflowTrainer; the chief's summary comes back."""
-    from tl_app.engines import connect
+    from tl_app.engines import check_resources, connect
 
-    connect(config.engine)
+    check_resources(connect(config.engine), config.engine)
     try:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.tensorflow import TensorflowTrainer

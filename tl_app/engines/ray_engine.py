@@ -1,4 +1,4 @@
-"""Feature extraction on Ray Data: the local extractor's code, run by actors.
+"""Feature extraction and batch prediction on Ray Data: the local engine's code, run by actors.
 
 The driver decides what to compute exactly as the local engine does (the
 records the cache lacks), sends (position, path, content hash) rows through
@@ -7,6 +7,8 @@ features to the same FeatureCache the moment it comes back; a run that dies
 resumes from the cache. Each actor builds the backbone once and runs
 ``tl_app.features.Extractor`` itself on its batches, so decoding, resizing,
 padding and prediction are the local engine's own functions, not copies.
+Batch prediction works the same way: each actor loads the exported model once
+and decodes with tl_app.pipeline; the driver writes tl_app.inference's rows.
 
 Image paths (and a local weight file) must be readable from every worker at
 the same path: a shared filesystem on a cluster, nothing to do on one machine.
@@ -22,7 +24,7 @@ import numpy as np
 
 from tl_app.config import Config
 from tl_app.dataset import Record
-from tl_app.engines import connect, require_ray
+from tl_app.engines import check_resources, connect, require_ray
 from tl_app.errors import TlAppError
 
 
@@ -59,7 +61,7 @@ def rows_to_records(batch: dict) -> list[Record]:
 
 
 class FeatureActor:
-    """One backbone per Ray actor, built once; each call featurises one batch of images."""
+    """One backbone per Ray actor, built once; each call featurises a few batches of images."""
 
     def __init__(self, config: Config, recipe, batch_size: int, cpus: float = 0.0):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -135,6 +137,7 @@ def check_data_address(config: Config) -> None:
 def run_actors(config: Config, actor_class, items: list[dict], constructor: dict, batch_size: int) -> Iterator[dict]:
     """Stream the actors' output batches back to the driver as they finish."""
     ray = connect(config.engine)
+    check_resources(ray, config.engine)
     dataset = ray.data.from_items(items)
     rows = rows_per_call(len(items), int(batch_size), int(config.engine.num_workers))
     mapped = dataset.map_batches(actor_class, fn_constructor_kwargs=constructor, batch_size=rows,
@@ -235,7 +238,7 @@ class RayExtractor:
 
 # ---- batch prediction ------------------------------------------------------------
 class PredictActor:
-    """One loaded classifier per Ray actor; each call predicts one batch of files."""
+    """One loaded classifier per Ray actor; each call predicts a few batches of files."""
 
     def __init__(self, model_path: str, batch_size: int, cpus: float = 0.0):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
