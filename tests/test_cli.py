@@ -70,3 +70,42 @@ def test_sample_dataset_is_deterministic_and_meets_the_spec(cli, tmp_path):
     other = tmp_path / "c"
     cli("datasets", "sample", other, "--seed", 4)
     assert any((other / f).read_bytes() != (tmp_path / "a" / f).read_bytes() for f in files_a if (other / f).exists())
+
+
+def test_quickstart_runs_end_to_end_offline(cli, tmp_path):
+    """Sample data written, ImageNet unavailable -> random weights said plainly, then train/export/predict/evaluate."""
+    pipeline = tmp_path / "quick.toml"
+    pipeline.write_text(f"""
+[data]
+root = "{tmp_path / 'sample'}"
+[backbone]
+name = "resnet50"
+weights = "imagenet"
+input_size = 32
+[features]
+cache_dir = "{tmp_path / 'cache'}"
+[head]
+units = [16]
+[train]
+strategy = "bottleneck"
+name = "quick"
+runs_dir = "{tmp_path / 'runs'}"
+epochs = 3
+[export]
+root = "{tmp_path / 'saved_models'}"
+name = "quick"
+""")
+    result = cli("quickstart", "--pipeline", pipeline)
+    assert result.exit_code == 0, result.output
+    assert "RANDOM weights" in result.output and "tl-app weights import" in result.output
+    assert "quick start finished" in result.output
+    version = tmp_path / "saved_models" / "quick" / "1"
+    assert (version / "saved_model.pb").is_file() and (version / "model_card.json").is_file()
+    run = tmp_path / "runs" / "quick"
+    images = sum(1 for p in (tmp_path / "sample").rglob("*") if p.is_file())
+    with open(run / "predictions.csv") as handle:
+        rows = handle.read().splitlines()
+    assert images >= 120 and len(rows) - 1 == images  # one row per image, after the header
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    assert metrics["split"] == "val" and 0.0 <= metrics["accuracy"] <= 1.0
+    assert json.loads((run / "run.json").read_text())["weights"] == "none"

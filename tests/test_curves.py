@@ -88,3 +88,14 @@ def test_write_training_report_writes_curves_png_and_diagnosis(tmp_path):
 def test_missing_history_is_a_clear_error(tmp_path):
     with pytest.raises(TlAppError, match="history.json"):
         write_training_report(tmp_path)
+
+
+def test_under_fitting_with_random_backbone_weights_names_the_weights_first(tmp_path):
+    epochs = history([0.3, 0.4, 0.45, 0.5], [0.3, 0.4, 0.42, 0.48])
+    random_run, imagenet_run = tmp_path / "random", tmp_path / "imagenet"
+    for run, weights in ((random_run, "none"), (imagenet_run, "imagenet")):
+        write_history(run, epochs)
+        (run / "run.json").write_text(json.dumps({"weights": weights}))
+    random_result = write_training_report(random_run)
+    assert "random weights" in random_result["remedies"][0] and "random weights" in random_result["line"]
+    assert not any("random weights" in r for r in write_training_report(imagenet_run)["remedies"])

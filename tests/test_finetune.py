@@ -148,6 +148,17 @@ def test_training_pipeline_is_a_function_of_seed_and_epoch(tiny_config, sample_d
     assert sorted(order.tolist()) == sorted(np.asarray(reference[1]).argmax(1).tolist())
 
 
+def test_augmenter_with_every_augmentation_off_is_the_identity():
+    from tl_app.augment import build_augmenter
+    from tl_app.config import AugmentConfig
+
+    off = AugmentConfig(horizontal_flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0,
+                        brightness=0.0)
+    augmenter = build_augmenter(off, 16, seed=0)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(augmenter(images, training=True)), images)
+
+
 def test_nan_loss_stops_with_a_clear_message(tiny_config, cli, tmp_path):
     from tl_app.runs import read_run_info
 

@@ -74,6 +74,7 @@ def augmentation_layers(config: AugmentConfig, input_size: int, seed: int = 0) -
 
 def build_augmenter(config: AugmentConfig, input_size: int, seed: int = 0, name: str = "augment") -> keras.Sequential:
     """A Sequential of the configured layers (identity when nothing is configured)."""
-    model = keras.Sequential(augmentation_layers(config, input_size, seed), name=name)
+    stack = augmentation_layers(config, input_size, seed) or [layers.Identity(name="no_augmentation")]
+    model = keras.Sequential(stack, name=name)
     model.build((None, input_size, input_size, 3))
     return model

@@ -161,11 +161,26 @@ def validation_size(run_dir: Path) -> int | None:
     return None
 
 
+RANDOM_WEIGHTS_REMEDY = ("the backbone has random weights (backbone.weights = none), so its features carry little "
+                         "information: use ImageNet weights (tl-app weights status / tl-app weights import FILE)")
+
+
+def run_weights(run_dir: Path) -> str | None:
+    """The backbone weights a run recorded in run.json ("imagenet", "none", a file), if any."""
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("weights")
+    except (OSError, ValueError):
+        return None
+
+
 def write_training_report(run_dir: str | Path) -> dict:
     """curves.png + diagnosis.json for a run; returns {"diagnosis", "line", "remedies", "curves", ...}."""
     run_dir = Path(run_dir)
     epochs = read_history(run_dir)
     result = diagnose(epochs, validation_size(run_dir))
+    if result["diagnosis"] == "under-fitting" and run_weights(run_dir) == "none":
+        result["remedies"].insert(0, RANDOM_WEIGHTS_REMEDY)
+        result["line"] = result["line"].split("; try:")[0] + f"; try: {RANDOM_WEIGHTS_REMEDY}"
     curves = plot_curves(epochs, run_dir / CURVES_FILE, title=result["line"] if len(result["line"]) < 150 else
                          result["line"].split(";")[0])
     result["curves"] = str(curves)

@@ -68,21 +68,22 @@ def run_quickstart(pipeline: str | Path = DEFAULT_PIPELINE, data: str | None = N
 
 def _after_training(config, run_dir: Path, root: Path, echo) -> dict:
     """Export, batch-predict and evaluate the trained model."""
-    from tl_app.evaluate import evaluate_model
+    from tl_app.evaluate import evaluate
     from tl_app.export import export_run
     from tl_app.inference import predict_paths
 
     out: dict = {}
     export = export_run(run_dir, root=config.export.root, name=config.export.name or "quickstart",
-                        formats=config.export.formats)
+                        formats=config.export.formats, quantize=config.export.quantize, echo=echo)
     out["export"] = str(export["path"])
     preds = run_dir / "predictions.csv"
-    result = predict_paths(export["path"], [str(root)], out=preds, top_k=3, echo=None)
+    result = predict_paths(export["path"], [str(root)], out=preds, top_k=3, echo=None, progress=False)
     out["predictions"] = str(preds)
     out["predicted_images"] = result.get("predicted")
-    evaluation = evaluate_model(run_dir, str(root), split="val", out_dir=run_dir / "evaluation", echo=None)
-    out["evaluation"] = str(run_dir / "evaluation")
-    out["val_accuracy"] = evaluation.get("accuracy")
+    evaluation_dir = run_dir / "evaluation"
+    metrics = evaluate(run_dir, str(root), split="val", out_dir=evaluation_dir, echo=None)
+    out["evaluation"] = str(evaluation_dir)
+    out["val_accuracy"] = metrics.get("accuracy")
     return out
 
 
