@@ -15,6 +15,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# The optional engines the slow tests exercise: Ray (scale-out) and ONNX export.
+$(VENV)/.extras: $(VENV)/.installed
+	$(PIP) install -q -c constraints.txt -e ".[test,ray,onnx]"
+	touch $@
+
 quickstart: install
 	$(VENV)/bin/tl-app quickstart
 
@@ -27,7 +32,7 @@ browser:
 test: install browser
 	$(PY) -m pytest -q
 
-test-slow: install browser
+test-slow: $(VENV)/.extras browser
 	$(PY) -m pytest -q -m slow
 
 bench: install
