@@ -158,7 +158,8 @@ def frozen_base_fit(config, epochs: int) -> tuple[float, float]:
     import keras
 
     from tl_app.backbones import build_feature_model, get_spec
-    from tl_app.bottleneck import make_loss, make_optimizer
+    from tl_app.losses import make_loss
+    from tl_app.optim import make_optimizer
     from tl_app.dataset import class_weights
     from tl_app.heads import assemble, build_head
     from tl_app.pipeline import make_dataset

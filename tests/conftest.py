@@ -7,11 +7,13 @@ exercised against an empty cache and nothing touches the user's ~/.keras.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).parent))  # tests/factories.py
 
 SMALL_COUNTS = {"circles": 14, "squares": 12, "triangles": 10}
 
@@ -41,22 +43,29 @@ def sample_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path, sample_dir):
     """A Config that trains in seconds: resnet50, random weights, 32x32 inputs."""
-    from tl_app.config import Config
+    from factories import small_config
 
-    config = Config()
-    config.data.root = str(sample_dir)
-    config.backbone.name = "resnet50"
-    config.backbone.weights = "none"
-    config.backbone.input_size = 32
-    config.features.cache_dir = str(tmp_path / "cache" / "features")
-    config.train.runs_dir = str(tmp_path / "runs")
+    config = small_config(tmp_path, sample_dir)
     config.train.epochs = 2
     config.train.finetune_epochs = 1
     config.train.batch_size = 8
     config.data.batch_size = 8
-    config.head.units = [16]
-    config.export.root = str(tmp_path / "saved_models")
     return config
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, sample_dir):
+    """One run exported as savedmodel,keras,tflite (built once per session, shared by export/predict/server)."""
+    from factories import shared_export
+
+    return shared_export(tmp_path_factory, sample_dir)
+
+
+@pytest.fixture(scope="module")
+def keras_model(exported):
+    from tl_app.runs import load_run_model
+
+    return load_run_model(exported["run_dir"])
 
 
 @pytest.fixture

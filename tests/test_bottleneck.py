@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tl_app.bottleneck import make_optimizer, train_bottleneck
+from tl_app.bottleneck import train_bottleneck
+from tl_app.optim import make_optimizer
 from tl_app.config import OPTIMIZERS
 
 

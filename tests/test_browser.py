@@ -23,7 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_export import shared_export  # noqa: E402
+from factories import shared_export  # noqa: E402
 from test_server import start  # noqa: E402
 
 httpx = pytest.importorskip("httpx")

@@ -22,19 +22,9 @@ from tl_app.evaluate import classification_metrics, evaluate, most_confused, ope
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, sample_dir):
     """One real run directory (untrained head) shared by this module's tests."""
-    from factories import make_run_dir
+    from factories import make_run_dir, small_config
 
-    from tl_app.config import Config
-
-    tmp = tmp_path_factory.mktemp("eval")
-    config = Config()
-    config.data.root = str(sample_dir)
-    config.backbone.name = "resnet50"
-    config.backbone.weights = "none"
-    config.backbone.input_size = 32
-    config.features.cache_dir = str(tmp / "cache" / "features")
-    config.train.runs_dir = str(tmp / "runs")
-    config.head.units = [16]
+    config = small_config(tmp_path_factory.mktemp("eval"), sample_dir)
     return make_run_dir(config)
 
 

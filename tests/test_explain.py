@@ -126,18 +126,9 @@ def test_explain_writes_overlays_for_the_top_class_and_a_chosen_class(patch_mode
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, sample_dir):
     """A real run directory (resnet50, 32x32, untrained head)."""
-    from factories import make_run_dir
+    from factories import make_run_dir, small_config
 
-    from tl_app.config import Config
-
-    tmp = tmp_path_factory.mktemp("explain")
-    config = Config()
-    config.data.root = str(sample_dir)
-    config.backbone.weights = "none"
-    config.backbone.input_size = 32
-    config.features.cache_dir = str(tmp / "cache" / "features")
-    config.train.runs_dir = str(tmp / "runs")
-    config.head.units = [16]
+    config = small_config(tmp_path_factory.mktemp("explain"), sample_dir)
     return make_run_dir(config)
 
 

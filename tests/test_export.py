@@ -16,77 +16,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from factories import reference_pixels  # noqa: E402
+
 from tl_app.errors import ConfigError, ModelNotFoundError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-# ---- a shared, real export (built once per session, reused by the predict/server/browser tests) ----
-def tiny_config(base: Path, sample_dir: Path):
-    """VGG16 at 32x32 with random weights: the fastest real model to trace and save."""
-    from tl_app.config import Config
-
-    config = Config()
-    config.data.root = str(sample_dir)
-    config.backbone.name = "vgg16"
-    config.backbone.weights = "none"
-    config.backbone.input_size = 32
-    config.features.cache_dir = str(base / "cache" / "features")
-    config.train.runs_dir = str(base / "runs")
-    config.train.name = "shapes"
-    config.head.units = [16]
-    config.export.root = str(base / "saved_models")
-    return config
-
-
-def shared_export(tmp_path_factory, sample_dir) -> dict:
-    """{run_dir, root, name, version_dir, result}: one run exported as savedmodel,keras,tflite."""
-    from factories import make_run_dir
-
-    from tl_app.export import export_run
-
-    base = tmp_path_factory.getbasetemp() / "shared-export"
-    marker = base / "export.json"
-    if marker.is_file():
-        data = json.loads(marker.read_text())
-        return {k: Path(v) if k in ("run_dir", "root", "version_dir") else v for k, v in data.items()}
-    base.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(base, sample_dir)
-    run_dir = make_run_dir(config, metrics={"val_accuracy": 0.5, "val_loss": 1.1})
-    result = export_run(run_dir, root=base / "saved_models", name="shapes",
-                        formats="savedmodel,keras,tflite", echo=None)
-    data = {"run_dir": str(run_dir), "root": str(base / "saved_models"), "name": "shapes",
-            "version_dir": str(result["path"]), "result": {k: str(v) if isinstance(v, Path) else v
-                                                           for k, v in result.items()}}
-    marker.write_text(json.dumps(data))
-    return shared_export(tmp_path_factory, sample_dir)
-
-
-def reference_pixels(run_dir: Path, split: str = "all"):
-    """The training pipeline's own pixels (tf.data decode + resize) and the files they came from."""
-    from tl_app.dataset import Manifest
-    from tl_app.pipeline import make_dataset
-
-    info = json.loads((run_dir / "run.json").read_text())
-    records = Manifest.load(run_dir / "manifest.json").split(split)
-    ds = make_dataset(records, int(info["input_size"]), info["resize_policy"], batch_size=64, with_index=True)
-    images, index = [], []
-    for x, i in ds:
-        images.append(x.numpy())
-        index.append(i.numpy())
-    return np.concatenate(images), [records[i] for i in np.concatenate(index)]
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, sample_dir):
-    return shared_export(tmp_path_factory, sample_dir)
-
-
-@pytest.fixture(scope="module")
-def keras_model(exported):
-    from tl_app.runs import load_run_model
-
-    return load_run_model(exported["run_dir"])
 
 
 # ---- layout and card ------------------------------------------------------------

@@ -16,23 +16,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_export import reference_pixels, shared_export  # noqa: E402
+from factories import reference_pixels  # noqa: E402
 
 from tl_app.errors import ConfigError, ModelNotFoundError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, sample_dir):
-    return shared_export(tmp_path_factory, sample_dir)
-
-
-@pytest.fixture(scope="module")
-def keras_model(exported):
-    from tl_app.runs import load_run_model
-
-    return load_run_model(exported["run_dir"])
 
 
 @pytest.fixture

@@ -28,19 +28,11 @@ def write_history(run_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def report_path(tmp_path_factory, sample_dir):
-    from factories import make_run_dir
+    from factories import make_run_dir, small_config
 
-    from tl_app.config import Config
     from tl_app.report import build_report
 
-    tmp = tmp_path_factory.mktemp("report")
-    config = Config()
-    config.data.root = str(sample_dir)
-    config.backbone.weights = "none"
-    config.backbone.input_size = 32
-    config.features.cache_dir = str(tmp / "cache" / "features")
-    config.train.runs_dir = str(tmp / "runs")
-    config.head.units = [16]
+    config = small_config(tmp_path_factory.mktemp("report"), sample_dir)
     run_dir = make_run_dir(config, metrics={"val_accuracy": 0.5, "val_loss": 1.0})
     write_history(run_dir)
     return build_report(run_dir, explanations=2, echo=None)

@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_export import reference_pixels, shared_export  # noqa: E402
+from factories import reference_pixels  # noqa: E402
 
 httpx = pytest.importorskip("httpx")
 REPO = Path(__file__).resolve().parents[1]
@@ -78,11 +78,6 @@ class Server:
 
 def start(root: Path, *args: str, log: Path) -> Server:
     return Server(root, *args, log=log)
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, sample_dir):
-    return shared_export(tmp_path_factory, sample_dir)
 
 
 @pytest.fixture(scope="module")

@@ -13,66 +13,7 @@ import math
 import numpy as np
 
 from tl_app.config import Config
-from tl_app.errors import ConfigError, DataError
-
-
-# ---- optimisation ------------------------------------------------------------
-def make_optimizer(config: Config, learning_rate: float | None = None):
-    """The optimisers users expect, with their usual knobs from [train]."""
-    import keras
-
-    t = config.train
-    lr = float(learning_rate if learning_rate is not None else t.learning_rate)
-    name = t.optimizer
-    if name == "sgd":
-        return keras.optimizers.SGD(lr, momentum=t.momentum, nesterov=t.nesterov)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(lr, momentum=t.momentum if t.nesterov else 0.0)
-    if name == "adagrad":
-        return keras.optimizers.Adagrad(lr)
-    if name == "adadelta":
-        return keras.optimizers.Adadelta(lr)
-    if name == "adam":
-        return keras.optimizers.Adam(lr)
-    if name == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=t.weight_decay)
-    if name == "nadam":
-        return keras.optimizers.Nadam(lr)
-    raise ConfigError(f"train.optimizer = {name!r} is not supported here.")
-
-
-def make_loss(config: Config):
-    import keras
-
-    t = config.train
-    if t.focal_gamma > 0:
-        return keras.losses.CategoricalFocalCrossentropy(gamma=t.focal_gamma, label_smoothing=t.label_smoothing)
-    return keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing)
-
-
-def schedule_callbacks(config: Config, has_val: bool) -> list:
-    """Epoch-level learning-rate schedules (with optional linear warm-up)."""
-    import keras
-
-    t = config.train
-    base = float(t.learning_rate)
-    if t.schedule == "plateau":
-        return [keras.callbacks.ReduceLROnPlateau(monitor="val_loss" if has_val else "loss", factor=0.5,
-                                                  patience=max(1, t.early_stopping_patience // 2))]
-    if t.schedule == "constant" and not t.warmup_epochs:
-        return []
-
-    def rate(epoch: int, _lr=None) -> float:
-        if epoch < t.warmup_epochs:
-            return base * (epoch + 1) / (t.warmup_epochs + 1)
-        if t.schedule == "cosine":
-            span = max(1, t.epochs - t.warmup_epochs)
-            return base * 0.5 * (1 + math.cos(math.pi * (epoch - t.warmup_epochs) / span))
-        if t.schedule == "step":
-            return base * (t.step_factor ** ((epoch - t.warmup_epochs) // max(1, t.step_every)))
-        return base
-
-    return [keras.callbacks.LearningRateScheduler(rate)]
+from tl_app.errors import DataError
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -121,6 +62,8 @@ def train_bottleneck(config: Config, echo=print) -> dict:
 
     from tl_app.features import extract_features
     from tl_app.heads import assemble, build_head
+    from tl_app.losses import make_loss
+    from tl_app.optim import make_optimizer, schedule_callbacks
     from tl_app.runs import MODEL_FILE, write_json, write_run_info
     from tl_app.train import prepare_run
 

@@ -144,12 +144,16 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     port: int = 8501
+    batching: bool = True  # dynamic batching of concurrent requests
     max_batch_size: int = 32
     batch_timeout_ms: float = 5.0
     max_body_bytes: int = 20 * 1024 * 1024
     max_images: int = 64
     token: str = ""
     top_k: int = 5
+    max_pixels: int = 89_478_485  # per uploaded image, as data.max_pixels
+    poll_seconds: float = 2.0  # how often the root is checked for new versions
+    workers: int = 4  # threads decoding request images
 
 
 @dataclass

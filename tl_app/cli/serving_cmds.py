@@ -97,8 +97,8 @@ def predict(model, inputs, out, top_k, batch_size, quiet, as_json, **engine):
 @click.option("--max-body-bytes", type=int, default=None, help="Largest request body (default 20 MiB).")
 @click.option("--max-images", type=int, default=None, help="Most images in one request (default 64).")
 @click.option("--token", default=None, help="Require 'Authorization: Bearer TOKEN' (or set TL_APP_TOKEN).")
-@click.option("--poll-seconds", type=float, default=2.0, show_default=True,
-              help="How often the root is checked for new versions.")
+@click.option("--poll-seconds", type=float, default=None,
+              help="How often the root is checked for new versions (default 2).")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(root, host, port, max_batch_size, batch_timeout_ms, batching, max_body_bytes, max_images, token,
@@ -116,30 +116,30 @@ def serve(root, host, port, max_batch_size, batch_timeout_ms, batching, max_body
 
     from tl_app.config import ServeConfig
     from tl_app.errors import ConfigError
-    from tl_app.serve import ServeSettings
     from tl_app.serve import serve as run_server
 
     defaults = ServeConfig()
-    settings = ServeSettings(
+    settings = ServeConfig(
+        host=host or defaults.host,
+        port=defaults.port if port is None else port,
         batching=batching,
         max_batch_size=max_batch_size or defaults.max_batch_size,
         batch_timeout_ms=defaults.batch_timeout_ms if batch_timeout_ms is None else batch_timeout_ms,
         max_body_bytes=max_body_bytes or defaults.max_body_bytes,
         max_images=max_images or defaults.max_images,
         token=token if token is not None else os.environ.get("TL_APP_TOKEN", defaults.token),
-        top_k=defaults.top_k,
-        poll_seconds=poll_seconds,
+        poll_seconds=defaults.poll_seconds if poll_seconds is None else poll_seconds,
     )
     if settings.max_batch_size < 1 or settings.max_images < 1 or settings.max_body_bytes < 1:
         raise ConfigError("--max-batch-size, --max-images and --max-body-bytes must be positive.")
-    if settings.batch_timeout_ms < 0 or poll_seconds <= 0:
+    if settings.batch_timeout_ms < 0 or settings.poll_seconds <= 0:
         raise ConfigError("--batch-timeout-ms must be >= 0 and --poll-seconds > 0.")
     root = root or "saved_models"
     if not os.path.isdir(root):
         raise ConfigError(f"Model root {root!r} is not a folder. Export a model first "
                           f"(tl-app export RUN_DIR --root {root}) or pass the folder that holds them.")
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
-    run_server(root, host=host or defaults.host, port=port or defaults.port, settings=settings,
+    run_server(root, host=settings.host, port=settings.port, settings=settings,
                log_level=log_level, echo=lambda msg: click.echo(msg, err=True))
 
 

@@ -24,7 +24,6 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from tl_app.config import ServeConfig
 from tl_app.export import BYTES_SIGNATURE
 from tl_app.serve import codec
 from tl_app.serve.batching import InferenceError
@@ -49,20 +49,8 @@ TF_PATH = re.compile(
 INLINE_JSON_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
 
 
-@dataclass
-class ServeSettings:
-    """What `tl-app serve` can be told (defaults from tl_app.config.ServeConfig)."""
-
-    batching: bool = True
-    max_batch_size: int = 32
-    batch_timeout_ms: float = 5.0
-    max_body_bytes: int = 20 * 1024 * 1024
-    max_images: int = 64
-    token: str = ""
-    top_k: int = 5
-    max_pixels: int = 89_478_485
-    poll_seconds: float = 2.0
-    workers: int = 4
+# Every default lives in tl_app.config.ServeConfig; the server takes that object.
+ServeSettings = ServeConfig
 
 
 class Unauthorized(Exception):
