@@ -48,6 +48,18 @@ def test_invalid_choice_suggests_closest():
         Config().with_overrides({"train.optimizer": "adamx"})
 
 
+@pytest.mark.parametrize("value", [[300, 0, 0], [255, 255], "white", [1.5, 2, 3]])
+def test_background_must_be_an_rgb_triple(value):
+    with pytest.raises(ConfigError, match="data.background must be three integers"):
+        Config().with_overrides({"data.background": value})
+    assert Config().with_overrides({"data.background": [0, 128, 255]}).data.background == [0, 128, 255]
+
+
+def test_batch_size_error_names_the_section():
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        Config().with_overrides({"data.batch_size": 0})
+
+
 def test_cli_overrides_win_over_file_and_none_means_unset(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text("[train]\nepochs = 3\nlearning_rate = 0.01\n")

@@ -241,6 +241,22 @@ def test_every_class_with_two_images_gets_a_validation_image(tmp_path):
     assert any("single" in w and "too few" in w for w in manifest.warnings)
 
 
+def test_moving_a_duplicate_group_to_val_never_empties_training(tmp_path):
+    """A class of {a, a's byte copy, b}: if b hashes into test, the a-group must stay in train."""
+    from tl_app.dataset import split_score
+
+    config = DataConfig(val_fraction=0.2, test_fraction=0.3)
+    a_name = next(f"a_{i}.png" for i in range(1000) if split_score(f"small/a_{i}.png", 0) >= 0.5)
+    b_name = next(f"b_{i}.png" for i in range(1000) if split_score(f"small/b_{i}.png", 0) < 0.3)
+    (tmp_path / "small").mkdir()
+    solid((200, 10, 10)).save(tmp_path / "small" / a_name)
+    shutil.copy(tmp_path / "small" / a_name, tmp_path / "small" / ("zz_" + a_name))  # scores higher: same group
+    solid((10, 10, 200)).save(tmp_path / "small" / b_name)
+    make_class_folder(tmp_path, 10, classes=("big",))
+    counts = scan(tmp_path, config).counts()["small"]
+    assert counts == {"train": 2, "val": 0, "test": 1}
+
+
 def test_split_folders_are_respected(tmp_path):
     for split, n in (("train", 6), ("val", 2), ("test", 3)):
         make_class_folder(tmp_path / split, n, prefix=split)

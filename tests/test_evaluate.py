@@ -135,6 +135,26 @@ def test_an_exported_model_folder_can_be_evaluated(run_dir, tmp_path):
     assert metrics["count"] == 36
 
 
+def test_an_export_is_evaluated_with_the_data_settings_of_its_run(run_dir, tmp_path):
+    """The card carries the run's config: its split fractions decide which images are 'val'."""
+    from tl_app.config import Config, DataConfig
+    from tl_app.dataset import scan
+
+    info = json.loads((run_dir / "run.json").read_text())
+    config = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+    config.data.val_fraction = 0.5
+    version = tmp_path / "saved_models" / "shapes" / "1"
+    version.mkdir(parents=True)
+    shutil.copy(run_dir / "model.keras", version / "model.keras")
+    (version / "model_card.json").write_text(json.dumps({
+        "classes": info["classes"], "input_size": 32, "resize_policy": "center_crop", "backbone": "resnet50",
+        "data_root": info["data_root"], "config": config.to_dict()}))
+    metrics = evaluate(version, info["data_root"], out_dir=tmp_path / "e", echo=None)
+    wide = scan(info["data_root"], DataConfig(val_fraction=0.5)).split("val")
+    narrow = scan(info["data_root"], DataConfig()).split("val")
+    assert metrics["split"] == "val" and metrics["count"] == len(wide) > len(narrow)
+
+
 def test_user_mistakes_are_clear_errors(run_dir, tmp_path, sample_dir):
     with pytest.raises(TlAppError, match="does not exist"):
         evaluate(tmp_path / "nope", sample_dir, echo=None)

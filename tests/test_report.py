@@ -53,7 +53,7 @@ def test_report_has_every_section_and_is_self_contained(report_path):
     assert len(images) >= 5  # curves, 2 confusion matrices, top losses, explanations
     assert all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="(https?:|file:|//)', text)  # nothing fetched from elsewhere
-    assert "over-fitting" in text or "under-fitting" in text or "healthy" in text
+    assert re.search(r'<p class="diag (over-fitting|under-fitting|healthy)">', text)  # the diagnosis is shown
     run_dir = report_path.parent
     assert (run_dir / "curves.png").is_file() and (run_dir / "evaluation" / "metrics.json").is_file()
 

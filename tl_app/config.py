@@ -237,10 +237,6 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return config
 
 
-def section_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(Config)]
-
-
 def merge(target: Any, data: dict, *, source: str, prefix: str = "") -> None:
     """Set fields of a dataclass from a mapping, checking names and types."""
     if not isinstance(data, dict):
@@ -325,9 +321,15 @@ def validate(config: Config) -> None:
         )
     if config.backbone.input_size and config.backbone.input_size < 32:
         raise ConfigError(f"backbone.input_size must be at least 32 pixels, got {config.backbone.input_size}.")
-    for name in ("batch_size",):
-        if getattr(config.train, name) < 1 or getattr(config.data, name) < 1:
-            raise ConfigError(f"{name} must be a positive integer.")
+    for section in ("train", "data"):
+        if getattr(config, section).batch_size < 1:
+            raise ConfigError(f"{section}.batch_size must be a positive integer, got "
+                              f"{getattr(config, section).batch_size}.")
+    background = config.data.background
+    if (not isinstance(background, (list, tuple)) or len(background) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in background)):
+        raise ConfigError(f"data.background must be three integers 0..255 (an RGB colour such as [255, 255, 255]), "
+                          f"got {background!r}.")
 
 
 def to_toml(data: dict, prefix: str = "") -> str:

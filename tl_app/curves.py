@@ -50,7 +50,7 @@ def read_history(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise ModelNotFoundError(f"{path} does not exist: the run has not finished an epoch yet.")
     data = json.loads(path.read_text())
-    return list(data.get("epochs", data if isinstance(data, list) else []))
+    return list(data if isinstance(data, list) else data.get("epochs", []))
 
 
 def series(epochs: list[dict], key: str) -> np.ndarray:
@@ -84,12 +84,14 @@ def diagnose(epochs: list[dict], val_images: int | None = None) -> dict:
         limit = gap_limit(valid_acc, val_images)
         evidence.update(gap=gap, gap_limit=limit, val_images=val_images)
         rising = False
-        finite = val_loss[~np.isnan(val_loss)]
+        measured = np.flatnonzero(~np.isnan(val_loss))  # epochs (0-based) that have a validation loss
+        finite = val_loss[measured]
         if len(finite) >= 3:
             best = int(np.argmin(finite))
+            best_epoch = int(measured[best]) + 1
             rising = best <= len(finite) - 3 and finite[-1] > OVERFIT_VAL_LOSS_RISE * max(finite[best], 1e-8)
-            rising = rising and tail_mean(loss) <= float(np.nanmin(loss[: best + 1]))
-            evidence["best_val_loss_epoch"] = best + 1
+            rising = rising and tail_mean(loss) <= float(np.nanmin(loss[:best_epoch]))
+            evidence["best_val_loss_epoch"] = best_epoch
         if train_acc < UNDERFIT_TRAIN_ACCURACY:
             kind = "under-fitting"
             line = f"under-fitting: training accuracy is only {train_acc:.2f} (validation {valid_acc:.2f})"
@@ -99,7 +101,7 @@ def diagnose(epochs: list[dict], val_images: int | None = None) -> dict:
                     f"(gap {gap:.2f} > {limit:.2f})")
         elif rising:
             kind = "over-fitting"
-            line = (f"over-fitting: validation loss rose from {finite.min():.3f} (epoch {best + 1}) to "
+            line = (f"over-fitting: validation loss rose from {finite.min():.3f} (epoch {best_epoch}) to "
                     f"{finite[-1]:.3f} while training loss kept falling")
         else:
             kind = "healthy"
@@ -148,14 +150,21 @@ def plot_curves(epochs: list[dict], path: str | Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
-def validation_size(run_dir: Path) -> int | None:
-    """How many validation images the run had (metrics.json or run.json), when recorded."""
+def read_records(run_dir: Path) -> dict:
+    """metrics.json and run.json of a run ({} for a missing or unreadable file)."""
+    out = {}
     for name in ("metrics.json", "run.json"):
         try:
             data = json.loads((run_dir / name).read_text())
         except (OSError, ValueError):
-            continue
-        data = data.get("metrics", data) if name == "run.json" else data
+            data = {}
+        out[name] = data if isinstance(data, dict) else {}
+    return out
+
+
+def validation_size(records: dict) -> int | None:
+    """How many validation images the run had (metrics.json or run.json's metrics), when recorded."""
+    for data in (records["metrics.json"], records["run.json"].get("metrics") or {}):
         if isinstance(data, dict) and data.get("val_images"):
             return int(data["val_images"])
     return None
@@ -165,20 +174,13 @@ RANDOM_WEIGHTS_REMEDY = ("the backbone has random weights (backbone.weights = no
                          "information: use ImageNet weights (tl-app weights status / tl-app weights import FILE)")
 
 
-def run_weights(run_dir: Path) -> str | None:
-    """The backbone weights a run recorded in run.json ("imagenet", "none", a file), if any."""
-    try:
-        return json.loads((run_dir / "run.json").read_text()).get("weights")
-    except (OSError, ValueError):
-        return None
-
-
 def write_training_report(run_dir: str | Path) -> dict:
     """curves.png + diagnosis.json for a run; returns {"diagnosis", "line", "remedies", "curves", ...}."""
     run_dir = Path(run_dir)
     epochs = read_history(run_dir)
-    result = diagnose(epochs, validation_size(run_dir))
-    if result["diagnosis"] == "under-fitting" and run_weights(run_dir) == "none":
+    records = read_records(run_dir)
+    result = diagnose(epochs, validation_size(records))
+    if result["diagnosis"] == "under-fitting" and records["run.json"].get("weights") == "none":
         result["remedies"].insert(0, RANDOM_WEIGHTS_REMEDY)
         result["line"] = result["line"].split("; try:")[0] + f"; try: {RANDOM_WEIGHTS_REMEDY}"
     curves = plot_curves(epochs, run_dir / CURVES_FILE, title=result["line"] if len(result["line"]) < 150 else

@@ -249,14 +249,15 @@ def assign_splits(manifest: Manifest, config: DataConfig) -> None:
             record.split = split
     if config.val_fraction <= 0:
         return
-    for label in manifest.classes:
-        records = [r for r in manifest.records if r.label == label]
-        groups_in_class = {r.sha256 for r in records}
-        if len(groups_in_class) < 2 or any(r.split == "val" for r in records):
+    by_label: dict[str, list[Record]] = {}
+    for record in manifest.records:
+        by_label.setdefault(record.label, []).append(record)
+    for records in by_label.values():
+        if len({r.sha256 for r in records}) < 2 or any(r.split == "val" for r in records):
             continue
-        # move the train group whose score is closest to the val range
+        # move the train group whose score is closest to the val range, keeping another group in train
         train = [r for r in records if r.split == "train"]
-        if len(train) < 2:
+        if len({r.sha256 for r in train}) < 2:
             continue
         chosen = min(train, key=lambda r: split_score(r.relpath, config.split_seed))
         for record in groups[chosen.sha256]:
@@ -275,7 +276,7 @@ def class_warnings(manifest: Manifest, config: DataConfig) -> list[str]:
         elif manifest.layout == "split-folders" and by_split["val"] == 0:
             out.append(f"class {label!r} has no validation images in the given val/ folder")
     totals = [sum(v.values()) for v in counts.values() if sum(v.values()) > 0]
-    if totals and min(totals) > 0:
+    if totals:
         ratio = max(totals) / min(totals)
         if ratio >= config.imbalance_warning_ratio:
             out.append(

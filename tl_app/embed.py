@@ -30,7 +30,6 @@ def load_points(source: str | Path, config=None, echo=print) -> tuple[np.ndarray
         index = SimilarityIndex.load(source)
         labels = [item.get("label", "") for item in index.items]
         return np.asarray(index.vectors, np.float32), labels, sorted(set(labels)), f"similarity index {source}"
-    feature_set = None
     from tl_app import features as features_mod
 
     if looks_like_feature_dir(source):

@@ -8,6 +8,7 @@ top_losses.png and skipped.csv (files that could not be used, with reasons).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from tl_app.errors import DataError, ModelNotFoundError, TlAppError
-
-CARD_FILE = "model_card.json"
-
 
 # ---- opening a model ---------------------------------------------------------
 @dataclass
@@ -39,20 +37,6 @@ class LoadedModel:
         return self.source.name if not self.source.name.isdigit() else f"{self.source.parent.name}-{self.source.name}"
 
 
-def find_export_dir(path: Path) -> Path | None:
-    """saved_models/<name>/<version> or saved_models/<name> (its newest version), if it is an export."""
-    if (path / "model.keras").is_file() and (path / CARD_FILE).is_file():
-        return path
-    if not path.is_dir():
-        return None
-    versions = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name),
-                      reverse=True)
-    for version in versions:
-        if (version / "model.keras").is_file() and (version / CARD_FILE).is_file():
-            return version
-    return None
-
-
 _LOADED: dict[tuple, LoadedModel] = {}
 
 
@@ -68,7 +52,10 @@ def open_model(path: str | Path) -> LoadedModel:
             f"Model {str(path)!r} does not exist. Expected a run directory (runs/<name>, printed at the end of "
             f"'tl-app train') or an exported model folder (saved_models/<name>[/<version>])."
         )
-    target = path / "model.keras" if (path / "run.json").is_file() else (find_export_dir(path) or path) / "model.keras"
+    from tl_app.export import KERAS_FILE, resolve_version_dir
+    from tl_app.runs import MODEL_FILE, RUN_FILE
+
+    target = path / MODEL_FILE if (path / RUN_FILE).is_file() else resolve_version_dir(path) / KERAS_FILE
     try:
         stamp = target.stat().st_mtime_ns
     except OSError:
@@ -85,12 +72,9 @@ def open_model(path: str | Path) -> LoadedModel:
 
 
 def _open_model(path: Path) -> LoadedModel:
-    import keras
-
-    import tl_app.augment  # noqa: F401  (registers custom layers)
-    import tl_app.backbones  # noqa: F401
     from tl_app.config import Config
-    from tl_app.runs import MODEL_FILE, RUN_FILE, load_run_model
+    from tl_app.export import CARD_FILE, KERAS_FILE, read_card, resolve_version_dir
+    from tl_app.runs import RUN_FILE, load_model_file, load_run_model
 
     if (path / RUN_FILE).is_file():
         info = json.loads((path / RUN_FILE).read_text())
@@ -101,20 +85,19 @@ def _open_model(path: Path) -> LoadedModel:
         return LoadedModel(model, list(info["classes"]), int(info["input_size"]),
                            info.get("resize_policy", "center_crop"), info.get("backbone", ""), path, path, info,
                            config)
-    export = find_export_dir(path)
-    if export is None:
+    export = resolve_version_dir(path)
+    card = read_card(export)
+    if not (export / KERAS_FILE).is_file() or not card:
         raise ModelNotFoundError(
-            f"{path} is neither a run directory (no run.json) nor an exported model "
-            f"(no model.keras + {CARD_FILE}, nor numbered version folders holding them)."
+            f"{export} has no {KERAS_FILE} + {CARD_FILE}: evaluation and explanations need the Keras model. "
+            f"Export with the keras format (tl-app export RUN_DIR --format savedmodel,keras) or pass the run "
+            f"directory."
         )
-    card = json.loads((export / CARD_FILE).read_text())
-    classes = card.get("classes") or card.get("labels") or card.get("class_names")
-    model = keras.saving.load_model(export / MODEL_FILE, safe_mode=True, compile=False)
-    size = int(card.get("input_size") or model.input_shape[1])
-    if not classes:
-        classes = [f"class_{i}" for i in range(int(model.output_shape[-1]))]
-    return LoadedModel(model, list(classes), size, card.get("resize_policy", "center_crop"),
-                       card.get("backbone", ""), export, None, card, None)
+    model = load_model_file(export / KERAS_FILE)
+    # the run's configuration travels in the card: same splits, background and data settings as training
+    config = Config.from_dict(card["config"]) if card.get("config") else None
+    return LoadedModel(model, list(card["classes"]), int(card["input_size"]),
+                       card.get("resize_policy") or "center_crop", card.get("backbone", ""), export, None, card, config)
 
 
 # ---- metrics -----------------------------------------------------------------
@@ -229,9 +212,8 @@ def evaluate(model_path: str | Path, data: str | Path | None = None, split: str 
     data_root = data or loaded.info.get("data_root")
     if not data_root:
         raise DataError("No DATA folder given and the model does not record its training data; pass DATA.")
-    data_config = DataConfig(**vars(loaded.config.data)) if loaded.config is not None else DataConfig()
-    data_config.root = str(data_root)
-    data_config.strict = False
+    data_config = dataclasses.replace(loaded.config.data if loaded.config is not None else DataConfig(),
+                                      root=str(data_root), strict=False)
     manifest = scan(data_root, data_config)
     same_data = bool(loaded.info.get("data_root")) and Path(data_root).resolve() == Path(
         loaded.info["data_root"]).resolve()

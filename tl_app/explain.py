@@ -45,6 +45,11 @@ class GradCam:
         self.head = head
         self.logits = self._logit_fn(head)
 
+    @property
+    def map_shape(self) -> tuple[int, int]:
+        """Height and width of the heat map (the conv layer's output)."""
+        return tuple(int(d) for d in self.inner.outputs[0].shape[1:3])
+
     @staticmethod
     def _optional(model, name):
         try:
@@ -174,10 +179,11 @@ def explain(model_path, images, method: str = "gradcam", class_name: str | None 
         loaded.run_dir / "explanations" if loaded.run_dir is not None else Path("explanations") / loaded.name)
     out.mkdir(parents=True, exist_ok=True)
     cam = GradCam(loaded.model, loaded.backbone) if method == "gradcam" else None
+    background = tuple(loaded.config.data.background) if loaded.config is not None else (255, 255, 255)
     results, skipped = [], []
     for n, path in enumerate(images):
         try:
-            decoded = decode_pil(str(path))
+            decoded = decode_pil(str(path), background=background)
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
             skipped.append({"path": str(path), "reason": f"could not be read as an image: {exc}"})
             continue

@@ -79,12 +79,9 @@ def load_predictor(path: str | Path) -> Predictor:
 
         predictor_fn, kind = run, "savedmodel"
     elif (version_dir / KERAS_FILE).is_file():
-        import keras
+        from tl_app.runs import load_model_file
 
-        import tl_app.augment  # noqa: F401  (registers custom layers)
-        import tl_app.backbones  # noqa: F401
-
-        model = keras.saving.load_model(version_dir / KERAS_FILE, safe_mode=True, compile=False)
+        model = load_model_file(version_dir / KERAS_FILE)
         predictor_fn, kind = keras_function(model, int(card["input_size"])), "keras"
     else:  # resolve_version_dir only returns complete versions
         raise ModelNotFoundError(f"{version_dir} holds no model.")

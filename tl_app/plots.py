@@ -7,7 +7,6 @@ pictures come out the same on a headless server as on a laptop.
 from __future__ import annotations
 
 import base64
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -163,6 +162,3 @@ def scatter_2d(points: np.ndarray, labels: Sequence[int], classes: Sequence[str]
     fig.tight_layout()
     return save_figure(fig, path)
 
-
-def columns_for(count: int, max_columns: int = 8) -> int:
-    return max(1, min(max_columns, int(math.ceil(math.sqrt(count))) if count else 1))

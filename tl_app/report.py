@@ -68,7 +68,7 @@ def ensure_curves(run_dir: Path) -> dict | None:
     return None
 
 
-def ensure_evaluation(run_dir: Path, run_info: dict, evaluate_missing: bool, echo) -> tuple[dict | None, str]:
+def ensure_evaluation(run_dir: Path, run_info: dict, evaluate_missing: bool) -> tuple[dict | None, str]:
     """The run's evaluation (computed on its validation split when missing); else why not."""
     from tl_app.evaluate import evaluate
 
@@ -83,34 +83,30 @@ def ensure_evaluation(run_dir: Path, run_info: dict, evaluate_missing: bool, ech
     last_error = ""
     for split in ("val", "test", "all"):
         try:
-            return evaluate(run_dir, data_root, split=split, out_dir=run_dir / "evaluation", echo=echo), ""
+            return evaluate(run_dir, data_root, split=split, out_dir=run_dir / "evaluation", echo=None), ""
         except TlAppError as exc:
             last_error = str(exc)
     return None, f"evaluation failed: {last_error}"
 
 
-def ensure_explanations(run_dir: Path, metrics: dict | None, run_info: dict, count: int, echo) -> dict | None:
+def ensure_explanations(run_dir: Path, metrics: dict | None, count: int) -> dict | None:
     """Explanations for the highest-loss images (Grad-CAM, or occlusion when the conv map is 1x1)."""
     from tl_app.evaluate import open_model
-    from tl_app.explain import explain
+    from tl_app.explain import GradCam, explain
 
+    images = [item["path"] for item in (metrics or {}).get("top_losses", [])][:count]
+    if not images or count <= 0:
+        return None
     out = run_dir / "explanations" / "report"
     existing = sorted(out.glob("explanations_*.json")) if out.is_dir() else []
     if existing:
         return json.loads(existing[0].read_text())
-    images = [item["path"] for item in (metrics or {}).get("top_losses", [])][:count]
-    if not images or count <= 0:
-        return None
     loaded = open_model(run_dir)
-    summary = explain(run_dir, images, "gradcam", out_dir=out, echo=None, loaded=loaded)
-    if summary.get("warning"):  # no spatial detail: occlusion says more
-        for stale in out.glob("*_gradcam.*"):
-            stale.unlink()
-        (out / "explanations_gradcam.json").unlink(missing_ok=True)
-        patch = max(4, loaded.input_size // 4)
-        summary = explain(run_dir, images, "occlusion", patch=patch, stride=max(2, patch // 2), out_dir=out,
-                          echo=None, loaded=loaded)
-    return summary
+    if GradCam(loaded.model, loaded.backbone).map_shape != (1, 1):
+        return explain(run_dir, images, "gradcam", out_dir=out, echo=None, loaded=loaded)
+    patch = max(4, loaded.input_size // 4)  # no spatial detail for Grad-CAM: occlusion says more
+    return explain(run_dir, images, "occlusion", patch=patch, stride=max(2, patch // 2), out_dir=out, echo=None,
+                   loaded=loaded)
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, evaluate_missing: bool = True,
@@ -122,8 +118,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, evaluate_mi
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
     diagnosis = ensure_curves(run_dir)
-    metrics, why_no_eval = ensure_evaluation(run_dir, info, evaluate_missing, None)
-    explained = ensure_explanations(run_dir, metrics, info, explanations, None) if metrics else None
+    metrics, why_no_eval = ensure_evaluation(run_dir, info, evaluate_missing)
+    explained = ensure_explanations(run_dir, metrics, explanations) if metrics else None
     parts = [
         section("summary", "Summary", summary_body(run_dir, info, metrics, diagnosis)),
         section("config", "Configuration", config_body(run_dir)),

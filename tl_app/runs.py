@@ -82,14 +82,19 @@ def read_run_info(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_run_model(run_dir: str | Path):
-    """The trained model of a run, loaded with Keras safe mode."""
+def load_model_file(path: str | Path):
+    """A saved .keras classifier (tl-app's custom layers registered), loaded with Keras safe mode."""
     import keras
 
     import tl_app.augment  # noqa: F401  (registers custom layers)
     import tl_app.backbones  # noqa: F401
 
+    return keras.saving.load_model(Path(path), safe_mode=True, compile=False)
+
+
+def load_run_model(run_dir: str | Path):
+    """The trained model of a run, loaded with Keras safe mode."""
     path = Path(run_dir) / MODEL_FILE
     if not path.is_file():
         raise ModelNotFoundError(f"{path} does not exist: the run did not finish training.")
-    return keras.saving.load_model(path, safe_mode=True, compile=False)
+    return load_model_file(path)

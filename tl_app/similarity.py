@@ -129,20 +129,6 @@ class SimilarityIndex:
 
 
 # ---- building and querying from images ---------------------------------------
-def recipe_from_config(config) -> dict:
-    """What a query needs to be embedded exactly like the collection."""
-    from tl_app.backbones import get_spec, resolve_input_size
-    from tl_app.pipeline import effective_policy
-
-    spec = get_spec(config.backbone.name)
-    return {
-        "backbone": spec.name, "weights": config.backbone.weights, "seed": config.backbone.seed,
-        "input_size": resolve_input_size(spec, config.backbone.input_size), "layer": config.backbone.layer,
-        "pooling": config.backbone.pooling, "resize_policy": effective_policy(config.data.resize_policy),
-        "background": list(config.data.background),
-    }
-
-
 def item_of(record) -> dict:
     return {"path": record.path, "relpath": record.relpath, "label": record.label, "sha256": record.sha256}
 
@@ -154,10 +140,12 @@ def build_index(config, out: str | Path, dtype: str = "float32", echo=print) -> 
     say = echo or (lambda *a, **k: None)
     feature_set = extract_features(config, echo=echo)
     index = SimilarityIndex.from_features(feature_set.features, [item_of(r) for r in feature_set.records],
-                                          dict(recipe_from_config(config), data_root=str(config.data.root)),
+                                          # the feature recipe, plus what a query needs to rebuild the model
+                                          dict(feature_set.recipe, weights=config.backbone.weights,
+                                               seed=config.backbone.seed, data_root=str(config.data.root)),
                                           dtype)
     index.save(out)
-    stats = dict(getattr(feature_set, "stats", {}) or {})
+    stats = dict(feature_set.stats)
     say(f"index: {len(index)} images x {index.vectors.shape[1]} features ({dtype}) -> {out}")
     return {"index": str(out), "count": len(index), "dim": int(index.vectors.shape[1]), "dtype": dtype,
             "features": stats}
