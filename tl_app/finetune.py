@@ -214,7 +214,7 @@ def training_dataset(records, input_size: int, policy: str, batch_size: int, num
     """
     import tensorflow as tf
 
-    from tl_app.pipeline import decode_file, resize_images
+    from tl_app.pipeline import load_image
 
     n = len(records)
     steps = steps_per_epoch(n, batch_size)
@@ -226,9 +226,7 @@ def training_dataset(records, input_size: int, policy: str, batch_size: int, num
     background = tuple(int(v) for v in background)
 
     def load(index):
-        image = resize_images(decode_file(tf.gather(paths, index), tf.gather(fast, index), background),
-                              input_size, policy)
-        image.set_shape([input_size, input_size, 3])
+        image = load_image(tf.gather(paths, index), tf.gather(fast, index), input_size, policy, background)
         label = tf.gather(labels, index)
         return image, tf.one_hot(label, num_classes), tf.gather(table, label)
 

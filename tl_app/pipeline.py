@@ -67,6 +67,14 @@ def decode_file(path: tf.Tensor, fast: tf.Tensor, background: Sequence[int] = (2
     return image
 
 
+def load_image(path: tf.Tensor, fast: tf.Tensor, size: int, policy: str,
+               background: Sequence[int] = (255, 255, 255)) -> tf.Tensor:
+    """One file to a [size, size, 3] float image: the decode and resize every tl-app path shares."""
+    image = resize_images(decode_file(path, fast, background), size, policy)
+    image.set_shape([size, size, 3])
+    return image
+
+
 def make_dataset(
     records: Sequence[Record],
     input_size: int,
@@ -97,9 +105,7 @@ def make_dataset(
         ds = ds.repeat()
 
     def load(path, is_fast, label, idx):
-        image = resize_images(decode_file(path, is_fast, background), input_size, resize_policy)
-        image.set_shape([input_size, input_size, 3])
-        return image, label, idx
+        return load_image(path, is_fast, input_size, resize_policy, background), label, idx
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
     ds = ds.ignore_errors()
