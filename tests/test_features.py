@@ -236,6 +236,27 @@ def test_extract_cli_end_to_end_json_and_numpy_only_export(cli, tmp_path):
     assert "features.npy" in help_text and "index.csv" in help_text
 
 
+def test_an_interrupted_export_leaves_no_temporary_arrays(vgg_config, tmp_path, monkeypatch):
+    out = tmp_path / "feats"
+    real_compute = features_mod.Extractor.compute
+
+    def compute_then_interrupt(self, *args, **kwargs):  # Ctrl-C right after the backbone ran
+        real_compute(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features_mod.Extractor, "compute", compute_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        extract(vgg_config, out_dir=out)
+    assert not list(out.glob(".tmp-*")) and not (out / "features.npy").exists()
+    monkeypatch.undo()
+    stale = out / ".tmp-4194999-0badc0de-features.npy"  # from a process that no longer runs
+    stale.write_bytes(b"half an array")
+    result = extract(vgg_config, out_dir=out)
+    assert result.stats["computed"] == 0 and result.stats["cached"] == len(result.records)  # the cache was kept
+    assert not stale.exists() and (out / "features.npy").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
 def test_extract_reports_user_mistakes_clearly(cli, sample_dir, tmp_path):
     result = cli("extract", sample_dir, "--backbone", "vgg16", "--weights", "none", "--input-size", 32,
                  "--layer", "block9_conv1", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "o")

@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import os
 import queue
 import re
 import threading
@@ -24,6 +23,7 @@ import keras
 import numpy as np
 
 from tl_app.errors import TlAppError
+from tl_app.files import atomic_write_bytes, atomic_write_text
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 
@@ -244,9 +244,7 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    tmp = run_dir / ".log.csv.tmp"
-    tmp.write_text(buffer.getvalue())
-    tmp.replace(run_dir / "log.csv")
+    atomic_write_text(run_dir / "log.csv", buffer.getvalue())
 
 
 # ---- the training-state checkpoint -------------------------------------------------
@@ -353,10 +351,9 @@ class CheckpointStore:
 
 def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez to a temporary file, then rename over the target: a killed process never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 class TrainingCheckpoint(keras.callbacks.Callback):

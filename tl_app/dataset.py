@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from tl_app.config import DataConfig
 from tl_app.errors import ConfigError, DataError
+from tl_app.files import atomic_write_text
 from tl_app.images import Probe, probe_file
 
 SPLITS = ("train", "val", "test")
@@ -121,17 +123,12 @@ class Manifest:
         json_path = directory / "skipped.json"
         atomic_write_text(json_path, json.dumps(rows, indent=1, ensure_ascii=False))
         csv_path = directory / "skipped.csv"
-        with open(csv_path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["path", "reason"])
-            writer.writeheader()
-            writer.writerows(rows)
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=["path", "reason"])
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(csv_path, buffer.getvalue())
         return [csv_path, json_path]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---- scanning ----------------------------------------------------------

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import sys
@@ -61,6 +62,7 @@ import numpy as np
 from tl_app.config import Config
 from tl_app.dataset import Manifest, Record, Skipped
 from tl_app.errors import ConfigError, TlAppError
+from tl_app.files import atomic_write_bytes, atomic_write_text, remove_stale_temporaries, temporary_sibling
 
 FORMAT_VERSION = 1
 SHARD_PREFIX = "shard-"
@@ -151,12 +153,6 @@ def row_checksums(rows: np.ndarray) -> np.ndarray:
     """CRC-32 of every row's bytes except its own crc field."""
     raw = rows.view(np.uint8).reshape(len(rows), rows.dtype.itemsize)[:, :-4]
     return np.fromiter((zlib.crc32(r.tobytes()) for r in raw), np.uint32, len(rows))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class FeatureCache:
@@ -482,60 +478,64 @@ def extract_features(config: Config, manifest: Manifest | None = None, out_dir: 
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)  # left by an extraction that was killed
     store = OutputArrays(out_dir, len(records), dim)
+    try:
+        keys = [(r.sha256, 0) for r in records]
+        found = cache.fill(keys, store.features)
+        cached = int(found.sum())
+        missing = [i for i in range(len(records)) if not found[i]]
+        failed: set[int] = set()
+        progress = Progress(len(missing), "extract", enabled=echo is not None)
+        if missing:
+            failed |= extractor.compute(records, missing, cache, store.features, batch_size, progress)
 
-    keys = [(r.sha256, 0) for r in records]
-    found = cache.fill(keys, store.features)
-    cached = int(found.sum())
-    missing = [i for i in range(len(records)) if not found[i]]
-    failed: set[int] = set()
-    progress = Progress(len(missing), "extract", enabled=echo is not None)
-    if missing:
-        failed |= extractor.compute(records, missing, cache, store.features, batch_size, progress)
+        train_rows = [i for i, r in enumerate(records) if r.split == "train" and i not in failed]
+        view_rows = np.full(len(records), -1, np.int64)
+        views_cached = views_computed = 0
+        if views_wanted:
+            view_rows[train_rows] = np.arange(len(train_rows))
+            store.allocate_views(len(train_rows), views_wanted)
+            view_keys = [(records[i].sha256, v) for i in train_rows for v in range(1, views_wanted + 1)]
+            flat = store.views.reshape(len(view_keys), dim) if view_keys else store.views.reshape(0, dim)
+            view_found = view_cache.fill(view_keys, flat)
+            views_cached = int(view_found.sum())
+            missing_views = [k for k in range(len(view_keys)) if not view_found[k]]
+            views_computed = len(missing_views)
+            if missing_views:
+                vprogress = Progress(len(missing_views), f"views x{views_wanted}", enabled=echo is not None)
+                extractor.compute_views(records, train_rows, views_wanted, missing_views, view_cache, flat,
+                                        batch_size, vprogress)
+            del flat
 
-    train_rows = [i for i, r in enumerate(records) if r.split == "train" and i not in failed]
-    view_rows = np.full(len(records), -1, np.int64)
-    views_cached = views_computed = 0
-    if views_wanted:
-        view_rows[train_rows] = np.arange(len(train_rows))
-        store.allocate_views(len(train_rows), views_wanted)
-        view_keys = [(records[i].sha256, v) for i in train_rows for v in range(1, views_wanted + 1)]
-        flat = store.views.reshape(len(view_keys), dim) if view_keys else store.views.reshape(0, dim)
-        view_found = view_cache.fill(view_keys, flat)
-        views_cached = int(view_found.sum())
-        missing_views = [k for k in range(len(view_keys)) if not view_found[k]]
-        views_computed = len(missing_views)
-        if missing_views:
-            vprogress = Progress(len(missing_views), f"views x{views_wanted}", enabled=echo is not None)
-            extractor.compute_views(records, train_rows, views_wanted, missing_views, view_cache, flat,
-                                    batch_size, vprogress)
-        del flat
+        for c in (cache, view_cache):
+            if c is not None:
+                c.compact()
 
-    for c in (cache, view_cache):
-        if c is not None:
-            c.compact()
-
-    skipped = list(manifest.skipped) + [
-        Skipped(records[i].path, "could not be decoded during extraction (changed since the scan?)")
-        for i in sorted(failed)]
-    kept = [i for i in range(len(records)) if i not in failed]
-    computed = len(missing) - len(failed)
-    stats = {
-        "used": len(kept), "skipped": len(skipped), "computed": computed, "cached": cached,
-        "views_per_image": views_wanted, "views_computed": views_computed, "views_cached": views_cached,
-        "corrupt_rows_ignored": cache.corrupt_rows + (view_cache.corrupt_rows if view_cache else 0),
-        "dim": int(dim), "dtype": config.features.dtype if out_dir is not None else "float32",
-        "compute_images_per_s": progress.steady_rate(),
-        "seconds": 0.0, "cache_dir": str(cache.dir),
-    }
-    feature_set = FeatureSet(
-        features=store.features, records=[records[i] for i in kept], classes=list(manifest.classes),
-        out_dir=out_dir, stats=stats, views=store.views if views_wanted else None,
-        view_rows=view_rows[kept], recipe=asdict(recipe), skipped=skipped, feature_model=extractor.model)
-    if failed:
-        feature_set.features = np.asarray(store.features)[kept]
-    if out_dir is not None:
-        feature_set = write_export(feature_set, store, kept, manifest, config.features.dtype)
+        skipped = list(manifest.skipped) + [
+            Skipped(records[i].path, "could not be decoded during extraction (changed since the scan?)")
+            for i in sorted(failed)]
+        kept = [i for i in range(len(records)) if i not in failed]
+        computed = len(missing) - len(failed)
+        stats = {
+            "used": len(kept), "skipped": len(skipped), "computed": computed, "cached": cached,
+            "views_per_image": views_wanted, "views_computed": views_computed, "views_cached": views_cached,
+            "corrupt_rows_ignored": cache.corrupt_rows + (view_cache.corrupt_rows if view_cache else 0),
+            "dim": int(dim), "dtype": config.features.dtype if out_dir is not None else "float32",
+            "compute_images_per_s": progress.steady_rate(),
+            "seconds": 0.0, "cache_dir": str(cache.dir),
+        }
+        feature_set = FeatureSet(
+            features=store.features, records=[records[i] for i in kept], classes=list(manifest.classes),
+            out_dir=out_dir, stats=stats, views=store.views if views_wanted else None,
+            view_rows=view_rows[kept], recipe=asdict(recipe), skipped=skipped, feature_model=extractor.model)
+        if failed and out_dir is None:  # an export selects the kept rows itself, without a copy in memory
+            feature_set.features = np.asarray(store.features)[kept]
+        if out_dir is not None:
+            feature_set = write_export(feature_set, store, kept, manifest, config.features.dtype)
+    except BaseException:  # an interrupted or failed export leaves no temporary arrays behind
+        store.cleanup()
+        raise
     stats["seconds"] = round(time.perf_counter() - started, 3)
     if echo:
         echo(f"features: {stats['used']} images used, {stats['skipped']} skipped, {computed} computed, "
@@ -660,7 +660,7 @@ class OutputArrays:
     def _allocate(self, name: str, shape: tuple) -> np.ndarray:
         if self.out_dir is None:
             return np.zeros(shape, np.float32)
-        tmp = self.out_dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}"
+        tmp = temporary_sibling(self.out_dir / name)
         self.temps.append(tmp)
         return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
 
@@ -687,7 +687,8 @@ def _finish_array(store: OutputArrays, array: np.ndarray, rows: list[int] | None
         array.flush()
         os.replace(source_path, target)
         return
-    tmp = target.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{target.name}")
+    tmp = temporary_sibling(target)
+    store.temps.append(tmp)  # removed by store.cleanup() if this is interrupted
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(count,) + array.shape[1:])
     chunk = 1024
     index = np.asarray(rows if rows is not None else range(len(array)), np.int64)
@@ -714,12 +715,11 @@ def write_export(feature_set: FeatureSet, store: OutputArrays, kept: list[int], 
     lines = []
     for row, (record, view_row) in enumerate(zip(feature_set.records, feature_set.view_rows)):
         lines.append({"row": row, **{k: getattr(record, k) for k in INDEX_COLUMNS[1:-1]}, "view_row": int(view_row)})
-    tmp = out_dir / f".tmp-{uuid.uuid4().hex[:8]}-index.csv"
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=INDEX_COLUMNS)
-        writer.writeheader()
-        writer.writerows(lines)
-    os.replace(tmp, out_dir / "index.csv")
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=INDEX_COLUMNS)
+    writer.writeheader()
+    writer.writerows(lines)
+    atomic_write_text(out_dir / "index.csv", buffer.getvalue())
     partial = Manifest(root=manifest.root, layout=manifest.layout, classes=manifest.classes,
                        skipped=feature_set.skipped)
     partial.write_skipped_report(out_dir)

@@ -26,6 +26,7 @@ import numpy as np
 
 from tl_app.config import Config
 from tl_app.errors import ConfigError, DataError, ModelNotFoundError, TlAppError
+from tl_app.files import temporary_sibling
 
 STATE_VERSION = 1
 
@@ -524,7 +525,7 @@ class FineTuneRun:
         model.set_weights(self.model.get_weights())
         path = self.run_dir / MODEL_FILE
         if self.chief:
-            tmp = self.run_dir / f".tmp-{os.getpid()}-{MODEL_FILE}"
+            tmp = temporary_sibling(path)  # ends in .keras, as Keras requires
             model.save(tmp)
             os.replace(tmp, path)
         if self.policy != "float32":

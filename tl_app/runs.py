@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tl_app.config import Config
 from tl_app.errors import ModelNotFoundError
+from tl_app.files import atomic_write_text
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.keras"
@@ -55,10 +56,7 @@ def new_run_dir(config: Config) -> Path:
 
 
 def write_json(path: Path, data) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def write_run_info(run_dir: str | Path, **info) -> Path:
