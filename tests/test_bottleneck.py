@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 
 from tl_app.bottleneck import train_bottleneck
-from tl_app.optim import make_optimizer
-from tl_app.config import OPTIMIZERS
 
 
 def run(config):
@@ -32,8 +30,11 @@ def test_dense_head_writes_a_complete_run_and_the_assembled_model_matches_the_he
         assert (run_dir / name).is_file(), name
     history = json.loads((run_dir / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
-    assert set(history["epochs"][0]) >= {"epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy"}
-    assert len(list(csv.DictReader(open(run_dir / "log.csv")))) == 2
+    # the same records fine-tuning writes: epochs from 1, timing, the same log.csv columns
+    assert set(history["epochs"][0]) >= {"epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
+    with open(run_dir / "log.csv") as handle:
+        log = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in log] == ["1", "2"] and "val_accuracy" in log[0]
     info = read_run_info(run_dir)
     assert info["strategy"] == "bottleneck" and info["metrics"]["val_accuracy"] is not None
     assert summary["features"]["computed"] == 36 and summary["metrics"] == info["metrics"]
@@ -98,10 +99,3 @@ def test_early_stopping_restores_the_best_epoch(tiny_config):
     best = min(history, key=lambda e: e["val_loss"])
     assert metrics["best_epoch"] == best["epoch"]
     assert metrics["val_loss"] == pytest.approx(best["val_loss"], rel=1e-4)
-
-
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_every_configured_optimizer_is_built(tiny_config, name):
-    tiny_config.train.optimizer = name
-    optimizer = make_optimizer(tiny_config)
-    assert float(optimizer.learning_rate) == pytest.approx(tiny_config.train.learning_rate)

@@ -25,11 +25,13 @@ def view_batches(features, views, labels, num_classes: int, class_weights: dict[
     """A Keras PyDataset that, each epoch, takes every training image once as a random one of its views."""
     import keras
 
+    from tl_app.losses import class_weight_table
+
     class ViewSampler(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
             self.epoch = 0
-            self.weights = np.array([class_weights.get(i, 1.0) for i in range(num_classes)], np.float32)
+            self.weights = class_weight_table(class_weights, num_classes)
             self.on_epoch_end()
 
         def __len__(self):
@@ -45,9 +47,9 @@ def view_batches(features, views, labels, num_classes: int, class_weights: dict[
         def __getitem__(self, index):
             rows = self.order[index * batch_size:(index + 1) * batch_size]
             picks = self.choice[rows]
-            x = np.empty((len(rows), features.shape[1]), np.float32)
-            for j, (row, pick) in enumerate(zip(rows, picks)):
-                x[j] = features[row] if pick == 0 else views[row, pick - 1]
+            x = features[rows]  # a copy (fancy indexing); augmented picks overwrite their rows
+            augmented = picks > 0
+            x[augmented] = views[rows[augmented], picks[augmented] - 1]
             y = labels[rows]
             return x, one_hot(y, num_classes), self.weights[y]
 
@@ -60,6 +62,7 @@ def train_bottleneck(config: Config, echo=print) -> dict:
     import keras
     import tensorflow as tf
 
+    from tl_app.callbacks import EpochRecorder
     from tl_app.features import extract_features
     from tl_app.heads import assemble, build_head
     from tl_app.losses import make_loss
@@ -89,10 +92,11 @@ def train_bottleneck(config: Config, echo=print) -> dict:
     head.compile(optimizer=make_optimizer(config), loss=make_loss(config), metrics=["accuracy"],
                  jit_compile=bool(config.train.jit_compile))
     monitor = "val_loss" if has_val else "loss"
+    epochs: list[dict] = []
     callbacks = [
         keras.callbacks.EarlyStopping(monitor=monitor, patience=max(1, config.train.early_stopping_patience),
                                       restore_best_weights=True),
-        keras.callbacks.CSVLogger(str(run_dir / "log.csv")),
+        EpochRecorder(run_dir, epochs, phase=1),  # history.json, log.csv, TensorBoard: as fine-tuning writes them
         *schedule_callbacks(config, has_val),
     ]
     batch_size = int(config.train.batch_size)
@@ -108,10 +112,6 @@ def train_bottleneck(config: Config, echo=print) -> dict:
                            validation_data=validation, class_weight=prepared.class_weights, shuffle=True,
                            callbacks=callbacks, verbose=verbose)
 
-    epochs = [{"epoch": i + 1, "phase": 1, **{k: float(v[i]) for k, v in history.history.items()
-                                               if k in ("loss", "accuracy", "val_loss", "val_accuracy")}}
-              for i in range(len(history.history.get("loss", [])))]
-    write_json(run_dir / "history.json", {"epochs": epochs})
     metrics = final_metrics(head, x_train, y_train, validation, history)
     write_json(run_dir / "metrics.json", metrics)
 
