@@ -57,22 +57,6 @@ def test_recipe_follows_the_config(tiny_config):
     assert recipe_for(tiny_config).preprocess == "tf"
 
 
-def test_a_weight_file_is_fingerprinted_by_its_content(tiny_config, tmp_path):
-    from tl_app.backbones import build_base, get_spec
-
-    spec = get_spec("vgg16")
-    base = build_base(spec, 32, "none")
-    path = tmp_path / "vgg.weights.h5"
-    base.save_weights(path)
-    first = features_mod.weights_fingerprint(spec, str(path), 0, tmp_path / "cache")
-    assert first.startswith("sha256:")
-    assert features_mod.weights_fingerprint(spec, str(path), 0, tmp_path / "cache") == first  # memo hit
-    base.layers[1].kernel.assign(base.layers[1].kernel + 1.0)
-    time.sleep(0.01)
-    base.save_weights(path)
-    assert features_mod.weights_fingerprint(spec, str(path), 0, tmp_path / "cache") != first
-
-
 # ---- hits and misses -------------------------------------------------------
 def test_rerun_is_served_from_the_cache_and_every_key_component_misses(vgg_config, tmp_path, monkeypatch):
     data = tmp_path / "data"

@@ -81,3 +81,25 @@ def test_missing_weight_file_is_a_clear_error():
 def test_random_weights_are_fingerprinted_by_seed():
     spec = get_spec("vgg16")
     assert fingerprint(spec, "none", 1) != fingerprint(spec, "none", 2)
+
+
+def test_a_weight_file_is_fingerprinted_by_content_and_hashed_once(tmp_path, monkeypatch):
+    import time
+
+    from tl_app import weights as weights_mod
+
+    spec = get_spec("vgg16")
+    base = build_base(spec, 32, "none")
+    path = tmp_path / "vgg.weights.h5"
+    base.save_weights(path)
+    hashed = []
+    real_digest = weights_mod.file_digest
+    monkeypatch.setattr(weights_mod, "file_digest", lambda *a, **k: hashed.append(a[0]) or real_digest(*a, **k))
+    first = fingerprint(spec, str(path), 0, memo_dir=tmp_path / "memo")
+    assert first.startswith("sha256:") and len(hashed) == 1
+    assert fingerprint(spec, str(path), 0, memo_dir=tmp_path / "memo") == first and len(hashed) == 1  # remembered
+    assert fingerprint(spec, str(path), 0) == first and len(hashed) == 2  # no memo: hashed
+    base.layers[1].kernel.assign(base.layers[1].kernel + 1.0)
+    time.sleep(0.01)
+    base.save_weights(path)
+    assert fingerprint(spec, str(path), 0, memo_dir=tmp_path / "memo") != first and len(hashed) == 3  # changed file

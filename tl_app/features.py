@@ -118,30 +118,10 @@ def recipe_for(config: Config) -> Recipe:
 
 
 def weights_fingerprint(spec, weights: str, seed: int, cache_root: Path) -> str:
-    """tl_app.weights.fingerprint, remembered by (path, size, mtime) so a re-run hashes no 100 MB file."""
-    from tl_app.weights import fingerprint, resolve_weights
+    """tl_app.weights.fingerprint, remembered in the feature cache's folder."""
+    from tl_app.weights import fingerprint
 
-    path = resolve_weights(spec, weights)
-    if path is None:
-        return fingerprint(spec, weights, seed)
-    stat = Path(path).stat()
-    stamp = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
-    memo_path = cache_root / "weights-fingerprints.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    hit = memo.get(stamp[0])
-    if isinstance(hit, list) and hit[:2] == stamp[1:]:
-        return hit[2]
-    value = fingerprint(spec, weights, seed)
-    memo[stamp[0]] = stamp[1:] + [value]
-    try:
-        cache_root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(memo_path, json.dumps(memo).encode())
-    except OSError:
-        pass  # a memo that cannot be written only costs time
-    return value
+    return fingerprint(spec, weights, seed, memo_dir=cache_root)
 
 
 # ---- the cache ---------------------------------------------------------------

@@ -639,7 +639,8 @@ def resume_finetune(run_dir: str | Path, echo=print, callbacks: list | None = No
     from tl_app.weights import fingerprint
 
     b = prepared.config.backbone
-    if prepared.weights_fingerprint and fingerprint(prepared.spec, b.weights, b.seed) != prepared.weights_fingerprint:
+    current = fingerprint(prepared.spec, b.weights, b.seed, memo_dir=prepared.config.features.cache_dir)
+    if prepared.weights_fingerprint and current != prepared.weights_fingerprint:
         raise TlAppError(f"The pretrained weights {b.weights!r} changed since {prepared.run_dir} started: "
                          f"resuming would mix two backbones. Start a new run.")
     state = CheckpointStore(prepared.run_dir).load()

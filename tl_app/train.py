@@ -37,7 +37,8 @@ def prepare_run(config: Config, run_dir: str | Path | None = None, echo=print) -
     """Scan the data, resolve backbone/weights/sizes, write config, manifest and bad-file report."""
     spec = get_spec(config.backbone.name)
     size = resolve_input_size(spec, config.backbone.input_size)
-    weights_fp = fingerprint(spec, config.backbone.weights, config.backbone.seed)  # fails early if offline
+    weights_fp = fingerprint(spec, config.backbone.weights, config.backbone.seed,  # fails early if offline
+                             memo_dir=config.features.cache_dir)
     manifest = scan_dataset(config)
     weights = class_weights(manifest, config.data.class_weights)
     run_dir = Path(run_dir) if run_dir else new_run_dir(config)

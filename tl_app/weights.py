@@ -9,6 +9,7 @@ fails (no internet), the user gets one paragraph that says how to go on.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 import h5py
 
 from tl_app.errors import TlAppError, WeightsUnavailableError
+from tl_app.files import atomic_write_text
 
 
 def keras_home() -> Path:
@@ -147,12 +149,38 @@ def _load(model, path: Path) -> None:
         raise ValueError("not an HDF5 or .keras file")
 
 
-def fingerprint(spec, weights: str, seed: int = 0) -> str:
-    """Identifies the weights for cache keys and model cards."""
+MEMO_FILE = "weights-fingerprints.json"
+
+
+def fingerprint(spec, weights: str, seed: int = 0, memo_dir: str | Path | None = None) -> str:
+    """Identifies the weights for cache keys and model cards.
+
+    With ``memo_dir`` the digest is remembered there by (path, size, mtime), so
+    a re-run hashes no 100 MB file; a changed file is hashed again.
+    """
     path = resolve_weights(spec, weights)
     if path is None:
         return f"random-seed-{seed}"
-    return "sha256:" + file_digest(path)
+    if memo_dir is None:
+        return "sha256:" + file_digest(path)
+    stat = Path(path).stat()
+    key, stamp = str(Path(path).resolve()), [stat.st_size, stat.st_mtime_ns]
+    memo_path = Path(memo_dir) / MEMO_FILE
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    hit = memo.get(key)
+    if isinstance(hit, list) and hit[:2] == stamp:
+        return hit[2]
+    value = "sha256:" + file_digest(path)
+    memo[key] = stamp + [value]
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(memo_path, json.dumps(memo))
+    except OSError:
+        pass  # a memo that cannot be written only costs time
+    return value
 
 
 def weights_status(specs) -> list[dict]:
