@@ -279,14 +279,22 @@ def test_class_weights_balanced_none_and_explicit(tmp_path):
     assert any("imbalance" in w for w in manifest.warnings)
 
 
-def test_scan_cache_reuses_probes_and_notices_changed_files(tmp_path):
+def test_scan_cache_reuses_probes_and_notices_changed_files(tmp_path, monkeypatch):
+    from tl_app import dataset as dataset_mod
+
+    probed = []
+    real_probe = dataset_mod.probe_file
+    monkeypatch.setattr(dataset_mod, "probe_file", lambda path, *a: probed.append(str(path)) or real_probe(path, *a))
     make_class_folder(tmp_path / "data", 5)
     cache = tmp_path / "cache"
     first = scan(tmp_path / "data", cache_dir=cache)
+    assert len(probed) == 10  # every file opened once
     target = tmp_path / "data" / "a" / "img_000.png"
     solid(RED, (9, 9)).save(target)
     os.utime(target, ns=(1, 1))  # a different mtime, whatever the clock says
+    probed.clear()
     second = scan(tmp_path / "data", cache_dir=cache)
+    assert probed == [str(target)]  # only the changed file is opened again
     old = {r.relpath: r.sha256 for r in first.records}
     new = {r.relpath: r.sha256 for r in second.records}
     assert old["a/img_000.png"] != new["a/img_000.png"]

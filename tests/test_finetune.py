@@ -201,3 +201,9 @@ def test_resume_refuses_what_it_cannot_continue(tiny_config, tmp_path):
     bottleneck_run = make_run_dir(tiny_config)  # strategy "bottleneck"
     with pytest.raises(ConfigError, match="fine-tuning runs only"):
         resume_finetune(bottleneck_run, echo=None)
+
+
+def test_resume_with_other_settings_is_refused_not_ignored(cli, tmp_path):
+    result = cli("train", "--resume", tmp_path, "--epochs", 9, "--set", "train.seed=3")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "train.epochs" in result.output and "train.seed=3" in result.output and "start a new run" in result.output

@@ -49,9 +49,10 @@ def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs
       TF_CONFIG=... tl-app train photos/ --strategy finetune --distribute multi-worker   (on every worker)
       tl-app train photos/ --strategy finetune --engine ray --address auto --num-workers 4
     """
+    from tl_app.errors import ConfigError
     from tl_app.train import train as run_training
 
-    config = build_config(pipeline, sets, **{
+    settings = {
         "data.root": data, "train.strategy": strategy, "backbone.name": backbone, "backbone.weights": weights,
         "backbone.input_size": input_size, "train.epochs": epochs, "train.finetune_epochs": finetune_epochs,
         "train.unfreeze_blocks": unfreeze_blocks, "train.batch_size": batch_size,
@@ -59,8 +60,14 @@ def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs
         "head.kind": head_kind, "data.class_weights": class_weights, "features.augment_views": augment_views,
         "train.mixed_precision": mixed_precision, "train.jit_compile": jit_compile,
         "train.distribute": distribute, "train.seed": seed, "train.name": name, "train.runs_dir": runs_dir,
-        **engine_overrides(engine),
-    })
+    }
+    if resume:
+        given = [key for key, value in settings.items() if value is not None] + (["--pipeline"] if pipeline else []) \
+            + [f"--set {item}" for item in sets]
+        if given:
+            raise ConfigError(f"--resume continues {resume} with the settings it started with (its config.json); "
+                              f"it cannot also take {', '.join(given)}. Drop them, or start a new run to change them.")
+    config = build_config(pipeline, sets, **settings, **engine_overrides(engine))
     summary = run_training(config, resume=resume, echo=None if as_json else click.echo)
     if as_json:
         echo_json(summary)
