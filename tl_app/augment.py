@@ -78,3 +78,9 @@ def build_augmenter(config: AugmentConfig, input_size: int, seed: int = 0, name:
     model = keras.Sequential(stack, name=name)
     model.build((None, input_size, input_size, 3))
     return model
+
+
+def seed_generators(augmenter: keras.Sequential) -> list[keras.random.SeedGenerator]:
+    """The random layers' seed generators, in layer order (empty: the augmenter changes nothing)."""
+    return [value for layer in augmenter.layers for value in vars(layer).values()
+            if isinstance(value, keras.random.SeedGenerator)]

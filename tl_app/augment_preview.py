@@ -33,9 +33,10 @@ def pick_records(records, count: int):
 def augment_preview(config: Config, out: str | Path, images: int = 8, views: int = 5, seed: int | None = None,
                     echo=print) -> dict:
     """Write a PNG/JPEG grid: one row per image, its original then ``views`` augmented versions."""
+    import keras
     from PIL import Image, ImageDraw
 
-    from tl_app.augment import augmentation_layers, build_augmenter
+    from tl_app.augment import build_augmenter
     from tl_app.backbones import get_spec, resolve_input_size
     from tl_app.pipeline import effective_policy, load_images
     from tl_app.train import scan_dataset
@@ -52,8 +53,8 @@ def augment_preview(config: Config, out: str | Path, images: int = 8, views: int
         raise DataError(f"No usable images in {config.data.root}; see 'tl-app datasets inspect {config.data.root}'.")
     seed = config.train.seed if seed is None else seed
     pixels = load_images(records, size, effective_policy(config.data.resize_policy), config.data.background)
-    names = [type(layer).__name__ for layer in augmentation_layers(config.augment, size, seed)]
-    augmenter = build_augmenter(config.augment, size, seed=seed) if names else None
+    augmenter = build_augmenter(config.augment, size, seed=seed)
+    names = [type(layer).__name__ for layer in augmenter.layers if not isinstance(layer, keras.layers.Identity)]
     columns = [pixels] + [np.asarray(augmenter(pixels, training=True)) if augmenter else pixels
                           for _ in range(views)]
 

@@ -313,14 +313,12 @@ class ViewAugmenter:
     """
 
     def __init__(self, config: Config, input_size: int):
-        import keras
         import tensorflow as tf
 
-        from tl_app.augment import build_augmenter
+        from tl_app.augment import build_augmenter, seed_generators
 
         self.augmenter = build_augmenter(config.augment, input_size, seed=0, name="view_augment")
-        self.generators = [value for layer in self.augmenter.layers for value in vars(layer).values()
-                           if isinstance(value, keras.random.SeedGenerator)]
+        self.generators = seed_generators(self.augmenter)
         augmenter, generators = self.augmenter, self.generators
 
         @tf.function(reduce_retracing=True)

@@ -200,7 +200,9 @@ def count_params(variables) -> int:
 
 # ---- data -------------------------------------------------------------------------------
 def augmenter_seed_variables(augmenter) -> list:
-    return [v for v in augmenter.variables if "seed" in v.path]
+    from tl_app.augment import seed_generators
+
+    return [generator.state for generator in seed_generators(augmenter)]
 
 
 def training_dataset(records, input_size: int, policy: str, batch_size: int, num_classes: int,
@@ -326,7 +328,7 @@ class FineTuneRun:
         import keras
         import tensorflow as tf
 
-        from tl_app.augment import augmentation_layers, build_augmenter
+        from tl_app.augment import build_augmenter, seed_generators
         from tl_app.callbacks import CheckpointStore, EarlyStopping, assign_in_order
         from tl_app.losses import class_weight_table
         from tl_app.pipeline import make_dataset
@@ -356,8 +358,8 @@ class FineTuneRun:
         self.policy = precision_policy(t.mixed_precision)
 
         keras.utils.set_random_seed(t.seed)
-        self.augmenter = (build_augmenter(config.augment, prepared.input_size, seed=t.seed)
-                          if augmentation_layers(config.augment, prepared.input_size, t.seed) else None)
+        augmenter = build_augmenter(config.augment, prepared.input_size, seed=t.seed)
+        self.augmenter = augmenter if seed_generators(augmenter) else None  # None: nothing random configured
         with scope(self.strategy):
             self.model = build_classifier(config, prepared.spec, prepared.input_size, self.num_classes,
                                           policy=self.policy)
