@@ -155,6 +155,22 @@ def test_concurrent_writers_and_compaction_do_not_corrupt_the_cache(tmp_path):
     assert not list(caches[0].dir.glob(".tmp-*"))
 
 
+def test_compaction_merges_small_shards_and_leaves_merged_ones_alone(tmp_path, monkeypatch):
+    recipe = Recipe("vgg16", "random-seed-0", 32, "center_crop", "caffe", "", "avg")
+    cache = FeatureCache(tmp_path, recipe)
+    keys = [f"{i:064x}" for i in range(12)]
+    for i in range(4):  # 4 small shards of 3 rows
+        cache.write(keys[3 * i:3 * i + 3], [0, 0, 0], np.full((3, 8), i, np.float32))
+    assert cache.compact(above=2) == 4
+    (merged,) = cache.shards()
+    monkeypatch.setattr(features_mod, "COMPACT_BYTES", 2 * merged.stat().st_size)  # merged: "large" from now on
+    for i in range(3):
+        cache.write([f"{100 + i:064x}"], [0], np.full((1, 8), 9, np.float32))
+    assert cache.compact(above=2) == 3 and merged in cache.shards() and len(cache.shards()) == 2
+    out = np.zeros((15, 8), np.float32)
+    assert cache.fill([(k, 0) for k in keys] + [(f"{100 + i:064x}", 0) for i in range(3)], out).all()
+
+
 # ---- augmented views -------------------------------------------------------
 def test_augmented_views_are_deterministic_cached_and_per_view(vgg_config, tmp_path):
     vgg_config.features.augment_views = 2

@@ -135,6 +135,14 @@ def row_checksums(rows: np.ndarray) -> np.ndarray:
     return np.fromiter((zlib.crc32(r.tobytes()) for r in raw), np.uint32, len(rows))
 
 
+def shard_size(path: Path) -> int:
+    """Bytes of a shard; a shard another process just merged away counts as large (left alone)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return COMPACT_BYTES
+
+
 class FeatureCache:
     """Append-only shards of one recipe; safe under SIGKILL and concurrent writers."""
 
@@ -251,13 +259,14 @@ class FeatureCache:
         return self.dir / name
 
     def compact(self, above: int = COMPACT_ABOVE) -> int:
-        """Merge many small shards into few; concurrent readers and compactors stay correct.
+        """Merge many small shards into few (merged shards are not rewritten); concurrent readers and compactors
+        stay correct.
 
         Rows are written to new shards before the old ones are removed, so at
         every moment each row is in at least one complete shard. Returns the
         number of shards removed.
         """
-        paths = self.shards()
+        paths = [path for path in self.shards() if shard_size(path) < COMPACT_BYTES // 2]  # merged ones stay
         if len(paths) <= above:
             return 0
         seen: set[tuple[bytes, int]] = set()
