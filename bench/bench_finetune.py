@@ -141,7 +141,12 @@ def main() -> None:
     epochs = args.epochs or (4 if args.quick else 3)
     rounds = 1 if args.quick else 2
     gpu = bool(tf.config.list_physical_devices("GPU"))
-    work = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
+    with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:  # photos and run folders go with it
+        results = measure(args, Path(tmp), size, count, epochs, rounds, gpu)
+    emit("finetune", results)
+
+
+def measure(args, work: Path, size: int, count: int, epochs: int, rounds: int, gpu: bool) -> dict:
     root = write_photo_folder(work / "photos", count, classes=2)
 
     config = make_config(root, work, size, args.batch, epochs)
@@ -176,11 +181,12 @@ def main() -> None:
                                       ("mixed_float16_xla", "float16", True)):
             timer = run_tl_app(make_config(root, work, size, args.batch, epochs, precision, jit))
             sweep[label] = round(n_train / steady(timer.seconds), 2)
-            print(f"tl-app {label:<18}: {sweep[label]:7.2f} images/s")
+            print(f"tl-app {label:<18}: {sweep[label]:7.2f} images/s  ({sweep[label] / sweep['fp32']:.2f}x fp32)")
         results["precision_sweep_images_per_s"] = sweep
+        results["precision_sweep_vs_fp32"] = {k: round(v / sweep["fp32"], 3) for k, v in sweep.items()}
     else:
         print("precision/XLA sweep skipped: no GPU here (pass --sweep to run it on CPU anyway)")
-    emit("finetune", results)
+    return results
 
 
 if __name__ == "__main__":

@@ -44,21 +44,26 @@ def free_port() -> int:
 def start_server(root: Path, batching: bool, max_batch: int, timeout_ms: float, log: Path):
     port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    log_handle = open(log, "w")
     proc = subprocess.Popen([sys.executable, "-m", "tl_app", "serve", str(root), "--port", str(port),
                              "--batching" if batching else "--no-batching", "--max-batch-size", str(max_batch),
                              "--batch-timeout-ms", str(timeout_ms)],
-                            cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                            cwd=REPO, env=env, stdout=log_handle, stderr=subprocess.STDOUT)
+    log_handle.close()  # the child has its own copy
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(log.read_text()[-3000:])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/healthz")
             if conn.getresponse().status == 200:
                 return proc, port
         except OSError:
-            time.sleep(0.2)
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not start")
 
