@@ -155,8 +155,7 @@ def class_sort_key(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
-def scan(root: str | Path, config: DataConfig | None = None, *, cache_dir: str | Path | None = None,
-         progress: bool = False) -> Manifest:
+def scan(root: str | Path, config: DataConfig | None = None, *, cache_dir: str | Path | None = None) -> Manifest:
     """Find, probe, label and split every file below ``root``."""
     config = config or DataConfig()
     root = Path(root).expanduser()

@@ -86,7 +86,6 @@ def make_dataset(
     seed: int = 0,
     with_index: bool = False,
     background: Sequence[int] = (255, 255, 255),
-    repeat: bool = False,
 ) -> tf.data.Dataset:
     """Batches of (images, one-hot labels[, record index]) or (images[, index]).
 
@@ -101,8 +100,6 @@ def make_dataset(
     ds = tf.data.Dataset.from_tensor_slices((paths, fast, labels, index))
     if shuffle:
         ds = ds.shuffle(max(1, len(records)), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
 
     def load(path, is_fast, label, idx):
         return load_image(path, is_fast, input_size, resize_policy, background), label, idx

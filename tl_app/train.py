@@ -28,9 +28,9 @@ class PreparedRun:
     weights_fingerprint: str
 
 
-def scan_dataset(config: Config, progress: bool = True) -> Manifest:
-    manifest = scan(config.data.root, config.data, cache_dir=Path(config.features.cache_dir).parent / "scan")
-    return manifest
+def scan_dataset(config: Config) -> Manifest:
+    """The configured dataset, with probes remembered next to the feature cache."""
+    return scan(config.data.root, config.data, cache_dir=Path(config.features.cache_dir).parent / "scan")
 
 
 def prepare_run(config: Config, run_dir: str | Path | None = None, echo=print) -> PreparedRun:
