@@ -14,17 +14,13 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from factories import shared_export  # noqa: E402
-from test_server import start  # noqa: E402
+from factories import shared_export
+from test_server import start
 
 httpx = pytest.importorskip("httpx")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,9 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from tl_app.errors import TlAppError  # noqa: E402
-from tl_app.evaluate import classification_metrics, evaluate, most_confused, open_model  # noqa: E402
+from tl_app.errors import TlAppError
+from tl_app.evaluate import classification_metrics, evaluate, most_confused, open_model
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ convolutional block keeps an 8x8 spatial map at 64x64 pixels.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
+from tl_app.errors import ConfigError
 
 SIZE = 64
 PATCH = (8, 24)  # rows and columns [8, 24): inside the top-left quadrant
@@ -153,4 +152,8 @@ def test_unknown_class_and_method_are_clear_errors(run_dir, sample_dir, cli):
     result = cli("explain", run, image, "--class", "circle")
     assert result.exit_code != 0 and "Did you mean 'circles'" in result.output
     result = cli("explain", run, image, "--method", "saliency")
-    assert result.exit_code != 0
+    assert result.exit_code != 0 and "gradcam" in result.output and "Traceback" not in result.output
+    from tl_app.explain import explain
+
+    with pytest.raises(ConfigError, match="gradcam"):  # the library checks too, for callers from Python
+        explain(run, [image], "saliency", echo=None)

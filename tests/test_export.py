@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from factories import reference_pixels  # noqa: E402
+from factories import reference_pixels
 
-from tl_app.errors import ConfigError, ModelNotFoundError  # noqa: E402
+from tl_app.errors import ConfigError, ModelNotFoundError
 
 REPO = Path(__file__).resolve().parents[1]
 
