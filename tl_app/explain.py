@@ -101,8 +101,11 @@ class GradCam:
 
         return logits
 
-    def __call__(self, images: np.ndarray, class_indices) -> tuple[np.ndarray, np.ndarray]:
-        """Heat maps in [0, 1] (N x h x w of the conv block) and the class probabilities."""
+    def __call__(self, images: np.ndarray, class_indices=None) -> tuple[np.ndarray, np.ndarray]:
+        """Heat maps in [0, 1] (N x h x w of the conv block) and the class probabilities.
+
+        ``class_indices`` None explains each image's top class (one forward pass either way).
+        """
         import tensorflow as tf
         from keras import ops
 
@@ -113,7 +116,9 @@ class GradCam:
             conv, features = self.inner(inputs, training=False)
             pooled = self.pool(features) if self.pool is not None else features
             scores = self.logits(pooled)
-            chosen = tf.gather(scores, tf.constant(np.asarray(class_indices), tf.int32), axis=1, batch_dims=1)
+            targets = (tf.argmax(scores, axis=1, output_type=tf.int32) if class_indices is None
+                       else tf.constant(np.asarray(class_indices), tf.int32))
+            chosen = tf.gather(scores, targets, axis=1, batch_dims=1)
         grads = tape.gradient(chosen, conv)
         probs = ops.convert_to_numpy(self.head(pooled, training=False))
         conv = tf.cast(conv, tf.float32)
@@ -189,12 +194,14 @@ def explain(model_path, images, method: str = "gradcam", class_name: str | None 
             continue
         model_input = resize_images(decoded, loaded.input_size, loaded.resize_policy).numpy()
         display = resize_images(decoded, max(DISPLAY_SIZE, loaded.input_size), loaded.resize_policy).numpy()
-        probs = np.asarray(loaded.model.predict_on_batch(model_input[None]))[0]
-        index = loaded.classes.index(class_name) if class_name else int(np.argmax(probs))
+        wanted = loaded.classes.index(class_name) if class_name else None
         if cam is not None:
-            heats, _ = cam(model_input[None], [index])
-            heat = heats[0]
+            heats, probs = cam(model_input[None], None if wanted is None else [wanted])
+            heat, probs = heats[0], probs[0]
+            index = int(np.argmax(probs)) if wanted is None else wanted
         else:
+            probs = np.asarray(loaded.model.predict_on_batch(model_input[None]))[0]
+            index = int(np.argmax(probs)) if wanted is None else wanted
             heat, _ = occlusion_map(loaded.model, model_input, index, patch, stride)
         peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
         name = f"{n:03d}_{Path(path).stem}_{method}.png"
