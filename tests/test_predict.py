@@ -47,17 +47,27 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def test_folders_files_and_globs_with_bad_files_listed_never_fatal(exported, messy_folder, tmp_path, cli):
+    from tl_app.inference import iter_inputs
+
     root, good = messy_folder
     out = tmp_path / "preds.csv"
     extra = tmp_path / "single.png"
     shutil.copy(next(p for p in good if p.suffix == ".png"), extra)
-    result = cli("predict", exported["root"] / "shapes", root, extra, str(tmp_path / "glob*" / "*.png"),
-                 tmp_path / "missing.jpg", "--out", out, "--top-k", "2", "--batch-size", "4")
+    inputs = [root, extra, str(root / "**" / "*.jpg"), str(tmp_path / "glob*" / "*.png"), tmp_path / "missing.jpg"]
+    result = cli("predict", exported["root"] / "shapes", *inputs, "--out", out, "--top-k", "2", "--batch-size", "4")
     assert result.exit_code == 0, result.output
     rows = read_csv(out)
+    assert [r["path"] for r in rows] == [path for path, _ in iter_inputs(inputs)]  # input order, bad rows too
     by_path = {Path(r["path"]).name: r for r in rows}
     predicted = [r for r in rows if not r["error"]]
-    assert len(predicted) == len(good) + 1
+    jpegs = sorted(p.name for p in good if p.suffix == ".jpg")
+    assert len(jpegs) >= 3  # in root, nested and nested/deeper: the glob's ** recursion is exercised
+    assert len(predicted) == len(good) + 1 + len(jpegs)  # the folder, the file, then the glob's matches again
+    # the recursive glob: every .jpg below root, good or bad, once more; nothing else
+    globbed = [Path(r["path"]).name for r in rows
+               if Path(r["path"]).suffix == ".jpg" and root in Path(r["path"]).parents]
+    assert sorted(globbed) == sorted((jpegs + ["empty.jpg", "truncated.jpg"]) * 2)
+    assert len([r for r in rows if Path(r["path"]).name == "truncated.jpg" and r["error"]]) == 2
     for row in predicted:
         assert row["label_1"] in ("circles", "squares", "triangles") and row["label_2"]
         assert float(row["probability_1"]) >= float(row["probability_2"]) > 0
@@ -139,7 +149,7 @@ def test_rotated_transparent_and_gif_images_are_decoded_as_in_training(exported,
 
 
 def test_model_argument_forms_and_mistakes(exported, sample_dir, tmp_path):
-    from tl_app.inference import load_predictor, predict_paths
+    from tl_app.inference import load_predictor, predict_paths, read_model_info
 
     for path, kind, version in ((exported["root"] / "shapes", "savedmodel", 1),
                                 (exported["version_dir"], "savedmodel", 1),
@@ -147,6 +157,15 @@ def test_model_argument_forms_and_mistakes(exported, sample_dir, tmp_path):
         predictor = load_predictor(path)
         assert (predictor.kind, predictor.version) == (kind, version)
         assert predictor.classes == ["circles", "squares", "triangles"] and predictor.input_size == 32
+        assert predictor.background == (255, 255, 255)
+        info = read_model_info(path)  # the same facts, from the model's files alone (the Ray driver's view)
+        assert (info.source, info.classes, info.input_size, info.version, info.background) == (
+            predictor.source, predictor.classes, predictor.input_size, predictor.version, predictor.background)
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(exported["run_dir"], unfinished, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("model.keras"))
+    with pytest.raises(ModelNotFoundError, match="did not finish training"):
+        read_model_info(unfinished)
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         load_predictor(tmp_path / "nope")
     (tmp_path / "empty_model").mkdir()
@@ -156,6 +175,94 @@ def test_model_argument_forms_and_mistakes(exported, sample_dir, tmp_path):
         predict_paths(exported["version_dir"], [sample_dir], out=tmp_path / "x.xlsx", echo=None)
     with pytest.raises(ConfigError, match="top-k"):
         predict_paths(exported["version_dir"], [sample_dir], top_k=0, echo=None)
+
+
+def link_copy(source: Path, target: Path, config_file: str, background: list[int]) -> Path:
+    """A hard-linked copy of a run or an exported version whose saved configuration has another background."""
+    shutil.copytree(source, target, copy_function=os.link)
+    path = target / config_file
+    data = json.loads(path.read_text())
+    (data["config"] if config_file == "model_card.json" else data)["data"]["background"] = background
+    path.unlink()  # a link to the shared model's file: replace it, never write through it
+    path.write_text(json.dumps(data))
+    return target
+
+
+def test_transparent_images_are_composited_on_the_runs_background(exported, keras_model, tmp_path):
+    from tl_app.errors import ConfigError
+    from tl_app.inference import load_predictor, predict_paths
+    from tl_app.pipeline import load_images
+
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "transparent"
+    folder.mkdir()
+    pixels = rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)
+    alpha = np.zeros((36, 36), np.uint8)
+    alpha[8:28, 8:28] = 255  # an opaque square on a see-through canvas
+    Image.fromarray(np.dstack([pixels, alpha]), "RGBA").save(folder / "cutout.png")
+    Image.fromarray(np.dstack([pixels[..., 0], alpha]), "LA").save(folder / "gray.png")
+    paths = sorted(folder.iterdir())
+    black = keras_model.predict(load_images(paths, 32, "center_crop", (0, 0, 0)), verbose=0)
+    white = keras_model.predict(load_images(paths, 32, "center_crop"), verbose=0)
+    assert np.max(np.abs(black - white)) > 1e-4  # the background changes this model's answer
+    version = link_copy(exported["version_dir"], tmp_path / "saved_models" / "shapes" / "1", "model_card.json",
+                        [0, 0, 0])
+    run = link_copy(exported["run_dir"], tmp_path / "run", "config.json", [0, 0, 0])
+    classes = ["circles", "squares", "triangles"]
+    for model in (version, run):  # the card's config (SavedModel) and the run's config.json (Keras)
+        assert load_predictor(model).background == (0, 0, 0)
+        out = tmp_path / f"{model.name}.jsonl"
+        summary = predict_paths(model, [folder], out=out, top_k=3, echo=None)
+        assert summary["predicted"] == 2
+        for line, want in zip(out.read_text().splitlines(), black):
+            got = np.zeros(3)
+            for p in json.loads(line)["predictions"]:
+                got[classes.index(p["label"])] = p["probability"]
+            assert np.max(np.abs(got - want)) <= 1e-5, (model, line)
+    broken = link_copy(exported["run_dir"], tmp_path / "bad-run", "config.json", [0, 0, 256])
+    with pytest.raises(ConfigError, match="data.background must be three integers"):
+        load_predictor(broken)
+
+
+def test_symlink_loops_list_each_file_once(exported, sample_dir, tmp_path):
+    from tl_app.inference import predict_paths
+
+    root = tmp_path / "looped"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(next(sample_dir.glob("*/*.png")), root / "sub" / "a.png")
+    shutil.copy(next(sample_dir.glob("*/*.jpg")), root / "b.jpg")
+    (root / "empty").mkdir()
+    os.symlink("..", root / "sub" / "up")  # sub/up -> root: without care, a.png and b.jpg ~40 times each
+    os.symlink(".", root / "empty" / "self")  # empty/self -> empty
+    for inputs in ([root], [root / "sub"]):
+        out = tmp_path / "loop.csv"
+        summary = predict_paths(exported["version_dir"], inputs, out=out, top_k=1, echo=None)
+        assert sorted(Path(r["path"]).name for r in read_csv(out)) == ["a.png", "b.jpg"], inputs
+        assert (summary["total"], summary["predicted"], summary["bad"]) == (2, 2, 0)
+
+
+def test_bad_files_get_the_dataset_scans_reasons(exported, sample_dir, tmp_path):
+    from tl_app.images import probe_file
+    from tl_app.inference import MAX_PIXELS, predict_paths
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image")
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(folder / "portable.png", format="PPM")  # a format the scan skips
+    jpeg = next(sample_dir.glob("*/*.jpg")).read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    os.symlink(folder / "gone.jpg", folder / "broken.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    out = tmp_path / "bad.csv"
+    summary = predict_paths(exported["version_dir"], [folder], out=out, echo=None)
+    rows = read_csv(out)
+    assert (summary["predicted"], summary["bad"]) == (0, 6)
+    reasons = {Path(r["path"]).name: r["error"] for r in rows}
+    assert reasons["broken.jpg"] == "broken link" and reasons["pipe.jpg"] == "not a regular file"
+    assert reasons["portable.png"] == "unsupported image format PPM"
+    for row in rows:  # word for word what training's scan says about each file
+        assert row["error"] == probe_file(row["path"], MAX_PIXELS).reason, row
 
 
 @pytest.mark.slow

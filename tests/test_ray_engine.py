@@ -163,27 +163,32 @@ def test_ray_extract_resumes_from_what_the_cache_holds(ray_local, tiny_config):
 @pytest.mark.slow
 def test_ray_predict_writes_the_local_engine_rows(ray_local, cli, tiny_config, tmp_path):
     from factories import make_run_dir
+    from PIL import Image
 
-    from tl_app.inference import predict_paths
+    from tl_app.inference import iter_inputs, predict_paths
 
+    tiny_config.data.background = [0, 0, 0]  # the actors must composite transparency on it too
     run_dir = make_run_dir(tiny_config)
     inputs = tmp_path / "inputs"
     shutil.copytree(tiny_config.data.root, inputs)
     (inputs / "circles" / "broken.jpg").write_bytes(b"not an image")
+    rgba = np.random.default_rng(1).integers(0, 255, (40, 40, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(inputs / "squares" / "see-through.png")
     missing = tmp_path / "missing.jpg"
     local = predict_paths(run_dir, [inputs, missing], out=tmp_path / "local.csv", top_k=2, batch_size=8, echo=None)
     result = cli("predict", run_dir, inputs, missing, "--out", tmp_path / "ray.csv", "--top-k", 2,
                  "--batch-size", 8, "--json", "--engine", "ray", "--num-workers", 2)
     assert result.exit_code == 0, result.output
     remote = last_json(result.output)
-    for key in ("predicted", "bad", "total"):
+    for key in ("predicted", "bad", "total", "bad_files"):
         assert remote[key] == local[key]
-    assert (remote["predicted"], remote["bad"]) == (36, 2)
+    assert (remote["predicted"], remote["bad"]) == (37, 2)
     a, b = read_rows(tmp_path / "local.csv"), read_rows(tmp_path / "ray.csv")
     assert a[0] == b[0]  # the header
-    a, b = sorted(a[1:]), sorted(b[1:])  # the local engine may write a bad file's row early
-    assert [(r[0], r[1], r[3], r[-1]) for r in a] == [(r[0], r[1], r[3], r[-1]) for r in b]
-    for x, y in zip(a, b):
+    # the same rows in the same order, which is the order of the inputs
+    assert [r[0] for r in b[1:]] == [path for path, _ in iter_inputs([inputs, missing])]
+    assert [(r[0], r[1], r[3], r[-1]) for r in a[1:]] == [(r[0], r[1], r[3], r[-1]) for r in b[1:]]
+    for x, y in zip(a[1:], b[1:]):
         for i in (2, 4):
             if x[i]:
-                assert abs(float(x[i]) - float(y[i])) <= 1e-5
+                assert abs(float(x[i]) - float(y[i])) <= 1e-5, (x, y)

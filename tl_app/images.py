@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from PIL import Image, ImageFile, ImageOps
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 IMAGE_FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO"}
 FAST_MODES = {"RGB", "L"}
+GRAPH_FORMATS = {"JPEG", "PNG"}  # decoded in the tf.data graph when also upright, 8-bit and opaque
 EXIF_ORIENTATION = 0x0112
 
 
@@ -43,62 +45,125 @@ class Probe:
         return not self.reason
 
 
-def probe_file(path: str | Path, max_pixels: int) -> Probe:
-    """Hash and check one file; never raises for a bad file."""
-    path = Path(path)
+# ---- the checks every reader shares (dataset scan, tl-app predict) -----------------------
+EMPTY_FILE = "empty file (0 bytes)"
+PIXEL_HINT = " (raise data.max_pixels if it is real)"
+
+
+def path_problem(path: Path) -> str:
+    """Why ``path`` cannot be read as a file at all ("" when it can), before opening it."""
     if path.is_symlink() and not path.exists():
-        return Probe(reason="broken link")
+        return "broken link"
     if not path.is_file():  # FIFOs, sockets, devices: reading could block forever
-        return Probe(reason="not a regular file")
+        return "not a regular file"
+    return ""
+
+
+def unreadable(exc: OSError) -> str:
+    """The reason for a file that exists but could not be opened or read."""
+    if isinstance(exc, PermissionError):
+        return "unreadable: permission denied"
+    return f"unreadable: {exc.strerror or exc}"
+
+
+def decode_problem(exc: BaseException) -> str:
+    """The reason for an error Pillow raised while opening or decoding an image."""
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"too many pixels: possible decompression bomb ({exc})"
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image (unknown file type)"
+    text = str(exc)
+    return "truncated image" if "truncat" in text.lower() else f"undecodable image: {text[:200]}"
+
+
+def graph_decodable(image: Image.Image) -> bool:
+    """The ``fast`` rule: does TensorFlow's decoder give the same pixels as ``decode_pil``?
+
+    Plain upright 8-bit opaque JPEG/PNG: yes. EXIF-rotated, transparent, CMYK,
+    16-bit, GIF, BMP, WebP, TIFF...: no, decode those with Pillow.
+    """
+    fmt = (image.format or "").upper()
+    orientation = int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    opaque = "transparency" not in image.info and image.mode in FAST_MODES
+    return fmt in GRAPH_FORMATS and opaque and orientation == 1
+
+
+def read_header(image: Image.Image, probe: Probe, max_pixels: int, pixel_hint: str = "") -> Probe:
+    """Format, size, mode and orientation of an opened image into ``probe``; a reason if they rule it out."""
+    probe.format = (image.format or "").upper()
+    probe.width, probe.height = image.size
+    probe.mode = image.mode
+    if probe.format not in IMAGE_FORMATS:
+        probe.reason = f"unsupported image format {probe.format or 'unknown'}"
+    elif probe.width * probe.height > max_pixels:
+        probe.reason = (f"too many pixels ({probe.width}x{probe.height} > {max_pixels}); "
+                        f"possible decompression bomb{pixel_hint}")
+    else:
+        probe.orientation = int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    return probe
+
+
+def probe_header(path: str | Path, max_pixels: int) -> Probe:
+    """probe_file's checks that need only the header: no hash, no pixel decode; never raises for a bad file.
+
+    For readers that decode the file next anyway (tl-app predict): a truncated
+    or corrupt body shows up there, not here.
+    """
+    path = Path(path)
+    problem = path_problem(path)
+    if problem:
+        return Probe(reason=problem)
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        return Probe(reason=unreadable(exc))
+    with handle:
+        try:
+            if os.fstat(handle.fileno()).st_size == 0:
+                return Probe(reason=EMPTY_FILE)
+        except OSError as exc:
+            return Probe(reason=unreadable(exc))
+        probe = Probe()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(handle) as image:
+                    read_header(image, probe, max_pixels)
+                    probe.fast = not probe.reason and graph_decodable(image)
+        except Exception as exc:  # a corrupt header can raise almost anything inside Pillow
+            probe.reason = decode_problem(exc)
+            probe.fast = False
+    return probe
+
+
+def probe_file(path: str | Path, max_pixels: int) -> Probe:
+    """Hash and check one file (header and full decode); never raises for a bad file."""
+    path = Path(path)
+    problem = path_problem(path)
+    if problem:
+        return Probe(reason=problem)
     try:
         data = path.read_bytes()
-    except PermissionError:
-        return Probe(reason="unreadable: permission denied")
     except OSError as exc:
-        return Probe(reason=f"unreadable: {exc.strerror or exc}")
+        return Probe(reason=unreadable(exc))
     if not data:
-        return Probe(reason="empty file (0 bytes)")
+        return Probe(reason=EMPTY_FILE)
     probe = Probe(sha256=hashlib.sha256(data).hexdigest())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            probe.format = (image.format or "").upper()
-            probe.width, probe.height = image.size
-            probe.mode = image.mode
-            if probe.format not in IMAGE_FORMATS:
-                probe.reason = f"unsupported image format {probe.format or 'unknown'}"
+            if read_header(image, probe, max_pixels, PIXEL_HINT).reason:
                 return probe
-            if probe.width * probe.height > max_pixels:
-                probe.reason = (
-                    f"too many pixels ({probe.width}x{probe.height} > {max_pixels}); "
-                    "possible decompression bomb (raise data.max_pixels if it is real)"
-                )
-                return probe
-            probe.orientation = int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
-            transparent = "transparency" in image.info or image.mode in ("RGBA", "LA", "PA", "RGBa")
+            fast = graph_decodable(image)
             if probe.format == "JPEG" and image.mode in ("RGB", "L"):
                 image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()  # full decode: finds truncated and corrupt data
-    except Image.DecompressionBombError as exc:
-        probe.reason = f"too many pixels: possible decompression bomb ({exc})"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, SyntaxError, ValueError,
+            EOFError) as exc:
+        probe.reason = decode_problem(exc)
         return probe
-    except Image.DecompressionBombWarning as exc:
-        probe.reason = f"too many pixels: possible decompression bomb ({exc})"
-        return probe
-    except Image.UnidentifiedImageError:
-        probe.reason = "not an image (unknown file type)"
-        return probe
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        text = str(exc)
-        probe.reason = "truncated image" if "truncat" in text.lower() else f"undecodable image: {text[:200]}"
-        return probe
-    probe.fast = (
-        probe.format in ("JPEG", "PNG")
-        and probe.mode in FAST_MODES
-        and probe.orientation == 1
-        and not transparent
-    )
+    probe.fast = fast
     return probe
 
 

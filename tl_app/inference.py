@@ -3,8 +3,8 @@
 Images stream through tf.data in batches (decode and resize in parallel, the
 model on the previous batch meanwhile), so memory stays bounded however many
 inputs there are: inputs are walked lazily (once to count, once to read), and
-rows are written as their batch finishes. A file that cannot be used becomes a
-row with its reason, never an exception.
+rows are written in input order as their batch finishes. A file that cannot be
+used becomes a row with its reason, never an exception.
 """
 
 from __future__ import annotations
@@ -22,14 +22,31 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from tl_app.dataset import is_hidden
 from tl_app.errors import ConfigError, ModelNotFoundError
+from tl_app.images import graph_decodable, probe_header  # noqa: F401  (graph_decodable: tl_app.serve)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".jfif", ".mpo"}
-GRAPH_FORMATS = {"JPEG", "PNG"}  # decoded in the tf.data graph when also upright, 8-bit and opaque
 MAX_PIXELS = 89_478_485
+DEFAULT_BACKGROUND = (255, 255, 255)
+MAX_LISTED_BAD = 100  # bad files named in the summary; every one has its row in the output
 
 
 # ---- the model -------------------------------------------------------------------
+@dataclass
+class ModelInfo:
+    """What a model's files say about it, read without loading the model."""
+
+    source: Path  # the run directory, or the exact version folder (a newer version appearing later is not used)
+    classes: list[str]
+    input_size: int
+    resize_policy: str
+    name: str = ""
+    version: int | None = None
+    card: dict = field(default_factory=dict, repr=False)  # model_card.json, or run.json for a run
+    background: tuple = DEFAULT_BACKGROUND  # training's data.background: transparency is composited on it
+
+
 @dataclass
 class Predictor:
     """A loaded classifier: pixels (N, size, size, 3, 0..255) -> probabilities (N, C)."""
@@ -43,50 +60,77 @@ class Predictor:
     name: str = ""
     version: int | None = None
     card: dict = field(default_factory=dict, repr=False)
+    background: tuple = DEFAULT_BACKGROUND  # decode transparent images onto this, as training did
 
     def predict(self, images) -> np.ndarray:
         return np.asarray(self.predict_fn(images))
+
+
+def run_background(config: dict | None, source: str) -> tuple:
+    """data.background of a run's saved configuration, checked as training checked it (white if absent)."""
+    from tl_app.config import Config
+
+    data = (config or {}).get("data") or {}
+    if "background" not in data:
+        return DEFAULT_BACKGROUND
+    checked = Config.from_dict({"data": {"background": data["background"]}}, source=source)
+    return tuple(int(v) for v in checked.data.background)
+
+
+def read_model_info(path: str | Path) -> ModelInfo:
+    """saved_models/<name> (newest version), a version folder, or a run directory: its classes, sizes,
+    version and background from run.json/config.json or model_card.json; the model itself is not loaded."""
+    from tl_app.export import CARD_FILE, read_card, resolve_version_dir
+    from tl_app.runs import MODEL_FILE, RUN_FILE, read_run_info
+
+    path = Path(path)
+    if (path / RUN_FILE).is_file():
+        info = read_run_info(path)
+        if not (path / MODEL_FILE).is_file():
+            raise ModelNotFoundError(f"{path / MODEL_FILE} does not exist: the run did not finish training. "
+                                     f"Train it again, or pass an exported model (saved_models/<name>).")
+        config_file = path / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        return ModelInfo(path, list(info["classes"]), int(info["input_size"]), info.get("resize_policy") or "auto",
+                         name=path.name, card=info, background=run_background(config, str(config_file)))
+    version_dir = resolve_version_dir(path)
+    card = read_card(version_dir)
+    if not card:
+        raise ModelNotFoundError(f"{version_dir} has no {CARD_FILE}; re-export it with 'tl-app export'.")
+    version = int(version_dir.name) if version_dir.name.isdigit() else None
+    name = version_dir.parent.name if version is not None else version_dir.name
+    return ModelInfo(version_dir, list(card["classes"]), int(card["input_size"]), card.get("resize_policy") or "auto",
+                     name=name, version=version, card=card,
+                     background=run_background(card.get("config"), f"{version_dir / CARD_FILE} [config]"))
 
 
 def load_predictor(path: str | Path) -> Predictor:
     """saved_models/<name> (newest version), a version folder, or a run directory."""
     import tensorflow as tf
 
-    from tl_app.export import (KERAS_FILE, PIXELS_SIGNATURE, SAVED_MODEL_FILE, read_card,
-                               resolve_version_dir)
-    from tl_app.runs import RUN_FILE, load_run_model
+    from tl_app.export import KERAS_FILE, PIXELS_SIGNATURE, SAVED_MODEL_FILE
+    from tl_app.runs import RUN_FILE, load_model_file, load_run_model
 
-    path = Path(path)
-    if (path / RUN_FILE).is_file():
-        info = json.loads((path / RUN_FILE).read_text())
-        model = load_run_model(path)
-        return Predictor(list(info["classes"]), int(info["input_size"]), info.get("resize_policy") or "auto",
-                         path, "keras", keras_function(model, int(info["input_size"])), name=path.name, card=info)
-    version_dir = resolve_version_dir(path)
-    card = read_card(version_dir)
-    version = int(version_dir.name) if version_dir.name.isdigit() else None
-    name = version_dir.parent.name if version is not None else version_dir.name
-    if (version_dir / SAVED_MODEL_FILE).is_file():
-        loaded = tf.saved_model.load(str(version_dir))
+    info = read_model_info(path)
+    source = info.source
+    if (source / RUN_FILE).is_file():
+        predictor_fn, kind = keras_function(load_run_model(source), info.input_size), "keras"
+    elif (source / SAVED_MODEL_FILE).is_file():
+        loaded = tf.saved_model.load(str(source))
         signature = loaded.signatures.get(PIXELS_SIGNATURE)
         if signature is None:
-            raise ModelNotFoundError(f"{version_dir} has no {PIXELS_SIGNATURE!r} signature; export it with tl-app.")
-        if not card:
-            raise ModelNotFoundError(f"{version_dir} has no model_card.json; re-export it with 'tl-app export'.")
+            raise ModelNotFoundError(f"{source} has no {PIXELS_SIGNATURE!r} signature; export it with tl-app.")
 
         def run(images, _signature=signature, _keep=loaded):
             return _signature(images=tf.convert_to_tensor(images, tf.float32))["probabilities"].numpy()
 
         predictor_fn, kind = run, "savedmodel"
-    elif (version_dir / KERAS_FILE).is_file():
-        from tl_app.runs import load_model_file
-
-        model = load_model_file(version_dir / KERAS_FILE)
-        predictor_fn, kind = keras_function(model, int(card["input_size"])), "keras"
+    elif (source / KERAS_FILE).is_file():
+        predictor_fn, kind = keras_function(load_model_file(source / KERAS_FILE), info.input_size), "keras"
     else:  # resolve_version_dir only returns complete versions
-        raise ModelNotFoundError(f"{version_dir} holds no model.")
-    return Predictor(list(card["classes"]), int(card["input_size"]), card.get("resize_policy") or "auto",
-                     version_dir, kind, predictor_fn, name=name, version=version, card=card)
+        raise ModelNotFoundError(f"{source} holds no model.")
+    return Predictor(info.classes, info.input_size, info.resize_policy, source, kind, predictor_fn,
+                     name=info.name, version=info.version, card=info.card, background=info.background)
 
 
 def keras_function(model, input_size: int):
@@ -101,18 +145,27 @@ def keras_function(model, input_size: int):
 
 
 # ---- the inputs ----------------------------------------------------------------------
-def _walk(folder: Path) -> Iterator[str]:
-    """Image files under a folder, recursively, sorted, hidden entries skipped."""
+def _walk(folder: str | Path, seen: set[str] | None = None) -> Iterator[str]:
+    """Image files under a folder, recursively, sorted, hidden entries skipped (as the dataset scan does).
+
+    Links are followed, and each real directory is entered once (tl_app.dataset.walk_files' rule, kept
+    lazy here): a link back up the tree (loop -> ..) cannot repeat files or recurse without end.
+    """
+    seen = set() if seen is None else seen
+    real = os.path.realpath(folder)
+    if real in seen:
+        return
+    seen.add(real)
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError:
         return
     for entry in entries:
-        if entry.name.startswith("."):
+        if is_hidden(entry.name):
             continue
         try:
             if entry.is_dir():
-                yield from _walk(Path(entry.path))
+                yield from _walk(entry.path, seen)
             elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
                 yield entry.path
         except OSError:
@@ -141,41 +194,11 @@ def iter_inputs(inputs) -> Iterator[tuple[str, str]]:
             yield item, "no such file or directory"
 
 
-def graph_decodable(image) -> bool:
-    """Whether TensorFlow's decoder gives the same pixels as training's Pillow path.
-
-    Plain upright 8-bit opaque JPEG/PNG: yes. EXIF-rotated, transparent,
-    CMYK, 16-bit, GIF, BMP, WebP, TIFF...: decode with Pillow (tl_app.images).
-    """
-    fmt = (image.format or "").upper()
-    orientation = int(image.getexif().get(0x0112, 1) or 1)
-    opaque = "transparency" not in image.info and image.mode in ("RGB", "L")
-    return fmt in GRAPH_FORMATS and opaque and orientation == 1
-
-
 def header_probe(path: str, max_pixels: int = MAX_PIXELS) -> tuple[bool, str]:
-    """(graph-decodable, problem) from the file header only; the full decode happens in tf.data."""
-    from PIL import Image
-
-    p = Path(path)
-    if p.is_symlink() and not p.exists():
-        return False, "broken link"
-    if not p.is_file():
-        return False, "not a regular file"
-    try:
-        if p.stat().st_size == 0:
-            return False, "empty file (0 bytes)"
-        with Image.open(p) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                return False, f"too many pixels ({width}x{height} > {max_pixels}); possible decompression bomb"
-            return graph_decodable(image), ""
-    except PermissionError:
-        return False, "unreadable: permission denied"
-    except Image.UnidentifiedImageError:
-        return False, "not an image (unknown file type)"
-    except Exception as exc:  # a corrupt header: say what Pillow said
-        return False, f"undecodable image: {str(exc)[:200]}"
+    """(graph-decodable, problem) from the file header only (tl_app.images.probe_header, the dataset scan's
+    checks); the full decode happens in tf.data."""
+    probe = probe_header(path, max_pixels)
+    return probe.fast, probe.reason
 
 
 def decode_failure_reason(path: str) -> str:
@@ -261,98 +284,109 @@ class Progress:
         self.stream.flush()
 
 
+# ---- what both engines share (tl_app.engines.ray_engine.predict_paths_ray too) ------------
+def check_request(inputs, top_k: int, batch_size: int) -> list:
+    """The inputs as a list, after checking the numbers; a clear error for each mistake."""
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {top_k}.")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = list(inputs)
+    if not inputs:
+        raise ConfigError("No inputs given: pass image files, folders or globs, e.g. tl-app predict MODEL photos/.")
+    return inputs
+
+
+def top_classes(probs: np.ndarray, classes: list[str], k: int) -> list[tuple[str, float]]:
+    """One image's k most probable classes, most probable first (a tie keeps the class order)."""
+    order = np.argsort(-np.asarray(probs), kind="stable")[:k]
+    return [(classes[j], float(probs[j])) for j in order]
+
+
+class Tally:
+    """Writes the rows, counts them, and names the first MAX_LISTED_BAD bad files for the summary."""
+
+    def __init__(self, writer: RowWriter, classes: list[str]):
+        self.writer, self.classes = writer, classes
+        self.done = 0
+        self.bad = 0
+        self.bad_files: list[dict] = []
+
+    def prediction(self, path: str, probs: np.ndarray) -> None:
+        self.writer.prediction(path, top_classes(probs, self.classes, self.writer.top_k))
+        self.done += 1
+
+    def failure(self, path: str, reason: str) -> None:
+        self.writer.failure(path, reason)
+        self.bad += 1
+        if len(self.bad_files) < MAX_LISTED_BAD:
+            self.bad_files.append({"path": path, "reason": reason})
+
+    def summary(self, model: str | Path, version: int | None, total: int, seconds: float) -> dict:
+        return {
+            "model": str(model), "version": version, "predicted": self.done, "bad": self.bad, "total": total,
+            "seconds": round(seconds, 3), "images_per_second": round(self.done / seconds, 2) if seconds > 0 else 0.0,
+            "out": str(self.writer.path) if self.writer.path else None, "bad_files": self.bad_files,
+        }
+
+
 # ---- the entry point -------------------------------------------------------------------
 def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, batch_size: int = 32,
                   echo=print, progress: bool | None = None) -> dict:
-    """Predict every image among ``inputs``; rows go to ``out`` (CSV/JSONL) or stdout.
+    """Predict every image among ``inputs``; rows go to ``out`` (CSV/JSONL) or stdout, in input order.
 
     ``model`` is a path (see load_predictor) or a loaded Predictor. Returns a
     summary: predicted, bad, total, seconds, images_per_second, bad_files.
     """
     import tensorflow as tf
 
-    from tl_app.pipeline import decode_file, resize_images
+    from tl_app.pipeline import load_image
 
-    if top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1, got {top_k}.")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
-    if isinstance(inputs, (str, Path)):
-        inputs = [inputs]
-    inputs = list(inputs)
-    if not inputs:
-        raise ConfigError("No inputs given: pass image files, folders or globs, e.g. tl-app predict MODEL photos/.")
+    inputs = check_request(inputs, top_k, batch_size)
     predictor = model if isinstance(model, Predictor) else load_predictor(model)
-    classes = predictor.classes
-    k = min(top_k, len(classes))
-    size = predictor.input_size
-    policy = predictor.resize_policy
+    size, policy, background = predictor.input_size, predictor.resize_policy, predictor.background
     total = sum(1 for _ in iter_inputs(inputs))
-
-    writer = RowWriter(out, k)
-    failures: collections.deque = collections.deque()  # (path, reason) found by the reader thread
-    in_flight: collections.deque = collections.deque()  # (index, path) handed to the decoder
-    bad_files: list[dict] = []  # the first 100, for the summary; every one is in the output
-    bad = [0]
+    tally = Tally(RowWriter(out, min(top_k, len(predictor.classes))), predictor.classes)
+    # (index, path, problem) of every input the reader has passed, in input order, until its row is written;
+    # problem is "" for a file handed to the decoder
+    pending: collections.deque = collections.deque()
 
     def source():
         for index, (path, problem) in enumerate(iter_inputs(inputs)):
             fast = False
             if not problem:
                 fast, problem = header_probe(path)
-            if problem:
-                failures.append((path, problem))
-                continue
-            in_flight.append((index, path))
-            yield os.fsencode(path), fast, index
+            pending.append((index, path, problem))
+            if not problem:
+                yield os.fsencode(path), fast, index
 
     signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool), tf.TensorSpec([], tf.int64))
     ds = tf.data.Dataset.from_generator(source, output_signature=signature)
-
-    def load(path, fast, index):
-        image = resize_images(decode_file(path, fast), size, policy)
-        image.set_shape([size, size, 3])
-        return image, index
-
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    ds = ds.map(lambda path, fast, index: (load_image(path, fast, size, policy, background), index),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
     ds = ds.batch(batch_size).prefetch(2)
 
+    def settle(before: int | None) -> None:
+        """Rows for the inputs before ``before`` that never reached the model (all of them when None)."""
+        while pending and (before is None or pending[0][0] < before):
+            _, path, problem = pending.popleft()
+            tally.failure(path, problem or decode_failure_reason(path))
+
     bar = Progress(total, enabled=progress if progress is not None else echo is not None)
-    done = 0
-
-    def record_failure(path: str, reason: str) -> None:
-        writer.failure(path, reason)
-        bad[0] += 1
-        if len(bad_files) < 100:
-            bad_files.append({"path": path, "reason": reason})
-
-    def drain(before: int | None) -> None:
-        while failures:
-            record_failure(*failures.popleft())
-        while in_flight and (before is None or in_flight[0][0] < before):
-            _, path = in_flight.popleft()
-            record_failure(path, decode_failure_reason(path))
-
     started = time.perf_counter()
     try:
         for images, indices in ds:
             probs = predictor.predict(images)
-            order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
             for row, index in enumerate(indices.numpy().tolist()):
-                drain(index)
-                _, path = in_flight.popleft()
-                writer.prediction(path, [(classes[j], float(probs[row, j])) for j in order[row]])
-                done += 1
-            bar.update(done, bad[0])
-        drain(None)
+                settle(index)
+                _, path, _ = pending.popleft()
+                tally.prediction(path, probs[row])
+            bar.update(tally.done, tally.bad)
+        settle(None)
     finally:
-        writer.close()
+        tally.writer.close()
     seconds = time.perf_counter() - started
-    bar.update(done, bad[0], final=True)
-    summary = {
-        "model": str(predictor.source), "version": predictor.version, "predicted": done,
-        "bad": bad[0], "total": total, "seconds": round(seconds, 3),
-        "images_per_second": round(done / seconds, 2) if seconds > 0 else 0.0,
-        "out": str(writer.path) if writer.path else None, "bad_files": bad_files,
-    }
-    return summary
+    bar.update(tally.done, tally.bad, final=True)
+    return tally.summary(predictor.source, predictor.version, total, seconds)

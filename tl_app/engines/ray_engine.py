@@ -249,31 +249,17 @@ class PredictActor:
         self.batch_size = int(batch_size)
 
     def __call__(self, batch: dict) -> dict:
-        import tensorflow as tf
-
         from tl_app.inference import decode_failure_reason, header_probe
-        from tl_app.pipeline import decode_file, resize_images
 
         indices = np.asarray(batch["index"], np.int64)
         paths = [str(p) for p in batch["path"]]
-        reasons = [""] * len(paths)
-        fast = [False] * len(paths)
-        for i, path in enumerate(paths):
-            fast[i], reasons[i] = header_probe(path)
+        checked = [header_probe(path) for path in paths]  # (fast, problem)
+        reasons = [problem for _, problem in checked]
         good = [i for i in range(len(paths)) if not reasons[i]]
-        size, policy = self.predictor.input_size, self.predictor.resize_policy
         probs = np.zeros((len(paths), len(self.predictor.classes)), np.float32)
         ok = np.zeros(len(paths), bool)
         if good:
-            def load(path, is_fast, row):  # the local engine's decode and resize
-                image = resize_images(decode_file(path, is_fast), size, policy)
-                image.set_shape([size, size, 3])
-                return image, row
-
-            ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(paths[i]) for i in good],
-                                                     [fast[i] for i in good], good))
-            ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-            for images, rows in ds.batch(self.batch_size):
+            for images, rows in self._images(paths, [checked[i][0] for i in good], good):
                 rows = rows.numpy()
                 probs[rows] = self.predictor.predict(images)
                 ok[rows] = True
@@ -282,6 +268,19 @@ class PredictActor:
                 reasons[i] = decode_failure_reason(paths[i])
         return {"index": indices, "ok": ok, "probabilities": probs, "reason": np.array(reasons, dtype=object)}
 
+    def _images(self, paths: list[str], fast: list[bool], rows: list[int]):
+        """Batches of (images, row) decoded by the local engine's load_image; a file that fails is dropped."""
+        import tensorflow as tf
+
+        from tl_app.pipeline import load_image
+
+        p = self.predictor
+        size, policy, background = p.input_size, p.resize_policy, p.background
+        ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(paths[i]) for i in rows], fast, rows))
+        ds = ds.map(lambda path, is_fast, row: (load_image(path, is_fast, size, policy, background), row),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+        return ds.batch(self.batch_size)
+
 
 def predict_paths_ray(model, inputs, config: Config, out=None, top_k: int = 5, batch_size: int = 32,
                       echo=print, progress: bool | None = None) -> dict:
@@ -289,60 +288,42 @@ def predict_paths_ray(model, inputs, config: Config, out=None, top_k: int = 5, b
 
     Inputs are listed on the driver; header checks, decoding and the model run
     in the actors. Rows are written in input order as soon as every earlier
-    row is known: the same rows as the local engine (which may write a bad
-    file's row a little early), in the same format.
+    row is known, in the local engine's format.
     """
     import time
 
     from tl_app.errors import ConfigError
-    from tl_app.inference import Predictor, Progress, RowWriter, iter_inputs
+    from tl_app.inference import Predictor, Progress, RowWriter, Tally, check_request, iter_inputs, read_model_info
 
-    if top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1, got {top_k}.")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
+    inputs = check_request(inputs, top_k, batch_size)
     if isinstance(model, Predictor):
         raise ConfigError("--engine ray loads the model in every actor: pass the model's path, not a Predictor.")
     require_ray()
     check_data_address(config)
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = list(inputs)
-    if not inputs:
-        raise ConfigError("No inputs given: pass image files, folders or globs, e.g. tl-app predict MODEL photos/.")
-    from tl_app.inference import load_predictor
-
-    predictor = load_predictor(os.path.abspath(str(model)))  # fails here, clearly, before any actor starts
-    model_path = os.path.abspath(str(predictor.source))  # this version, even if a newer one appears meanwhile
-    classes, version = predictor.classes, predictor.version
-    k = min(top_k, len(classes))
-    del predictor
+    # the model's files, not the model: fails here, clearly, before any actor starts
+    info = read_model_info(os.path.abspath(str(model)))
+    model_path = os.path.abspath(str(info.source))  # this version, even if a newer one appears meanwhile
 
     listed = list(iter_inputs(inputs))
-    writer = RowWriter(out, k)
+    tally = Tally(RowWriter(out, min(top_k, len(info.classes))), info.classes)
     bar = Progress(len(listed), enabled=progress if progress is not None else echo is not None)
-    results: dict[int, tuple] = {}
-    bad_files: list[dict] = []
-    counts = {"done": 0, "bad": 0, "next": 0}
+    results: dict[int, tuple] = {}  # index -> (ok, probabilities, reason), until its row is written
+    written = [0]
 
     def flush() -> None:
-        while counts["next"] in results:
-            path, ok, probs, reason = results.pop(counts["next"])
-            counts["next"] += 1
+        while written[0] in results:
+            ok, probs, reason = results.pop(written[0])
+            path = listed[written[0]][0]
+            written[0] += 1
             if ok:
-                order = np.argsort(-probs, kind="stable")[:k]
-                writer.prediction(path, [(classes[j], float(probs[j])) for j in order])
-                counts["done"] += 1
+                tally.prediction(path, probs)
             else:
-                writer.failure(path, reason)
-                counts["bad"] += 1
-                if len(bad_files) < 100:
-                    bad_files.append({"path": path, "reason": reason})
+                tally.failure(path, reason)
 
     items = []
     for index, (path, problem) in enumerate(listed):
         if problem:
-            results[index] = (path, False, None, problem)
+            results[index] = (False, None, problem)
         else:
             items.append({"index": index, "path": path})
     started = time.perf_counter()
@@ -356,17 +337,12 @@ def predict_paths_ray(model, inputs, config: Config, out=None, top_k: int = 5, b
                     rows = zip(batch["index"].tolist(), batch["ok"].tolist(), np.asarray(batch["probabilities"]),
                                batch["reason"].tolist())
                     for index, ok, probs, reason in rows:
-                        results[index] = (listed[index][0], ok, probs, str(reason))
+                        results[index] = (ok, probs, str(reason))
                     flush()
-                    bar.update(counts["done"], counts["bad"])
+                    bar.update(tally.done, tally.bad)
         flush()
     finally:
-        writer.close()
+        tally.writer.close()
     seconds = time.perf_counter() - started
-    bar.update(counts["done"], counts["bad"], final=True)
-    return {
-        "model": model_path, "version": version, "predicted": counts["done"], "bad": counts["bad"],
-        "total": len(listed), "seconds": round(seconds, 3),
-        "images_per_second": round(counts["done"] / seconds, 2) if seconds > 0 else 0.0,
-        "out": str(writer.path) if writer.path else None, "bad_files": bad_files, "engine": "ray",
-    }
+    bar.update(tally.done, tally.bad, final=True)
+    return {**tally.summary(model_path, info.version, len(listed), seconds), "engine": "ray"}
