@@ -384,3 +384,244 @@ def test_serve_refuses_a_missing_root_with_a_clear_message(cli, tmp_path):
     result = cli("serve", tmp_path / "nowhere")
     assert result.exit_code != 0 and "is not a folder" in result.output and "tl-app export" in result.output
     assert "--batch-timeout-ms" in cli("serve", "--help").output
+
+
+# ---- in-process server (review fixes) ------------------------------------------------------
+def png_bytes(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def transparent_shape() -> np.ndarray:
+    """32x32 RGBA: a red disc, opaque, on a fully transparent rest (no partial alpha: no rounding)."""
+    yy, xx = np.mgrid[:32, :32]
+    disc = (yy - 16) ** 2 + (xx - 16) ** 2 < 100
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[disc] = (220, 30, 30, 255)
+    return rgba
+
+
+def on_background(rgba: np.ndarray, colour) -> np.ndarray:
+    rgb = np.empty((32, 32, 3), np.uint8)
+    rgb[:] = colour
+    opaque = rgba[..., 3] == 255
+    rgb[opaque] = rgba[opaque][:, :3]
+    return rgb
+
+
+@pytest.fixture(scope="module")
+def local_root(exported, tmp_path_factory):
+    """shapes/1: a card without its run config (white); shapes/2: trained on a black background.
+
+    Beside them, folders that are not versions: '²' (str.isdigit() says yes, int() says no), '01', 19 digits.
+    """
+    root = tmp_path_factory.mktemp("serve-local") / "models"
+    for version in ("1", "2"):
+        shutil.copytree(exported["version_dir"], root / "shapes" / version, ignore=shutil.ignore_patterns("*.tflite"))
+    for version, edit in (("1", lambda card: card.pop("config", None)),
+                          ("2", lambda card: card["config"].setdefault("data", {}).update(background=[0, 0, 0]))):
+        card_file = root / "shapes" / version / "model_card.json"
+        card = json.loads(card_file.read_text())
+        edit(card)
+        card_file.write_text(json.dumps(card))
+    for name in ("²", "01", "1" * 19):
+        shutil.copytree(root / "shapes" / "1", root / "shapes" / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def local(local_root):
+    """The app in this process (starlette's TestClient): its registry and models can be inspected."""
+    from tl_app.serve import ServeSettings, create_app
+
+    app = create_app(local_root, ServeSettings(max_batch_size=8, poll_seconds=0.3))
+    with in_process(app) as client:  # startup scans the root: a bad version folder must not stop it
+        yield client
+
+
+def in_process(app):
+    """starlette's TestClient; its import warns that it prefers httpx2 to the httpx installed here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+    return TestClient(app)
+
+
+def probabilities(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.array([p["probabilities"] for p in response.json()["predictions"]])
+
+
+def test_version_folders_and_numbers_are_ascii_digits_only(local, local_root):
+    from tl_app.export import list_versions, parse_version
+
+    assert list_versions(local_root / "shapes") == [1, 2]
+    assert [parse_version(t) for t in ("1", "42", "9" * 18, "²", "01", "0", "1" * 19, "", " 1", "1\n", None)] == \
+        [1, 42, int("9" * 18), None, None, None, None, None, None, None, None]
+    assert [s["version"] for s in local.get("/v1/models/shapes").json()["model_version_status"]] == ["2"]
+    image = {"file": ("a.png", png_bytes(on_background(transparent_shape(), (255, 255, 255))))}
+    for path in ("/v1/models/shapes/versions/%C2%B2", "/v1/models/shapes/versions/%C2%B2/metadata",
+                 "/v1/models/shapes/versions/01", "/v1/models/shapes/versions/" + "1" * 19):
+        response = local.get(path)
+        assert response.status_code == 404 and "not a version number" in response.json()["error"], path
+    response = local.post("/v1/models/shapes/versions/%C2%B2:predict", json={"instances": []})
+    assert response.status_code == 404 and "not a version number" in response.json()["error"]
+    for query, words in (("version=%C2%B2", "version must be a positive integer"),
+                         ("version=0", "version must be a positive integer"),
+                         ("top_k=%C2%B2", "top_k must be a positive integer"),
+                         ("top_k=" + "9" * 5000, "top_k must be a positive integer")):
+        response = local.post(f"/api/models/shapes/predict?{query}", files=image)
+        assert response.status_code == 400 and words in response.json()["error"], (query, response.text)
+    assert local.post("/api/models/shapes/predict?version=1&top_k=2", files=image).status_code == 200
+
+
+def test_transparent_images_are_composited_on_the_runs_background(local):
+    rgba = transparent_shape()
+    transparent = {"b64": base64.b64encode(png_bytes(rgba)).decode()}
+    on_black = {"b64": base64.b64encode(png_bytes(on_background(rgba, (0, 0, 0)))).decode()}
+    on_white = {"b64": base64.b64encode(png_bytes(on_background(rgba, (255, 255, 255)))).decode()}
+    black, white = probabilities(local.post("/v1/models/shapes:predict", json={"instances": [on_black, on_white]}))
+    assert np.max(np.abs(black - white)) > 1e-4  # the background matters to this model: the test can tell
+    served = probabilities(local.post("/v1/models/shapes:predict", json={"instances": [transparent]}))[0]
+    assert np.max(np.abs(served - black)) <= 1e-5  # version 2 trained on black
+    upload = local.post("/api/models/shapes/predict?top_k=3", files={"file": ("t.png", png_bytes(rgba))}).json()
+    got = {p["label"]: p["probability"] for p in upload["results"][0]["top_k"]}
+    assert upload["version"] == 2 and np.max(np.abs(np.array([got[c] for c in CLASSES]) - black)) <= 1e-5
+    old = probabilities(local.post("/v1/models/shapes/versions/1:predict", json={"instances": [transparent]}))[0]
+    assert np.max(np.abs(old - white)) <= 1e-5  # no run config in its card: white, as training's default
+
+
+def test_each_request_image_is_opened_once(local, sample_dir, monkeypatch):
+    from PIL import Image
+
+    import tl_app.serve.codec as codec
+
+    assert not hasattr(codec, "needs_conversion")
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **kw: opened.append(1) or real_open(*a, **kw))
+    images = sorted(sample_dir.glob("*/*.jpg"))[:2]
+    assert local.post("/v1/models/shapes:predict", json={"instances": [b64(p) for p in images]}).status_code == 200
+    assert len(opened) == 2
+    opened.clear()
+    assert local.post("/api/models/shapes/predict", files={"file": images[0].open("rb")}).status_code == 200
+    assert len(opened) == 1
+
+
+def test_batchers_stay_bounded_however_many_input_shapes_clients_send(local):
+    from tl_app.serve.registry import MAX_BATCHERS
+
+    async def collectors() -> int:
+        import asyncio
+
+        return sum(1 for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "DynamicBatcher._collect")
+
+    model = local.app.state.registry.get_loaded("shapes")
+    elsewhere = local.portal.call(collectors) - len(model.runners)  # other versions' batchers
+    for side in range(4, 4 + 2 * MAX_BATCHERS):
+        response = local.post("/v1/models/shapes:predict", json={
+            "signature_name": "predict_pixels", "inputs": {"images": np.zeros((1, side, 5, 3)).tolist()}})
+        assert response.status_code == 200, response.text
+    assert len(model.runners) <= MAX_BATCHERS
+    deadline = time.time() + 10  # evicted batchers' collectors are cancelled on the next loop turn
+    while local.portal.call(collectors) > elsewhere + MAX_BATCHERS and time.time() < deadline:
+        time.sleep(0.05)
+    assert local.portal.call(collectors) <= elsewhere + MAX_BATCHERS
+
+
+def test_a_closed_version_gives_out_no_runner(local_root):
+    from tl_app.config import ServeConfig
+    from tl_app.serve.batching import Unavailable
+    from tl_app.serve.metrics import Metrics
+    from tl_app.serve.registry import load_version
+
+    model = load_version("shapes", 2, local_root / "shapes" / "2")
+    assert model.classes == CLASSES and model.classes is model.classes and model.background == (0, 0, 0)
+    signature = model.signature(None)
+    inputs = {"image_bytes": np.array([b"x"], dtype=object)}
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        assert model.runner(signature, inputs, ServeConfig(), executor, Metrics()) is not None
+        model.close()
+        with pytest.raises(Unavailable, match="unloaded; retry"):
+            model.runner(signature, inputs, ServeConfig(), executor, Metrics())
+    assert not model.runners
+
+
+def run_batch(runner, requests: list[dict]) -> list:
+    import asyncio
+
+    async def all_of():
+        return await asyncio.gather(*(runner.submit(r) for r in requests), return_exceptions=True)
+
+    return asyncio.run(all_of())
+
+
+def test_a_failed_batch_counts_only_the_model_calls_that_succeed(local_root, sample_dir):
+    """One bad image in a batch of two: the batch fails, each is retried alone; one image is counted, once."""
+    from tl_app.serve.batching import DirectRunner, DynamicBatcher, InferenceError
+    from tl_app.serve.registry import load_version
+
+    signature = load_version("shapes", 2, local_root / "shapes" / "2").signature(None)
+    good = {"image_bytes": np.array([next(sample_dir.glob("*/*.jpg")).read_bytes()], dtype=object)}
+    bad = {"image_bytes": np.array([b"not an image at all"], dtype=object)}  # only the graph's decoder sees it
+    counted = []
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        ok, failed = run_batch(DynamicBatcher(signature, executor, 8, 50, counted.append), [good, bad])
+        assert isinstance(ok, dict) and ok["probabilities"].shape == (1, 3)
+        assert isinstance(failed, InferenceError) and "could not process the input" in str(failed)
+        assert counted == [1]
+        counted.clear()
+        ok, failed = run_batch(DirectRunner(signature, executor, counted.append), [good, bad])
+        assert isinstance(ok, dict) and isinstance(failed, InferenceError) and counted == [1]
+
+
+def test_a_server_fault_in_the_model_call_is_not_blamed_on_the_request():
+    """Out of memory (or any error that is not about the inputs) reaches the app as itself: a logged 500."""
+    import tensorflow as tf
+
+    from tl_app.serve.batching import DirectRunner, DynamicBatcher, InferenceError
+
+    def out_of_memory(inputs):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[64,224,224,3]")
+
+    def bad_input(inputs):
+        raise tf.errors.InvalidArgumentError(None, None, "Unknown image file format.")
+
+    requests = [{"x": np.zeros((1, 2), np.float32)}, {"x": np.zeros((2, 2), np.float32)}]
+    counted = []
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        for runner in (DynamicBatcher(out_of_memory, executor, 8, 50, counted.append),
+                       DirectRunner(out_of_memory, executor, counted.append)):
+            results = run_batch(runner, requests)
+            assert all(isinstance(r, tf.errors.ResourceExhaustedError) for r in results), results
+        for runner in (DynamicBatcher(bad_input, executor, 8, 50, counted.append),
+                       DirectRunner(bad_input, executor, counted.append)):
+            results = run_batch(runner, requests)
+            assert all(isinstance(r, InferenceError) and "Unknown image file format" in str(r) for r in results)
+    assert counted == []
+
+
+
+def test_a_version_closed_under_a_request_is_a_503_to_retry(local_root, sample_dir):
+    from tl_app.serve import ServeSettings, create_app
+
+    app = create_app(local_root, ServeSettings())
+    with in_process(app) as client:
+        app.state.registry.get_loaded("shapes").close()  # as an unload does, between lookup and submit
+        image = b64(next(sample_dir.glob("*/*.jpg")))
+        response = client.post("/v1/models/shapes:predict", json={"instances": [image]})
+        assert response.status_code == 503 and "retry" in response.json()["error"]
+
+
+@pytest.mark.parametrize("option", ["--max-batch-size", "--max-images", "--max-body-bytes"])
+def test_serve_refuses_a_zero_limit_in_one_line(cli, tmp_path, option):
+    result = cli("serve", tmp_path / "nowhere", option, "0")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.output.strip() == f"error: {option} must be at least 1, got 0; leave it out for the default."

@@ -43,6 +43,7 @@ BYTES_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "predict_pixels"
 TEMP_PREFIX = ".export-"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}")  # version folder names: 1, 2, ... (ASCII digits only)
 FLOAT_TOLERANCE = 1e-3  # TFLite / ONNX float32 against Keras
 SAVEDMODEL_TOLERANCE = 1e-5
 QUANTIZED_TOLERANCE = 0.1  # dynamic-range int8 weights: reported, warned above this
@@ -67,15 +68,23 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def parse_version(text: str | None) -> int | None:
+    """A version folder name ('1', '42': ASCII digits, no leading zero, at most 18) as a number, else None."""
+    if not isinstance(text, str) or not VERSION_PATTERN.fullmatch(text):
+        return None
+    return int(text)
+
+
 def list_versions(model_dir: str | Path) -> list[int]:
-    """Published versions of saved_models/<name>, ascending; hidden/temporary folders are ignored."""
+    """Published versions of saved_models/<name>, ascending; hidden/temporary/other folders are ignored."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return []
     out = []
     for entry in os.scandir(model_dir):
-        if entry.name.isdigit() and entry.is_dir() and not entry.name.startswith("0"):
-            out.append(int(entry.name))
+        version = parse_version(entry.name)
+        if version is not None and entry.is_dir():
+            out.append(version)
     return sorted(out)
 
 

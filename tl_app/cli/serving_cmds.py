@@ -123,15 +123,17 @@ def serve(root, host, port, max_batch_size, batch_timeout_ms, batching, max_body
         host=host or defaults.host,
         port=defaults.port if port is None else port,
         batching=batching,
-        max_batch_size=max_batch_size or defaults.max_batch_size,
+        max_batch_size=defaults.max_batch_size if max_batch_size is None else max_batch_size,
         batch_timeout_ms=defaults.batch_timeout_ms if batch_timeout_ms is None else batch_timeout_ms,
-        max_body_bytes=max_body_bytes or defaults.max_body_bytes,
-        max_images=max_images or defaults.max_images,
+        max_body_bytes=defaults.max_body_bytes if max_body_bytes is None else max_body_bytes,
+        max_images=defaults.max_images if max_images is None else max_images,
         token=token if token is not None else os.environ.get("TL_APP_TOKEN", defaults.token),
         poll_seconds=defaults.poll_seconds if poll_seconds is None else poll_seconds,
     )
-    if settings.max_batch_size < 1 or settings.max_images < 1 or settings.max_body_bytes < 1:
-        raise ConfigError("--max-batch-size, --max-images and --max-body-bytes must be positive.")
+    for option, value in (("--max-batch-size", settings.max_batch_size), ("--max-images", settings.max_images),
+                          ("--max-body-bytes", settings.max_body_bytes)):
+        if value < 1:
+            raise ConfigError(f"{option} must be at least 1, got {value}; leave it out for the default.")
     if settings.batch_timeout_ms < 0 or settings.poll_seconds <= 0:
         raise ConfigError("--batch-timeout-ms must be >= 0 and --poll-seconds > 0.")
     root = root or "saved_models"

@@ -13,7 +13,8 @@ Routes::
 
 Errors are ``{"error": "..."}`` with 400 (bad JSON, bad image, bad input),
 401 (token), 404 (unknown model/version/route), 405, 413 (body or image count
-over the limit) and never a crash: anything unexpected is a logged 500.
+over the limit), 503 (the version was unloaded mid-request: retry) and never a
+crash: anything else (a server fault such as out of memory) is a logged 500.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from tl_app.config import ServeConfig
-from tl_app.export import BYTES_SIGNATURE
+from tl_app.export import BYTES_SIGNATURE, parse_version
 from tl_app.serve import codec
-from tl_app.serve.batching import InferenceError
+from tl_app.serve.batching import InferenceError, Unavailable
 from tl_app.serve.codec import BadRequest, TooLarge
 from tl_app.serve.metrics import Metrics
 from tl_app.serve.page import PAGE
@@ -47,6 +48,7 @@ TF_PATH = re.compile(
     r"(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<tail>/metadata|:[A-Za-z]+)?"
 )
 INLINE_JSON_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
+COUNT = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 
 
 # Every default lives in tl_app.config.ServeConfig; the server takes that object.
@@ -62,7 +64,7 @@ class MethodNotAllowed(Exception):
 
 
 STATUS = {BadRequest: 400, InferenceError: 400, Unauthorized: 401, NotFound: 404, MethodNotAllowed: 405,
-          TooLarge: 413}
+          TooLarge: 413, Unavailable: 503}
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -136,9 +138,10 @@ def create_app(root: str | Path, settings: ServeSettings | None = None, echo=Non
             (tail if tail in (":predict", "/metadata") else "")
         version = None
         if version_text is not None:
-            if not version_text.isdigit() or len(version_text) > 18:
-                raise NotFound(f"Malformed request: version {version_text[:50]!r} is not a number")
-            version = int(version_text)
+            version = parse_version(version_text)
+            if version is None:
+                raise NotFound(f"Malformed request: version {version_text[:50]!r} is not a version number "
+                               f"(expected a positive integer such as 1, as the version folders are named).")
         if tail == ":predict":
             if request.method != "POST":
                 raise MethodNotAllowed("Use POST for :predict.")
@@ -192,26 +195,27 @@ def create_app(root: str | Path, settings: ServeSettings | None = None, echo=Non
             if values.dtype != object or not name.endswith("_bytes"):
                 out[name] = values
                 continue
-            if any(codec.needs_conversion(v) for v in values):
-                prepared = await run_in_threadpool(
-                    lambda v=values: [codec.prepare_image(b, i, settings.max_pixels) for i, b in enumerate(v)])
-            else:
-                prepared = [codec.prepare_image(b, i, settings.max_pixels) for i, b in enumerate(values)]
-            array = np.empty(len(prepared), dtype=object)
-            array[:] = prepared
-            out[name] = array
+            out[name] = await run_in_threadpool(prepare_all, model, values)
         return out
+
+    def prepare_all(model, datas) -> np.ndarray:
+        """codec.prepare_image on each (in a worker thread: Pillow reads every header, converts a few)."""
+        array = np.empty(len(datas), dtype=object)
+        array[:] = [codec.prepare_image(d, i, settings.max_pixels, model.background) for i, d in enumerate(datas)]
+        return array
 
     # ---- upload -----------------------------------------------------------------------------
     @endpoint("/api/models/{name}/predict", read_body=True)
     async def upload(request, body):
         name = request.path_params["name"]
         version_text = request.query_params.get("version", "")
-        version = int(version_text) if version_text.isdigit() else None
+        version = parse_version(version_text)
         if version_text and version is None:
-            raise BadRequest(f"version must be a number, got {version_text[:50]!r}.")
+            raise BadRequest(f"version must be a positive integer such as 1 (a version folder's name), "
+                             f"got {version_text[:50]!r}; leave it out for the newest version.")
         model = await lookup(name, version)
-        if BYTES_SIGNATURE not in model.signatures or not model.classes:
+        classes = model.classes
+        if BYTES_SIGNATURE not in model.signatures or not classes:
             raise BadRequest(f"Model {name} has no image signature and class list (not a tl-app export).")
         if "multipart/form-data" not in request.headers.get("content-type", ""):
             raise BadRequest("Send the image as multipart/form-data with a field named 'file'.")
@@ -225,15 +229,12 @@ def create_app(root: str | Path, settings: ServeSettings | None = None, echo=Non
                 raise BadRequest("No image in the upload: send a file field named 'file'.")
             if len(files) > settings.max_images:
                 raise TooLarge(f"{len(files)} images in one request; the limit is {settings.max_images}.")
-            top_k = parse_top_k(request.query_params.get("top_k") or form.get("top_k"), len(model.classes))
+            top_k = parse_top_k(request.query_params.get("top_k") or form.get("top_k"), len(classes))
             names = [getattr(value, "filename", None) or key for key, value in files]
             datas = [await value.read() for _, value in files]
         finally:
             await form.close()
-        prepared = await run_in_threadpool(
-            lambda: [codec.prepare_image(d, i, settings.max_pixels) for i, d in enumerate(datas)])
-        array = np.empty(len(prepared), dtype=object)
-        array[:] = prepared
+        array = await run_in_threadpool(prepare_all, model, datas)
         signature = model.signatures[BYTES_SIGNATURE]
         input_name = next(iter(signature.inputs))
         inputs = {input_name: array}
@@ -243,14 +244,14 @@ def create_app(root: str | Path, settings: ServeSettings | None = None, echo=Non
         for filename, row in zip(names, probs):
             order = np.argsort(-row, kind="stable")[:top_k]
             results.append({"filename": filename, "top_k": [
-                {"label": model.classes[j], "probability": float(row[j]), "index": int(j)} for j in order]})
+                {"label": classes[j], "probability": float(row[j]), "index": int(j)} for j in order]})
         return JSONResponse({"model": model.name, "version": model.version, "results": results})
 
     def parse_top_k(value, num_classes: int) -> int:
         if value in (None, ""):
             return min(settings.top_k, num_classes)
-        if not str(value).isdigit() or int(value) < 1:
-            raise BadRequest(f"top_k must be a positive integer, got {str(value)[:20]!r}.")
+        if not COUNT.fullmatch(str(value)) or int(value) < 1:
+            raise BadRequest(f"top_k must be a positive integer such as 5, got {str(value)[:20]!r}.")
         return min(int(value), num_classes)
 
     @endpoint("not-found", public=True)
@@ -301,7 +302,7 @@ async def read_limited(request: Request, limit: int) -> bytes:
     """The body, refusing (413) as soon as it is known to exceed the limit."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.strip().isdigit():
+        if not COUNT.fullmatch(declared.strip()):
             raise BadRequest("Content-Length is not a number.")
         if int(declared) > limit:
             raise TooLarge(f"Request body of {int(declared)} bytes is over the limit of {limit} bytes "

@@ -7,13 +7,17 @@ helps when the device has idle capacity), so under load the next batch fills
 while the current one computes: the batch size grows with the load, which is
 what makes a busy server fast.
 
-If a batch fails (one request's image is undecodable by the graph), each of
-its requests is retried alone, so only the bad request gets the error.
+If a batch fails on its inputs (one request's image is undecodable by the
+graph), each of its requests is retried alone, so only the bad request gets
+the error (a 400). Any other failure (out of memory, an internal error) is the
+server's: every request of the batch gets it as it is, and the app answers 500.
+Only model calls that succeed are counted in the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Callable
@@ -22,7 +26,23 @@ import numpy as np
 
 
 class InferenceError(Exception):
-    """The model rejected a request's inputs (e.g. an image TensorFlow cannot decode)."""
+    """The model rejected a request's inputs (e.g. an image TensorFlow cannot decode): HTTP 400."""
+
+
+class Unavailable(Exception):
+    """The model version was unloaded while the request waited: HTTP 503, retrying finds the current one."""
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """Did the model refuse the request's data (400), rather than fail on its own (500)?"""
+    import tensorflow as tf
+
+    return isinstance(exc, tf.errors.InvalidArgumentError)
+
+
+def classify(exc: Exception) -> Exception:
+    """What a caller whose model call raised ``exc`` gets: InferenceError for bad inputs, else ``exc``."""
+    return InferenceError(short_error(exc)) if is_input_error(exc) else exc
 
 
 def short_error(exc: BaseException) -> str:
@@ -82,22 +102,39 @@ class DynamicBatcher:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.carry: Pending | None = None
         self.running: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
+        self.pending = 0  # submitted requests not yet answered
+        self.closed = False
+        self.lock = threading.Lock()  # close() comes from the registry's thread
 
     async def submit(self, inputs: dict) -> dict:
         loop = asyncio.get_running_loop()
-        if self.task is None or self.loop is not loop or self.task.done():
-            self.loop = loop
-            self.queue = asyncio.Queue()
-            self.slots = asyncio.Semaphore(self.concurrent_batches)
-            self.task = loop.create_task(self._collect())
+        with self.lock:
+            if self.closed:
+                raise Unavailable("The model version was unloaded; retry the request.")
+            if self.task is None or self.loop is not loop or self.task.done():
+                self.loop = loop
+                self.queue = asyncio.Queue()
+                self.slots = asyncio.Semaphore(self.concurrent_batches)
+                self.task = loop.create_task(self._collect())
         future = loop.create_future()
-        await self.queue.put(Pending(inputs, future))
-        return await future
+        self.pending += 1
+        try:
+            await self.queue.put(Pending(inputs, future))
+            return await future
+        finally:
+            self.pending -= 1
+
+    @property
+    def idle(self) -> bool:
+        """No request submitted and unanswered: closing now loses nothing (event-loop thread only)."""
+        return self.pending == 0
 
     def close(self) -> None:
-        """Cancel the collector (called from any thread when a version is unloaded)."""
-        if self.task is not None and self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.task.cancel)
+        """Cancel the collector (called from any thread when a version is unloaded); later submits fail."""
+        with self.lock:
+            self.closed = True
+            if self.task is not None and self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.task.cancel)
 
     async def _next_batch(self) -> list[Pending]:
         first = self.carry or await self.queue.get()
@@ -147,35 +184,38 @@ class DynamicBatcher:
             while not self.queue.empty():
                 waiting.append(self.queue.get_nowait())
             for item in waiting:
-                _resolve(item.future, exc=InferenceError("The model version was unloaded; retry the request."))
+                _resolve(item.future, exc=Unavailable("The model version was unloaded; retry the request."))
             raise
 
     async def _run_and_release(self, batch: list[Pending]) -> None:
         try:
             await self._run(batch)
-        except Exception as exc:  # never leave a caller waiting
+        except Exception as exc:  # never leave a caller waiting: a fault of the server, a 500
             for item in batch:
-                _resolve(item.future, exc=InferenceError(f"{type(exc).__name__}: {exc}"))
+                _resolve(item.future, exc=exc)
         finally:
             self.slots.release()
 
     async def _run(self, batch: list[Pending]) -> None:
-        self.on_batch(sum(p.size for p in batch))
         try:
             parts = await self.loop.run_in_executor(self.executor, run_and_split, self.fn, batch)
         except Exception as exc:
-            if len(batch) == 1:
-                _resolve(batch[0].future, exc=InferenceError(short_error(exc)))
+            if len(batch) > 1 and is_input_error(exc):
+                for item in batch:  # find the request that broke the batch; the others still succeed
+                    await self._run([item])
                 return
-            for item in batch:  # find the request that broke the batch; the others still succeed
-                await self._run([item])
+            for item in batch:
+                _resolve(item.future, exc=classify(exc))
             return
+        self.on_batch(sum(p.size for p in batch))
         for item, part in zip(batch, parts):
             _resolve(item.future, result=part)
 
 
 class DirectRunner:
-    """Batching off: every request calls the function on its own (the benchmark's baseline)."""
+    """Batching off (or every batcher busy): each request calls the function on its own (the benchmark's baseline)."""
+
+    idle = True  # no task or queue of its own: closing it never loses a request
 
     def __init__(self, fn: Callable, executor: Executor, on_batch: Callable[[int], None] | None = None):
         self.fn = fn
@@ -183,13 +223,17 @@ class DirectRunner:
         self.on_batch = on_batch or (lambda size: None)
 
     async def submit(self, inputs: dict) -> dict:
-        self.on_batch(Pending(inputs, None).size)
+        item = Pending(inputs, None)
         loop = asyncio.get_running_loop()
         try:
-            return (await loop.run_in_executor(self.executor, run_and_split, self.fn,
-                                               [Pending(inputs, None)]))[0]
+            outputs = (await loop.run_in_executor(self.executor, run_and_split, self.fn, [item]))[0]
         except Exception as exc:
-            raise InferenceError(short_error(exc)) from None
+            error = classify(exc)
+            if error is exc:
+                raise
+            raise error from None
+        self.on_batch(item.size)
+        return outputs
 
     def close(self) -> None:
         pass

@@ -210,19 +210,6 @@ def prepare_image(data: bytes, index: int, max_pixels: int, background=(255, 255
     return buffer.getvalue()
 
 
-def needs_conversion(data: bytes) -> bool:
-    """Cheap header check: does this image need the Pillow path?"""
-    from PIL import Image
-
-    from tl_app.inference import graph_decodable
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return not graph_decodable(image)
-    except Exception:
-        return True
-
-
 # ---- responses --------------------------------------------------------------------------
 def to_json_value(name: str, array: np.ndarray):
     if array.dtype == object or array.dtype.kind == "S":

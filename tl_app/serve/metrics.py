@@ -48,7 +48,6 @@ class Metrics:
         self.latency: dict[tuple, Histogram] = {}
         self.batches: dict[tuple, Histogram] = {}
         self.images: dict[tuple, int] = defaultdict(int)
-        self.errors: dict[tuple, int] = defaultdict(int)
         self.in_flight = 0
         self.gauges: dict[str, callable] = {}
 

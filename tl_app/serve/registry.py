@@ -13,18 +13,22 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tl_app.export import (BYTES_SIGNATURE, SAVED_MODEL_FILE, list_versions, read_card, valid_model_name)
-from tl_app.serve.batching import DirectRunner, DynamicBatcher
+from tl_app.export import (BYTES_SIGNATURE, CARD_FILE, SAVED_MODEL_FILE, list_versions, read_card,
+                           valid_model_name)
+from tl_app.inference import DEFAULT_BACKGROUND, run_background
+from tl_app.serve.batching import DirectRunner, DynamicBatcher, Unavailable
 from tl_app.serve.codec import BadRequest
 
 log = logging.getLogger("tl_app.serve")
 INIT_OP = "__saved_model_init_op"
+MAX_BATCHERS = 8  # per version: one per signature and input shape, least recently used closed first
 
 
 class NotFound(Exception):
@@ -60,15 +64,17 @@ class ModelVersion:
     card: dict
     loaded: object = field(repr=False)
     signatures: dict  # name -> Signature
+    background: tuple = DEFAULT_BACKGROUND  # training's data.background: transparent images are composited on it
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
-    runners: dict = field(default_factory=dict, repr=False)
+    runners: OrderedDict = field(default_factory=OrderedDict, repr=False)  # least recently used first
     arriving: int = 0  # requests for this version between lookup and submit (event-loop thread only)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    closed: bool = False
+    classes: list = field(init=False)
 
-    @property
-    def classes(self) -> list[str]:
-        return list(self.card.get("classes") or [])
+    def __post_init__(self):
+        self.classes = list(self.card.get("classes") or [])
 
     def signature(self, name: str | None) -> Signature:
         key = name or BYTES_SIGNATURE
@@ -78,23 +84,43 @@ class ModelVersion:
         return self.signatures[key]
 
     def runner(self, signature: Signature, inputs: dict, settings, executor: Executor, metrics):
-        """The batcher for this signature and input shape (created on first use)."""
-        key = (signature.name,) + tuple((k, np.shape(v)[1:]) for k, v in sorted(inputs.items()))
+        """The runner for this signature and input shape: a batcher (at most MAX_BATCHERS kept) or a direct call.
+
+        Call it on the event loop and submit before the next ``await``: an idle batcher may be closed here.
+        """
+        on_batch = (lambda size, s=signature.name: metrics.batch(self.name, s, size))
+        batching = settings.batching and signature.batchable
+        key = (signature.name,) + (tuple((k, np.shape(v)[1:]) for k, v in sorted(inputs.items())) if batching else ())
         with self.lock:
+            if self.closed:
+                raise Unavailable(f"Model {self.name} version {self.version} was unloaded; retry the request.")
+            self.last_used = time.time()
             runner = self.runners.get(key)
-            if runner is None:
-                on_batch = (lambda size, s=signature.name: metrics.batch(self.name, s, size))
-                if settings.batching and signature.batchable:
-                    runner = DynamicBatcher(signature, executor, settings.max_batch_size,
-                                            settings.batch_timeout_ms, on_batch, arriving=lambda: self.arriving)
-                else:
-                    runner = DirectRunner(signature, executor, on_batch)
-                self.runners[key] = runner
-        self.last_used = time.time()
-        return runner
+            if runner is not None:
+                self.runners.move_to_end(key)
+                return runner
+            if not batching:
+                runner = self.runners[key] = DirectRunner(signature, executor, on_batch)
+                return runner
+            if len(self.runners) >= MAX_BATCHERS and not self._close_idle_runner():
+                return DirectRunner(signature, executor, on_batch)  # every batcher busy: no new one
+            runner = self.runners[key] = DynamicBatcher(
+                signature, executor, settings.max_batch_size, settings.batch_timeout_ms, on_batch,
+                arriving=lambda: self.arriving)
+            return runner
+
+    def _close_idle_runner(self) -> bool:
+        """Close the least recently used runner that has no request waiting (lock held); False if none."""
+        for key, runner in self.runners.items():
+            if runner.idle:
+                del self.runners[key]
+                runner.close()
+                return True
+        return False
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             for runner in self.runners.values():
                 runner.close()
             self.runners.clear()
@@ -110,7 +136,9 @@ def load_version(name: str, version: int, path: Path) -> ModelVersion:
             continue
         _, kwargs = function.structured_input_signature
         signatures[sig_name] = Signature(sig_name, function, dict(kwargs), dict(function.structured_outputs))
-    return ModelVersion(name, version, path, read_card(path), loaded, signatures)
+    card = read_card(path)
+    background = run_background(card.get("config"), f"{path / CARD_FILE} [config]")
+    return ModelVersion(name, version, path, card, loaded, signatures, background=background)
 
 
 class Registry:
