@@ -153,7 +153,7 @@ class ServeConfig:
     top_k: int = 5
     max_pixels: int = 89_478_485  # per uploaded image, as data.max_pixels
     poll_seconds: float = 2.0  # how often the root is checked for new versions
-    workers: int = 4  # threads decoding request images
+    workers: int = 4  # threads that run model calls; request images are decoded in Starlette's threadpool
 
 
 @dataclass

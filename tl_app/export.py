@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 
 from tl_app.errors import ConfigError, ModelNotFoundError, TlAppError, closest
+from tl_app.files import pid_alive
 
 FORMATS = ("savedmodel", "keras", "tflite", "onnx")
 CARD_FILE = "model_card.json"
@@ -344,16 +345,6 @@ def parse_formats(formats) -> list[str]:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temporaries(model_dir: Path) -> list[str]:
     """Hidden build folders of exports whose process has died (killed, crashed)."""
     removed = []
@@ -363,7 +354,7 @@ def remove_stale_temporaries(model_dir: Path) -> list[str]:
         if not entry.name.startswith(TEMP_PREFIX):
             continue
         pid = entry.name[len(TEMP_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isascii() and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
     return removed

@@ -24,7 +24,7 @@ import numpy as np
 
 from tl_app.dataset import is_hidden
 from tl_app.errors import ConfigError, ModelNotFoundError
-from tl_app.images import graph_decodable, probe_header  # noqa: F401  (graph_decodable: tl_app.serve)
+from tl_app.images import probe_header
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".jfif", ".mpo"}
 MAX_PIXELS = 89_478_485
@@ -80,7 +80,7 @@ def run_background(config: dict | None, source: str) -> tuple:
 def read_model_info(path: str | Path) -> ModelInfo:
     """saved_models/<name> (newest version), a version folder, or a run directory: its classes, sizes,
     version and background from run.json/config.json or model_card.json; the model itself is not loaded."""
-    from tl_app.export import CARD_FILE, read_card, resolve_version_dir
+    from tl_app.export import CARD_FILE, parse_version, read_card, resolve_version_dir
     from tl_app.runs import MODEL_FILE, RUN_FILE, read_run_info
 
     path = Path(path)
@@ -97,7 +97,7 @@ def read_model_info(path: str | Path) -> ModelInfo:
     card = read_card(version_dir)
     if not card:
         raise ModelNotFoundError(f"{version_dir} has no {CARD_FILE}; re-export it with 'tl-app export'.")
-    version = int(version_dir.name) if version_dir.name.isdigit() else None
+    version = parse_version(version_dir.name)
     name = version_dir.parent.name if version is not None else version_dir.name
     return ModelInfo(version_dir, list(card["classes"]), int(card["input_size"]), card.get("resize_policy") or "auto",
                      name=name, version=version, card=card,

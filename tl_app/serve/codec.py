@@ -185,7 +185,7 @@ def prepare_image(data: bytes, index: int, max_pixels: int, background=(255, 255
     from PIL import Image
 
     from tl_app.images import decode_pil
-    from tl_app.inference import graph_decodable
+    from tl_app.images import graph_decodable
 
     if not data:
         raise BadRequest(f"Image {index}: empty.")
