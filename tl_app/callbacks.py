@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import os
 import queue
 import re
 import threading
@@ -23,7 +24,7 @@ import keras
 import numpy as np
 
 from tl_app.errors import TlAppError
-from tl_app.files import atomic_write_bytes, atomic_write_text
+from tl_app.files import atomic_write_text, temporary_sibling
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 
@@ -351,9 +352,14 @@ class CheckpointStore:
 
 def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez to a temporary file, then rename over the target: a killed process never leaves half a file."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getbuffer())
+    tmp = temporary_sibling(path)  # streamed to disk: no second copy of the weights in memory
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class TrainingCheckpoint(keras.callbacks.Callback):
