@@ -47,7 +47,6 @@ def test_cli_predict_engine_ray_without_ray_is_one_clear_error(cli, tiny_config,
 
 
 def test_ray_client_address_is_refused_for_ray_data(tiny_config):
-    pytest.importorskip("ray")
     from tl_app.features import extract_features
 
     config = tiny_config.with_overrides({"engine.name": "ray", "engine.address": "ray://head:10001"})

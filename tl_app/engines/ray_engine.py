@@ -155,8 +155,8 @@ class RayExtractor:
     """tl_app.features.Extractor's interface (model, dim, compute, compute_views) on Ray actors."""
 
     def __init__(self, config: Config, recipe):
+        check_data_address(config)  # a wrong address is a mistake whether Ray is installed or not
         require_ray()  # before any work: without Ray, say which extra to install
-        check_data_address(config)
         self.config = config
         self.recipe = recipe
         self.model = None  # the backbone lives in the actors
@@ -298,8 +298,8 @@ def predict_paths_ray(model, inputs, config: Config, out=None, top_k: int = 5, b
     inputs = check_request(inputs, top_k, batch_size)
     if isinstance(model, Predictor):
         raise ConfigError("--engine ray loads the model in every actor: pass the model's path, not a Predictor.")
-    require_ray()
     check_data_address(config)
+    require_ray()
     # the model's files, not the model: fails here, clearly, before any actor starts
     info = read_model_info(os.path.abspath(str(model)))
     model_path = os.path.abspath(str(info.source))  # this version, even if a newer one appears meanwhile
