@@ -73,31 +73,27 @@ def open_model(path: str | Path) -> LoadedModel:
 
 def _open_model(path: Path) -> LoadedModel:
     from tl_app.config import Config
-    from tl_app.export import CARD_FILE, KERAS_FILE, read_card, resolve_version_dir
+    from tl_app.export import KERAS_FILE
+    from tl_app.inference import read_model_info
     from tl_app.runs import RUN_FILE, load_model_file, load_run_model
 
-    if (path / RUN_FILE).is_file():
-        info = json.loads((path / RUN_FILE).read_text())
-        model = load_run_model(path)
-        config = None
-        if (path / "config.json").is_file():
-            config = Config.from_dict(json.loads((path / "config.json").read_text()))
-        return LoadedModel(model, list(info["classes"]), int(info["input_size"]),
-                           info.get("resize_policy", "center_crop"), info.get("backbone", ""), path, path, info,
-                           config)
-    export = resolve_version_dir(path)
-    card = read_card(export)
-    if not (export / KERAS_FILE).is_file() or not card:
-        raise ModelNotFoundError(
-            f"{export} has no {KERAS_FILE} + {CARD_FILE}: evaluation and explanations need the Keras model. "
-            f"Export with the keras format (tl-app export RUN_DIR --format savedmodel,keras) or pass the run "
-            f"directory."
-        )
-    model = load_model_file(export / KERAS_FILE)
-    # the run's configuration travels in the card: same splits, background and data settings as training
-    config = Config.from_dict(card["config"]) if card.get("config") else None
-    return LoadedModel(model, list(card["classes"]), int(card["input_size"]),
-                       card.get("resize_policy") or "center_crop", card.get("backbone", ""), export, None, card, config)
+    info = read_model_info(path)  # classes, sizes and card/run.json, as predict and serve read them
+    source = info.source
+    if (source / RUN_FILE).is_file():
+        model, run_dir = load_run_model(source), source
+        config_file = source / "config.json"
+        config_data = json.loads(config_file.read_text()) if config_file.is_file() else None
+    else:
+        if not (source / KERAS_FILE).is_file():
+            raise ModelNotFoundError(
+                f"{source} has no {KERAS_FILE}: evaluation and explanations need the Keras model. Export with "
+                f"the keras format (tl-app export RUN_DIR --format savedmodel,keras) or pass the run directory."
+            )
+        model, run_dir = load_model_file(source / KERAS_FILE), None
+        config_data = info.card.get("config")  # the run's configuration travels in the model card
+    config = Config.from_dict(config_data) if config_data else None  # same splits and data settings as training
+    return LoadedModel(model, info.classes, info.input_size, info.resize_policy, info.card.get("backbone", ""),
+                       source, run_dir, info.card, config)
 
 
 # ---- metrics -----------------------------------------------------------------
