@@ -67,7 +67,7 @@ def train_bottleneck(config: Config, echo=print) -> dict:
     from tl_app.heads import assemble, build_head
     from tl_app.losses import make_loss
     from tl_app.optim import make_optimizer, schedule_callbacks
-    from tl_app.runs import MODEL_FILE, write_json, write_run_info
+    from tl_app.runs import MODEL_FILE, fmt, write_json, write_run_info
     from tl_app.train import prepare_run
 
     say = echo or (lambda *a, **k: None)
@@ -150,6 +150,4 @@ def final_metrics(head, x_train, y_train, validation, history) -> dict:
     return out
 
 
-def fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 

@@ -223,10 +223,11 @@ def evaluate(model_path: str | Path, data: str | Path | None = None, split: str 
         )
     skipped = [{"path": s.path, "reason": s.reason} for s in manifest.skipped]
     model_index = {name: i for i, name in enumerate(loaded.classes)}
-    unknown = sorted({r.label for r in records} - set(model_index))
-    if len(unknown) == len({r.label for r in records}):
+    labels = {r.label for r in records}
+    unknown = sorted(labels - set(model_index))
+    if len(unknown) == len(labels):
         raise DataError(
-            f"None of the classes in {data_root} ({', '.join(sorted({r.label for r in records}))}) is a class of "
+            f"None of the classes in {data_root} ({', '.join(sorted(labels))}) is a class of "
             f"the model ({', '.join(loaded.classes)}). Expected class folders named like the training classes."
         )
     for record in records:
@@ -254,10 +255,11 @@ def evaluate(model_path: str | Path, data: str | Path | None = None, split: str 
     out = Path(out_dir) if out_dir else default_out_dir(loaded)
     out.mkdir(parents=True, exist_ok=True)
     write_matrix_csv(out / "confusion_matrix.csv", matrix, loaded.classes)
-    write_matrix_csv(out / "confusion_matrix_normalized.csv", normalize_rows(matrix), loaded.classes)
+    normalized = normalize_rows(matrix)
+    write_matrix_csv(out / "confusion_matrix_normalized.csv", normalized, loaded.classes)
     confusion_matrix_plot(matrix, loaded.classes, out / "confusion_matrix.png",
                           title=f"confusion matrix ({split}, n={len(used)})")
-    confusion_matrix_plot(normalize_rows(matrix), loaded.classes, out / "confusion_matrix_normalized.png",
+    confusion_matrix_plot(normalized, loaded.classes, out / "confusion_matrix_normalized.png",
                           normalized=True)
     with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

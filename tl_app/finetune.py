@@ -518,7 +518,7 @@ class FineTuneRun:
     def finish(self) -> dict:
         from tl_app.callbacks import write_history
         from tl_app.losses import make_loss
-        from tl_app.runs import MODEL_FILE, write_json, write_run_info
+        from tl_app.runs import MODEL_FILE, fmt, write_json, write_run_info
 
         self.store.flush()
         # a fresh float32 copy: no optimiser state in the file, float32 whatever precision trained it
@@ -570,10 +570,6 @@ class FineTuneRun:
                 loss, accuracy = model.evaluate(self.val_ds, verbose=0)
             out["val_loss"], out["val_accuracy"] = float(loss), float(accuracy)
         return out
-
-
-def fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 # ---- entry points --------------------------------------------------------------------------

@@ -96,3 +96,8 @@ def load_run_model(run_dir: str | Path):
     if not path.is_file():
         raise ModelNotFoundError(f"{path} does not exist: the run did not finish training.")
     return load_model_file(path)
+
+
+def fmt(value) -> str:
+    """A metric for the console: 4 decimals, or n/a when the run has none (no validation split)."""
+    return "n/a" if value is None else f"{value:.4f}"
