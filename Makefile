@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install quickstart test test-slow bench browser clean
+.PHONY: install extras quickstart test test-fast test-slow bench browser clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,8 @@ $(VENV)/.extras: $(VENV)/.installed
 	$(PIP) install -q -c constraints.txt -e ".[test,ray,onnx]"
 	touch $@
 
+extras: $(VENV)/.extras
+
 quickstart: install
 	$(VENV)/bin/tl-app quickstart
 
@@ -29,10 +31,15 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
 
-test: install browser
+# What CI runs: every test, the slow ones included (kills, real sizes, BatchNorm, Ray, ONNX, load).
+test: extras browser
+	$(PY) -m pytest -q -m "slow or not slow" --durations=15
+
+# Quicker loops while developing.
+test-fast: install browser
 	$(PY) -m pytest -q
 
-test-slow: $(VENV)/.extras browser
+test-slow: extras browser
 	$(PY) -m pytest -q -m slow
 
 bench: install

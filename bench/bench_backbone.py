@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer batches")
     parser.add_argument("--size", type=int, default=224)
     args = parser.parse_args()
-    from tl_app.backbones import build_feature_model, get_spec
+    from tl_app.models.backbones import build_feature_model, get_spec
 
     batches = 2 if args.quick else 6
     results = {}

@@ -38,7 +38,7 @@ QUICK = {"size": 96, "images": 96, "rounds": 3, "raw_batches": 2, "rss": (40, 40
 
 
 def make_config(root, cache, size, backbone="resnet50", **extra):
-    from tl_app.config import Config
+    from tl_app.core.config import Config
 
     config = Config()
     config.data.root = str(root)
@@ -58,9 +58,9 @@ def make_config(root, cache, size, backbone="resnet50", **extra):
 def throughput(name: str, folder: Path, tmp: Path, p: dict) -> dict:
     """Rounds of (extract into a fresh cache, then raw predict); each round's ratio uses the raw
     figures measured just before and after it, and the median round is reported (the machine is shared)."""
-    from tl_app.backbones import build_feature_model, get_spec
-    from tl_app.features import extract_features
-    from tl_app.train import scan_dataset
+    from tl_app.models.backbones import build_feature_model, get_spec
+    from tl_app.features.extract import extract_features
+    from tl_app.data.scan import scan_dataset
 
     manifest = scan_dataset(make_config(folder, tmp / f"cache-{name}-0", p["size"], name))
     model = build_feature_model(get_spec(name), p["size"], "none")
@@ -100,7 +100,7 @@ def child_rss(folder: str, cache: str, size: int) -> None:
     """Run in a fresh process: extract to a folder, print peak RSS (bytes) as JSON."""
     import resource
 
-    from tl_app.features import extract_features
+    from tl_app.features.extract import extract_features
 
     config = make_config(folder, cache, size)
     result = extract_features(config, out_dir=Path(cache) / "out", echo=None)
@@ -157,13 +157,14 @@ def frozen_base_fit(config, epochs: int) -> tuple[float, float]:
     """The Keras guide's route: frozen base inside the model, model.fit over the images every epoch."""
     import keras
 
-    from tl_app.backbones import build_feature_model, get_spec
-    from tl_app.losses import make_loss
-    from tl_app.optim import make_optimizer
-    from tl_app.dataset import class_weights
-    from tl_app.heads import assemble, build_head
-    from tl_app.pipeline import make_dataset
-    from tl_app.train import scan_dataset
+    from tl_app.models.backbones import build_feature_model, get_spec
+    from tl_app.training.losses import make_loss
+    from tl_app.training.optim import make_optimizer
+    from tl_app.data.splits import class_weights
+    from tl_app.models.surgery import assemble
+    from tl_app.models.heads import build_head
+    from tl_app.data.pipeline import make_dataset
+    from tl_app.data.scan import scan_dataset
 
     start = time.perf_counter()
     manifest = scan_dataset(config)
@@ -185,7 +186,7 @@ def frozen_base_fit(config, epochs: int) -> tuple[float, float]:
 
 
 def routes(tmp: Path, p: dict) -> dict:
-    from tl_app.bottleneck import train_bottleneck
+    from tl_app.training.bottleneck import train_bottleneck
 
     folder = write_two_class_photos(tmp / "route-data", p["route_images"])
     config = make_config(folder, tmp / "route-cache", p["route_size"], train__epochs=p["epochs"],

@@ -46,7 +46,7 @@ def epoch_timer():
 
 def make_config(root: Path, work: Path, size: int, batch: int, epochs: int, precision: str = "none",
                 jit: bool = False):
-    from tl_app.config import Config
+    from tl_app.core.config import Config
 
     config = Config()
     config.data.root = str(root)
@@ -68,7 +68,7 @@ def make_config(root: Path, work: Path, size: int, batch: int, epochs: int, prec
 
 
 def run_tl_app(config):
-    from tl_app.finetune import train_finetune
+    from tl_app.training.finetune import train_finetune
 
     timer = epoch_timer()
     train_finetune(config, echo=None, callbacks=[timer])
@@ -80,10 +80,11 @@ def run_plain_keras(config):
     import keras
     import tensorflow as tf
 
-    from tl_app.augment import build_augmenter
-    from tl_app.backbones import get_spec
-    from tl_app.dataset import class_weights, scan
-    from tl_app.finetune import build_classifier
+    from tl_app.data.augment import build_augmenter
+    from tl_app.models.backbones import get_spec
+    from tl_app.data.splits import class_weights
+    from tl_app.data.scan import scan
+    from tl_app.models.surgery import build_classifier
 
     size, batch = config.backbone.input_size, config.train.batch_size
     manifest = scan(config.data.root, config.data)  # the same split as tl-app's run

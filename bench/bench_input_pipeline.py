@@ -18,9 +18,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--images", type=int, default=0)
     args = parser.parse_args()
-    from tl_app.backbones import build_feature_model, get_spec
-    from tl_app.dataset import scan
-    from tl_app.pipeline import make_dataset
+    from tl_app.models.backbones import build_feature_model, get_spec
+    from tl_app.data.scan import scan
+    from tl_app.data.pipeline import make_dataset
 
     count = args.images or (320 if args.quick else 1000)
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,13 +22,15 @@ from common import emit, write_photo_folder
 
 def build_export(tmp: Path, backbone: str, size: int) -> tuple[Path, Path]:
     """A real run directory and its SavedModel export (random weights: speed does not depend on them)."""
-    from tl_app.backbones import build_feature_model
-    from tl_app.config import Config
-    from tl_app.export import export_run
-    from tl_app.heads import assemble, build_head
-    from tl_app.runs import MODEL_FILE, write_run_info
-    from tl_app.sample_data import write_sample_dataset
-    from tl_app.train import prepare_run
+    from tl_app.models.backbones import build_feature_model
+    from tl_app.core.config import Config
+    from tl_app.export.exporter import export_run
+    from tl_app.models.surgery import assemble
+    from tl_app.models.heads import build_head
+    from tl_app.models.artifacts import MODEL_FILE
+    from tl_app.training.runs import write_run_info
+    from tl_app.data.sample import write_sample_dataset
+    from tl_app.training.runs import prepare_run
 
     write_sample_dataset(tmp / "sample", seed=0, counts={"circles": 4, "squares": 4, "triangles": 4})
     config = Config()
@@ -58,8 +60,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from tl_app.inference import load_predictor, predict_paths
-    from tl_app.runs import load_run_model
+    from tl_app.models.opener import load_predictor
+    from tl_app.inference import predict_paths
+    from tl_app.models.opener import load_run_model
 
     count = args.images or (64 if args.quick else 320)
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,7 +46,7 @@ class Clock:
 
 
 def make_config(root: Path, cache: Path, p: dict, **engine):
-    from tl_app.config import Config
+    from tl_app.core.config import Config
 
     config = Config()
     config.data.root = str(root)
@@ -62,7 +62,8 @@ def make_config(root: Path, cache: Path, p: dict, **engine):
 
 def measure(extractor_class, folder: Path, tmp: Path, records, p: dict, tag: str, **engine) -> dict:
     """One extraction of every record into a fresh cache, timed chunk by chunk."""
-    from tl_app.features import FeatureCache, recipe_for
+    from tl_app.features.cache import FeatureCache
+    from tl_app.features.recipe import recipe_for
 
     config = make_config(folder, tmp / f"cache-{tag.replace(' ', '-')}", p, **engine)
     recipe = recipe_for(config)
@@ -94,8 +95,8 @@ def main() -> None:
     import ray
 
     from tl_app.engines.ray_engine import RayExtractor
-    from tl_app.features import Extractor
-    from tl_app.train import scan_dataset
+    from tl_app.features.extract import Extractor
+    from tl_app.data.scan import scan_dataset
 
     cpus = os.cpu_count() or 2
     with tempfile.TemporaryDirectory() as tmp:

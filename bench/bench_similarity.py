@@ -21,7 +21,7 @@ import time
 import numpy as np
 from common import emit
 
-from tl_app.similarity import SimilarityIndex, naive_top_k, top_k
+from tl_app.insight.similarity import SimilarityIndex, naive_top_k, top_k
 
 
 def median_seconds(fn, repeats: int) -> float:

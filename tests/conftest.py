@@ -33,7 +33,7 @@ def isolated_keras_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
     """A small copy of the procedural sample dataset (36 images, 3 classes). Do not modify."""
-    from tl_app.sample_data import write_sample_dataset
+    from tl_app.data.sample import write_sample_dataset
 
     root = tmp_path_factory.mktemp("sample") / "sample"
     write_sample_dataset(root, seed=0, counts=SMALL_COUNTS)
@@ -63,7 +63,7 @@ def exported(tmp_path_factory, sample_dir):
 
 @pytest.fixture(scope="module")
 def keras_model(exported):
-    from tl_app.runs import load_run_model
+    from tl_app.models.opener import load_run_model
 
     return load_run_model(exported["run_dir"])
 

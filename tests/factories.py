@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tl_app.config import Config
+from tl_app.core.config import Config
 
 
 def small_config(base: Path, sample_dir: Path, backbone: str = "resnet50") -> Config:
@@ -33,10 +33,12 @@ def make_run_dir(config: Config, metrics: dict | None = None) -> Path:
     Real files: config, manifest, run.json and model.keras (image -> preprocess ->
     backbone -> pool -> head). Use it where a test needs a model, not a good one.
     """
-    from tl_app.backbones import build_feature_model
-    from tl_app.heads import assemble, build_head
-    from tl_app.runs import MODEL_FILE, write_run_info
-    from tl_app.train import prepare_run
+    from tl_app.models.backbones import build_feature_model
+    from tl_app.models.surgery import assemble
+    from tl_app.models.heads import build_head
+    from tl_app.models.artifacts import MODEL_FILE
+    from tl_app.training.runs import write_run_info
+    from tl_app.training.runs import prepare_run
 
     prepared = prepare_run(config, echo=None)
     b = config.backbone
@@ -50,7 +52,7 @@ def make_run_dir(config: Config, metrics: dict | None = None) -> Path:
 
 def shared_export(tmp_path_factory, sample_dir) -> dict:
     """{run_dir, root, name, version_dir, result}: one run exported as savedmodel,keras,tflite."""
-    from tl_app.export import export_run
+    from tl_app.export.exporter import export_run
 
     base = tmp_path_factory.getbasetemp() / "shared-export"
     marker = base / "export.json"
@@ -72,8 +74,8 @@ def shared_export(tmp_path_factory, sample_dir) -> dict:
 
 def reference_pixels(run_dir: Path, split: str = "all"):
     """The training pipeline's own pixels (tf.data decode + resize) and the files they came from."""
-    from tl_app.dataset import Manifest
-    from tl_app.pipeline import make_dataset
+    from tl_app.data.scan import Manifest
+    from tl_app.data.pipeline import make_dataset
 
     info = json.loads((run_dir / "run.json").read_text())
     records = Manifest.load(run_dir / "manifest.json").split(split)

@@ -2,8 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from tl_app.backbones import REGISTRY, BackbonePreprocess, build_feature_model, get_spec
-from tl_app.errors import ConfigError
+from tl_app.models.backbones import REGISTRY, BackbonePreprocess, build_feature_model, get_spec
+from tl_app.core.errors import ConfigError
 
 REQUIRED = {"vgg16", "vgg19", "resnet50", "resnet101", "resnet152", "resnet50v2", "resnet101v2", "resnet152v2"}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tl_app.bottleneck import train_bottleneck
+from tl_app.training.bottleneck import train_bottleneck
 
 
 def run(config):
@@ -17,7 +17,8 @@ def run(config):
 
 
 def test_dense_head_writes_a_complete_run_and_the_assembled_model_matches_the_head(tiny_config):
-    from tl_app.runs import load_run_model, read_run_info
+    from tl_app.models.opener import load_run_model
+    from tl_app.models.artifacts import read_run_info
 
     tiny_config.head.units = [16, 8]
     tiny_config.head.batch_norm = True
@@ -49,9 +50,9 @@ def test_dense_head_writes_a_complete_run_and_the_assembled_model_matches_the_he
 
 def assert_parity(config, run_dir) -> None:
     """The same records through the same tf.data pipeline: cached features -> head == images -> model."""
-    from tl_app.features import extract_features
-    from tl_app.pipeline import make_dataset
-    from tl_app.runs import load_run_model
+    from tl_app.features.extract import extract_features
+    from tl_app.data.pipeline import make_dataset
+    from tl_app.models.opener import load_run_model
 
     model = load_run_model(run_dir)
     head = model.get_layer("head")
@@ -74,7 +75,7 @@ def test_logistic_head_on_cached_augmented_views(tiny_config):
     summary = run(tiny_config)
     assert summary["features"]["views_per_image"] == 2
     assert summary["features"]["views_computed"] == 2 * summary["metrics"]["train_images"]
-    from tl_app.runs import load_run_model
+    from tl_app.models.opener import load_run_model
 
     head = load_run_model(summary["run_dir"]).get_layer("head")
     dense = [layer for layer in head.layers if layer.__class__.__name__ == "Dense"]

@@ -22,10 +22,13 @@ import pytest
 from factories import shared_export
 from test_server import start
 
-httpx = pytest.importorskip("httpx")
+import httpx  # noqa: E402  (the test extra)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-pytestmark = pytest.mark.skipif(CHROMIUM is None,
-                                reason="needs Chromium: run `make browser` (apt-get install chromium)")
+
+
+@pytest.fixture(autouse=True)
+def chromium_is_installed():
+    assert CHROMIUM, "Chromium is missing: make test installs it (make browser, apt-get install chromium)"
 
 
 class DevTools:

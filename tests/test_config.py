@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tl_app.config import Config, load_config, to_toml
-from tl_app.errors import ConfigError
+from tl_app.core.config import Config, load_config, to_toml
+from tl_app.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_app.curves import diagnose, phase_boundaries, write_training_report
-from tl_app.errors import TlAppError
+from tl_app.training.diagnosis import diagnose
+from tl_app.insight.curves import phase_boundaries, write_training_report
+from tl_app.core.errors import TlAppError
 
 
 def history(train_acc, val_acc, phases=None, train_loss=None, val_loss=None):

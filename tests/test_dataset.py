@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_app.config import DataConfig
-from tl_app.dataset import class_weights, scan
-from tl_app.errors import DataError
-from tl_app.pipeline import make_dataset
+from tl_app.core.config import DataConfig
+from tl_app.data.splits import class_weights
+from tl_app.data.scan import scan
+from tl_app.core.errors import DataError
+from tl_app.data.pipeline import make_dataset
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 
@@ -243,7 +244,7 @@ def test_every_class_with_two_images_gets_a_validation_image(tmp_path):
 
 def test_moving_a_duplicate_group_to_val_never_empties_training(tmp_path):
     """A class of {a, a's byte copy, b}: if b hashes into test, the a-group must stay in train."""
-    from tl_app.dataset import split_score
+    from tl_app.data.splits import split_score
 
     config = DataConfig(val_fraction=0.2, test_fraction=0.3)
     a_name = next(f"a_{i}.png" for i in range(1000) if split_score(f"small/a_{i}.png", 0) >= 0.5)
@@ -280,7 +281,7 @@ def test_class_weights_balanced_none_and_explicit(tmp_path):
 
 
 def test_scan_cache_reuses_probes_and_notices_changed_files(tmp_path, monkeypatch):
-    from tl_app import dataset as dataset_mod
+    from tl_app.data import scan as dataset_mod
 
     probed = []
     real_probe = dataset_mod.probe_file
@@ -308,7 +309,8 @@ def test_inspect_json_for_scripts(cli, messy):
     doc = json.loads(result.output)
     totals = doc["totals"]
     assert totals["found"] == totals["used"] + totals["skipped"]
-    assert totals["skipped"] == len(bad) + 1  # + the loose README
+    assert totals["skipped"] == len(bad) + 2  # + the loose README and the symlink loop (never followed)
+    assert any(s["reason"].startswith("symlink loop") and s["path"].endswith("loop") for s in doc["skipped"])
     assert {c["name"] for c in doc["classes"]} == {"bad", "formats", "rotated"}
     assert all({"path", "reason"} <= set(s) for s in doc["skipped"])
 

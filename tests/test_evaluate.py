@@ -13,8 +13,9 @@ from PIL import Image
 from sklearn import metrics as skm
 
 
-from tl_app.errors import TlAppError
-from tl_app.evaluate import classification_metrics, evaluate, most_confused, open_model
+from tl_app.core.errors import TlAppError
+from tl_app.insight.evaluate import classification_metrics, evaluate, most_confused
+from tl_app.models.opener import open_model
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_evaluate_writes_every_artifact_and_agrees_with_scikit_learn(run_dir, tm
 
 
 def test_default_split_is_validation_for_the_training_folder(run_dir, tmp_path):
-    from tl_app.dataset import Manifest
+    from tl_app.data.scan import Manifest
 
     metrics = evaluate(run_dir, out_dir=tmp_path / "e", echo=None)
     val = Manifest.load(run_dir / "manifest.json").split("val")
@@ -135,8 +136,8 @@ def test_an_exported_model_folder_can_be_evaluated(run_dir, tmp_path):
 
 def test_an_export_is_evaluated_with_the_data_settings_of_its_run(run_dir, tmp_path):
     """The card carries the run's config: its split fractions decide which images are 'val'."""
-    from tl_app.config import Config, DataConfig
-    from tl_app.dataset import scan
+    from tl_app.core.config import Config, DataConfig
+    from tl_app.data.scan import scan
 
     info = json.loads((run_dir / "run.json").read_text())
     config = Config.from_dict(json.loads((run_dir / "config.json").read_text()))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_app.errors import ConfigError
+from tl_app.core.errors import ConfigError
 
 SIZE = 64
 PATCH = (8, 24)  # rows and columns [8, 24): inside the top-left quadrant
@@ -43,9 +43,10 @@ def patch_model():
     """A classifier that has really learned the patch task (checked on fresh images)."""
     import keras
 
-    from tl_app.backbones import build_feature_model, get_spec
-    from tl_app.config import HeadConfig
-    from tl_app.heads import assemble, build_head
+    from tl_app.models.backbones import build_feature_model, get_spec
+    from tl_app.core.config import HeadConfig
+    from tl_app.models.surgery import assemble
+    from tl_app.models.heads import build_head
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -70,7 +71,7 @@ def in_patch_quadrant(heat: np.ndarray) -> bool:
 
 
 def test_gradcam_peaks_on_the_informative_patch(patch_model):
-    from tl_app.explain import GradCam
+    from tl_app.insight.explain import GradCam
 
     model, images, labels = patch_model
     cam = GradCam(model, "resnet50")
@@ -86,7 +87,7 @@ def test_gradcam_peaks_on_the_informative_patch(patch_model):
 
 
 def test_occlusion_peaks_on_the_informative_patch(patch_model):
-    from tl_app.explain import occlusion_map
+    from tl_app.insight.explain import occlusion_map
 
     model, images, labels = patch_model
     for image, label in zip(images[:4], labels[:4]):
@@ -97,8 +98,8 @@ def test_occlusion_peaks_on_the_informative_patch(patch_model):
 
 
 def test_explain_writes_overlays_for_the_top_class_and_a_chosen_class(patch_model, tmp_path):
-    from tl_app.evaluate import LoadedModel
-    from tl_app.explain import explain
+    from tl_app.models.opener import Predictor, keras_function
+    from tl_app.insight.explain import explain
 
     model, images, _ = patch_model
     paths = []
@@ -108,7 +109,8 @@ def test_explain_writes_overlays_for_the_top_class_and_a_chosen_class(patch_mode
         paths.append(path)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
-    loaded = LoadedModel(model, ["red", "blue"], SIZE, "stretch", "resnet50", tmp_path)
+    loaded = Predictor(["red", "blue"], SIZE, "stretch", tmp_path, "keras", keras_function(model, SIZE), model=model,
+                       card={"backbone": "resnet50"})
     summary = explain(None, [*paths, bad], "gradcam", out_dir=tmp_path / "out", echo=None, loaded=loaded)
     assert [r["class"] for r in summary["results"]] == ["red", "blue"]
     assert summary["skipped"] and summary["skipped"][0]["path"] == str(bad)
@@ -132,8 +134,8 @@ def run_dir(tmp_path_factory, sample_dir):
 
 
 def test_gradcam_on_a_run_dir_uses_the_registry_conv_layer(run_dir, sample_dir, cli, tmp_path):
-    from tl_app.evaluate import open_model
-    from tl_app.explain import GradCam
+    from tl_app.models.opener import open_model
+    from tl_app.insight.explain import GradCam
 
     run = run_dir
     cam = GradCam(open_model(run).model, "resnet50")
@@ -153,7 +155,7 @@ def test_unknown_class_and_method_are_clear_errors(run_dir, sample_dir, cli):
     assert result.exit_code != 0 and "Did you mean 'circles'" in result.output
     result = cli("explain", run, image, "--method", "saliency")
     assert result.exit_code != 0 and "gradcam" in result.output and "Traceback" not in result.output
-    from tl_app.explain import explain
+    from tl_app.insight.explain import explain
 
     with pytest.raises(ConfigError, match="gradcam"):  # the library checks too, for callers from Python
         explain(run, [image], "saliency", echo=None)

@@ -17,7 +17,8 @@ import pytest
 
 from factories import reference_pixels
 
-from tl_app.errors import ConfigError, ModelNotFoundError
+from tl_app.core.errors import ConfigError, ModelNotFoundError
+from tl_app.core.files import TEMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,14 +47,15 @@ def test_export_writes_the_tf_serving_layout_with_a_model_card(exported):
 
 
 def test_each_export_gets_the_next_version_and_no_temporary_stays_visible(exported, tmp_path):
-    from tl_app.export import export_run, list_versions
+    from tl_app.export.exporter import export_run
+    from tl_app.models.artifacts import list_versions
 
     root = tmp_path / "models"
     first = export_run(exported["run_dir"], root=root, name="shapes", formats="keras", echo=None)
     second = export_run(exported["run_dir"], root=root, name="shapes", formats=["keras"], echo=None)
     assert (first["version"], second["version"]) == (1, 2)
     assert list_versions(root / "shapes") == [1, 2]
-    assert [p.name for p in (root / "shapes").iterdir() if p.name.startswith(".export-")] == []
+    assert [p.name for p in (root / "shapes").iterdir() if p.name.startswith(TEMP_PREFIX)] == []
     assert json.loads((second["path"] / "model_card.json").read_text())["version"] == 2
 
 
@@ -77,7 +79,7 @@ def test_serving_default_decodes_resizes_and_matches_the_keras_model(exported, k
 def test_predict_pixels_takes_any_size_and_resizes_in_the_graph(exported, keras_model):
     import tensorflow as tf
 
-    from tl_app.pipeline import resize_images
+    from tl_app.data.pipeline import resize_images
 
     rng = np.random.default_rng(1)
     raw = rng.uniform(0, 255, (4, 50, 41, 3)).astype(np.float32)
@@ -93,7 +95,7 @@ def test_predict_pixels_takes_any_size_and_resizes_in_the_graph(exported, keras_
 def test_keras_copy_loads_in_safe_mode_and_agrees(exported, keras_model):
     import keras
 
-    import tl_app.backbones  # noqa: F401
+    import tl_app.models.backbones  # noqa: F401
 
     copy = keras.saving.load_model(exported["version_dir"] / "model.keras", safe_mode=True, compile=False)
     x = np.random.default_rng(2).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
@@ -101,7 +103,7 @@ def test_keras_copy_loads_in_safe_mode_and_agrees(exported, keras_model):
 
 
 def test_tflite_agrees_with_keras_to_1e3(exported, keras_model):
-    from tl_app.export import run_tflite
+    from tl_app.export.converters import run_tflite
 
     pixels, _ = reference_pixels(exported["run_dir"])
     out = run_tflite(exported["version_dir"] / "model.tflite", pixels[:8])
@@ -110,7 +112,7 @@ def test_tflite_agrees_with_keras_to_1e3(exported, keras_model):
 
 @pytest.mark.slow
 def test_quantized_tflite_is_smaller_and_reports_its_parity(exported, tmp_path):
-    from tl_app.export import export_run
+    from tl_app.export.exporter import export_run
 
     result = export_run(exported["run_dir"], root=tmp_path, name="q", formats="tflite", quantize=True, echo=None)
     size = (result["path"] / "model.tflite").stat().st_size
@@ -120,29 +122,32 @@ def test_quantized_tflite_is_smaller_and_reports_its_parity(exported, tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_export_agrees_with_keras_when_the_converter_is_installed(exported, tmp_path):
-    from tl_app.export import export_run, onnx_available
+def test_onnx_export_agrees_with_keras(exported, tmp_path):
+    from tl_app.export.exporter import export_run
+    from tl_app.export.converters import onnx_available
 
-    if not onnx_available():
-        pytest.skip("tf2onnx/onnxruntime not installed (pip install 'tl-app[onnx]')")
+    assert onnx_available(), "tf2onnx/onnxruntime are missing: make test installs them (the onnx extra)"
     result = export_run(exported["run_dir"], root=tmp_path, name="o", formats="onnx", echo=None)
     assert result["parity"]["onnx"]["max_abs_diff"] <= 1e-3
     assert (result["path"] / "model.onnx").stat().st_size > 1000
 
 
 def test_onnx_without_the_converter_names_the_extra(exported, tmp_path, monkeypatch):
-    import tl_app.export as export
+    import tl_app.export.converters as converters
+    from tl_app.core.errors import ExportError
+    from tl_app.export.exporter import export_run
+    from tl_app.models.artifacts import list_versions
 
-    monkeypatch.setattr(export, "onnx_available", lambda: False)
-    with pytest.raises(export.ExportError, match=r"tl-app\[onnx\]"):
-        export.export_run(exported["run_dir"], root=tmp_path, name="o", formats="onnx", echo=None)
-    assert export.list_versions(tmp_path / "o") == []  # nothing published, nothing half-written
+    monkeypatch.setattr(converters, "onnx_available", lambda: False)
+    with pytest.raises(ExportError, match=r"tl-app\[onnx\]"):
+        export_run(exported["run_dir"], root=tmp_path, name="o", formats="onnx", echo=None)
+    assert list_versions(tmp_path / "o") == []  # nothing published, nothing half-written
     assert [p.name for p in (tmp_path / "o").iterdir() if p.name != ".lock"] == []
 
 
 # ---- user mistakes -----------------------------------------------------------------
 def test_unknown_format_bad_name_and_missing_run_fail_clearly(exported, tmp_path):
-    from tl_app.export import export_run
+    from tl_app.export.exporter import export_run
 
     with pytest.raises(ConfigError, match="Did you mean 'tflite'"):
         export_run(exported["run_dir"], root=tmp_path, formats="tflit", echo=None)
@@ -168,7 +173,8 @@ def test_a_killed_export_leaves_previous_versions_intact_and_nothing_half_writte
     """SIGKILL a real `tl-app export` while it writes; version 1 must stay servable, no version 2 appears."""
     import tensorflow as tf
 
-    from tl_app.export import export_run, list_versions
+    from tl_app.export.exporter import export_run
+    from tl_app.models.artifacts import list_versions
 
     root = tmp_path / "models"
     shutil.copytree(exported["version_dir"], root / "shapes" / "1")
@@ -180,7 +186,7 @@ def test_a_killed_export_leaves_previous_versions_intact_and_nothing_half_writte
         deadline = time.time() + 120
         temp = None
         while time.time() < deadline and proc.poll() is None:  # kill once the SavedModel is being written
-            temps = [p for p in (root / "shapes").iterdir() if p.name.startswith(".export-")]
+            temps = [p for p in (root / "shapes").iterdir() if p.name.startswith(TEMP_PREFIX)]
             if temps and any(temps[0].iterdir()):
                 temp = temps[0]
                 break

@@ -18,8 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_app import features as features_mod
-from tl_app.features import FeatureCache, Recipe, extract_features, load_feature_dir, recipe_for
+from tl_app.features import cache as cache_mod
+from tl_app.features import extract as features_mod
+from tl_app.features import recipe as recipe_mod
+from tl_app.features.cache import FeatureCache
+from tl_app.features.recipe import Recipe, recipe_for
+from tl_app.features.extract import extract_features
+from tl_app.features.store import load_feature_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +84,7 @@ def test_rerun_is_served_from_the_cache_and_every_key_component_misses(vgg_confi
         changed = vgg_config.with_overrides({dotted: value})
         stats = extract(changed).stats
         assert (stats["computed"], stats["cached"]) == (n, 0), dotted
-    monkeypatch.setattr(features_mod, "FORMAT_VERSION", features_mod.FORMAT_VERSION + 1)
+    monkeypatch.setattr(recipe_mod, "FORMAT_VERSION", recipe_mod.FORMAT_VERSION + 1)
     assert extract(vgg_config).stats["computed"] == n
     monkeypatch.undo()
 
@@ -163,7 +168,7 @@ def test_compaction_merges_small_shards_and_leaves_merged_ones_alone(tmp_path, m
         cache.write(keys[3 * i:3 * i + 3], [0, 0, 0], np.full((3, 8), i, np.float32))
     assert cache.compact(above=2) == 4
     (merged,) = cache.shards()
-    monkeypatch.setattr(features_mod, "COMPACT_BYTES", 2 * merged.stat().st_size)  # merged: "large" from now on
+    monkeypatch.setattr(cache_mod, "COMPACT_BYTES", 2 * merged.stat().st_size)  # merged: "large" from now on
     for i in range(3):
         cache.write([f"{100 + i:064x}"], [0], np.full((1, 8), 9, np.float32))
     assert cache.compact(above=2) == 3 and merged in cache.shards() and len(cache.shards()) == 2
@@ -202,7 +207,7 @@ def test_augmented_views_are_deterministic_cached_and_per_view(vgg_config, tmp_p
 # ---- export and CLI ------------------------------------------------------------
 def test_extract_cli_end_to_end_json_and_numpy_only_export(cli, tmp_path):
     data = tmp_path / "data"
-    from tl_app.sample_data import write_sample_dataset
+    from tl_app.data.sample import write_sample_dataset
 
     write_sample_dataset(data, seed=1, counts={"circles": 5, "squares": 4})
     (data / "circles" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -269,8 +274,8 @@ def test_extract_reports_user_mistakes_clearly(cli, sample_dir, tmp_path):
 # ---- resumption after SIGKILL ---------------------------------------------------
 KILL_SCRIPT = """
 import sys
-from tl_app.config import Config
-from tl_app.features import extract_features
+from tl_app.core.config import Config
+from tl_app.features.extract import extract_features
 c = Config()
 c.data.root, c.features.cache_dir = sys.argv[1], sys.argv[2]
 c.backbone.name, c.backbone.weights, c.backbone.input_size = "resnet50", "none", 64
@@ -291,7 +296,7 @@ def write_many(root: Path, count: int) -> None:
 
 @pytest.mark.slow
 def test_a_killed_extraction_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    from tl_app.config import Config
+    from tl_app.core.config import Config
 
     data, cache = tmp_path / "data", tmp_path / "cache"
     write_many(data, 320)
@@ -325,7 +330,7 @@ def test_a_killed_extraction_resumes_and_matches_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_two_concurrent_extractions_share_one_cache_without_corrupting_it(tmp_path):
-    from tl_app.config import Config
+    from tl_app.core.config import Config
 
     data, cache = tmp_path / "data", tmp_path / "cache"
     write_many(data, 160)

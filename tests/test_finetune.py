@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_app.errors import ConfigError, ModelNotFoundError
+from tl_app.core.errors import ConfigError, ModelNotFoundError
 
 
 def finetune_config(tiny_config, **train):
@@ -28,15 +28,15 @@ def finetune_config(tiny_config, **train):
 
 
 def compiled(model, config):
-    from tl_app.losses import make_loss
+    from tl_app.training.losses import make_loss
 
     model.compile(loss=make_loss(config.train), metrics=["accuracy"])
     return model
 
 
 def val_dataset(run_dir, config):
-    from tl_app.dataset import Manifest
-    from tl_app.pipeline import make_dataset
+    from tl_app.data.scan import Manifest
+    from tl_app.data.pipeline import make_dataset
 
     manifest = Manifest.load(run_dir / "manifest.json")
     return make_dataset(manifest.split("val"), config.backbone.input_size, config.data.resize_policy,
@@ -45,7 +45,8 @@ def val_dataset(run_dir, config):
 
 @pytest.mark.filterwarnings("ignore:Your input ran out of data")
 def test_cli_finetune_writes_a_complete_run_dir(tiny_config, cli, tmp_path):
-    from tl_app.runs import load_run_model, read_run_info
+    from tl_app.models.opener import load_run_model
+    from tl_app.models.artifacts import read_run_info
 
     config = finetune_config(tiny_config)
     result = cli("train", config.data.root, "--strategy", "finetune", "--backbone", "vgg16", "--weights", "none",
@@ -83,8 +84,9 @@ def test_cli_finetune_writes_a_complete_run_dir(tiny_config, cli, tmp_path):
 
 
 def test_phase_two_unfreezes_top_blocks_and_keeps_batchnorm_frozen(tiny_config):
-    from tl_app.backbones import get_spec
-    from tl_app.finetune import build_classifier, check_settings, freeze_backbone, unfreeze_top
+    from tl_app.models.backbones import get_spec
+    from tl_app.models.surgery import build_classifier, freeze_backbone, unfreeze_top
+    from tl_app.training.finetune import check_settings
 
     spec = get_spec("resnet50")
     tiny_config.head.dropout = 0.0
@@ -117,10 +119,10 @@ def test_phase_two_unfreezes_top_blocks_and_keeps_batchnorm_frozen(tiny_config):
 
 
 def test_training_pipeline_is_a_function_of_seed_and_epoch(tiny_config, sample_dir):
-    from tl_app.augment import build_augmenter
-    from tl_app.dataset import scan
-    from tl_app.finetune import training_dataset
-    from tl_app.pipeline import make_dataset
+    from tl_app.data.augment import build_augmenter
+    from tl_app.data.scan import scan
+    from tl_app.training.finetune import training_dataset
+    from tl_app.data.pipeline import make_dataset
 
     records = scan(sample_dir, tiny_config.data).split("train")
     table = np.array([1.0, 2.0, 3.0], np.float32)
@@ -154,8 +156,8 @@ def test_training_pipeline_is_a_function_of_seed_and_epoch(tiny_config, sample_d
 
 
 def test_augmenter_with_every_augmentation_off_is_the_identity():
-    from tl_app.augment import build_augmenter
-    from tl_app.config import AugmentConfig
+    from tl_app.data.augment import build_augmenter
+    from tl_app.core.config import AugmentConfig
 
     off = AugmentConfig(horizontal_flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0,
                         brightness=0.0)
@@ -165,7 +167,7 @@ def test_augmenter_with_every_augmentation_off_is_the_identity():
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny_config, cli, tmp_path):
-    from tl_app.runs import read_run_info
+    from tl_app.models.artifacts import read_run_info
 
     config = finetune_config(tiny_config)
     result = cli("train", config.data.root, "--strategy", "finetune", "--backbone", "vgg16", "--weights", "none",
@@ -199,7 +201,7 @@ def test_augment_preview_writes_a_png_grid(cli, sample_dir, tmp_path):
 def test_resume_refuses_what_it_cannot_continue(tiny_config, tmp_path):
     from factories import make_run_dir
 
-    from tl_app.finetune import resume_finetune
+    from tl_app.training.finetune import resume_finetune
 
     with pytest.raises(ModelNotFoundError, match="no such folder"):
         resume_finetune(tmp_path / "nowhere", echo=None)

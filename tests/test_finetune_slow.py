@@ -32,9 +32,9 @@ def finetune_config(config, **train):
 
 
 def evaluate_val(model, run_dir, config):
-    from tl_app.dataset import Manifest
-    from tl_app.losses import make_loss
-    from tl_app.pipeline import make_dataset
+    from tl_app.data.scan import Manifest
+    from tl_app.training.losses import make_loss
+    from tl_app.data.pipeline import make_dataset
 
     manifest = Manifest.load(Path(run_dir) / "manifest.json")
     data = make_dataset(manifest.split("val"), config.backbone.input_size, config.data.resize_policy,
@@ -45,9 +45,9 @@ def evaluate_val(model, run_dir, config):
 
 def test_resnet50_evaluate_matches_reported_validation_metrics(tiny_config):
     """The "fit said 87%, evaluate says 63%" trap: BatchNorm must stay in inference mode and frozen."""
-    from tl_app.backbones import build_feature_model, get_spec
-    from tl_app.finetune import train_finetune
-    from tl_app.runs import load_run_model
+    from tl_app.models.backbones import build_feature_model, get_spec
+    from tl_app.training.finetune import train_finetune
+    from tl_app.models.opener import load_run_model
 
     config = finetune_config(tiny_config, epochs=2, finetune_epochs=2, learning_rate=3e-3,
                              early_stopping_patience=10)
@@ -93,10 +93,10 @@ def write_imbalanced(root: Path) -> Path:
 
 
 def test_class_weights_raise_minority_recall(tiny_config, tmp_path):
-    from tl_app.dataset import Manifest
-    from tl_app.finetune import train_finetune
-    from tl_app.pipeline import load_images
-    from tl_app.runs import load_run_model
+    from tl_app.data.scan import Manifest
+    from tl_app.training.finetune import train_finetune
+    from tl_app.data.pipeline import load_images
+    from tl_app.models.opener import load_run_model
 
     root = write_imbalanced(tmp_path / "imbalanced")
 
@@ -141,8 +141,8 @@ class CrashAt(keras.callbacks.Callback):
 
 def assert_same_run(a: Path, b: Path) -> None:
     """Same epochs, losses, learning rates, final weights and final training state (optimiser included)."""
-    from tl_app.callbacks import CheckpointStore
-    from tl_app.runs import load_run_model
+    from tl_app.training.callbacks import CheckpointStore
+    from tl_app.models.opener import load_run_model
 
     ha = json.loads((a / "history.json").read_text())["epochs"]
     hb = json.loads((b / "history.json").read_text())["epochs"]
@@ -161,7 +161,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_resume_after_a_crash_at_each_point_matches_the_uninterrupted_run(tiny_config):
-    from tl_app.finetune import resume_finetune, train_finetune
+    from tl_app.training.finetune import resume_finetune, train_finetune
 
     def config(name):
         c = tiny_config.with_overrides({"train.name": name, "backbone.name": "vgg16", "head.batch_norm": True,
@@ -218,8 +218,8 @@ def test_resume_after_kill_matches_the_uninterrupted_run(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_mixed_precision_trains_on_cpu_and_saves_float32(tiny_config, precision):
-    from tl_app.finetune import train_finetune
-    from tl_app.runs import load_run_model
+    from tl_app.training.finetune import train_finetune
+    from tl_app.models.opener import load_run_model
 
     seen = {}
 
@@ -243,7 +243,7 @@ def test_mixed_precision_trains_on_cpu_and_saves_float32(tiny_config, precision)
 def test_mirrored_strategy_and_xla_train_on_cpu(tiny_config):
     import tensorflow as tf
 
-    from tl_app.finetune import train_finetune
+    from tl_app.training.finetune import train_finetune
 
     seen = {}
 
@@ -279,8 +279,9 @@ def test_multi_worker_strategy_runs_as_a_single_local_worker(tiny_config, tmp_pa
 
 
 def test_two_classes_with_focal_loss_smoothing_and_explicit_weights(tiny_config, tmp_path):
-    from tl_app.finetune import train_finetune
-    from tl_app.runs import load_run_model, read_run_info
+    from tl_app.training.finetune import train_finetune
+    from tl_app.models.opener import load_run_model
+    from tl_app.models.artifacts import read_run_info
 
     root = tmp_path / "two"
     rng = np.random.default_rng(0)

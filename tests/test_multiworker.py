@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tl_app.engines.distributed import is_chief, local_cluster, read_tf_config, tf_config_for
-from tl_app.errors import TlAppError
+from tl_app.training.devices import is_chief, read_tf_config
+from tl_app.engines.distributed import local_cluster, tf_config_for
+from tl_app.core.errors import TlAppError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +121,8 @@ def test_two_workers_on_loopback_end_with_identical_weights_and_falling_loss(tin
 
 @pytest.mark.slow
 def test_ray_train_runs_the_same_fine_tuning_on_two_workers(tiny_config, tmp_path, cli):
-    ray = pytest.importorskip("ray")
+    import ray  # the ray extra: make test installs it
+
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
     try:
         result = cli("train", tiny_config.data.root, "--strategy", "finetune", "--backbone", "resnet50",

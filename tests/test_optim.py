@@ -8,10 +8,10 @@ import keras
 import numpy as np
 import pytest
 
-from tl_app.config import OPTIMIZERS, SCHEDULES, TrainConfig
-from tl_app.errors import ConfigError
-from tl_app.losses import class_weight_table, make_loss
-from tl_app.optim import LearningRateController, make_optimizer, make_schedule, schedule_callbacks, scheduled_rate
+from tl_app.core.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from tl_app.core.errors import ConfigError
+from tl_app.training.losses import class_weight_table, make_loss
+from tl_app.training.optim import LearningRateController, make_optimizer, make_schedule, schedule_callbacks, scheduled_rate
 
 
 def tiny_problem(seed: int = 0):

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from factories import reference_pixels  # noqa: E402
 
-from tl_app.errors import ConfigError, ModelNotFoundError  # noqa: E402
+from tl_app.core.errors import ConfigError, ModelNotFoundError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def test_predict_agrees_with_the_in_memory_model_and_the_savedmodel_to_1e5(expor
 
 def test_rotated_transparent_and_gif_images_are_decoded_as_in_training(exported, keras_model, tmp_path):
     from tl_app.inference import predict_paths
-    from tl_app.pipeline import load_images
+    from tl_app.data.pipeline import load_images
 
     rng = np.random.default_rng(3)
     folder = tmp_path / "odd"
@@ -149,12 +149,13 @@ def test_rotated_transparent_and_gif_images_are_decoded_as_in_training(exported,
 
 
 def test_model_argument_forms_and_mistakes(exported, sample_dir, tmp_path):
-    from tl_app.inference import load_predictor, predict_paths, read_model_info
+    from tl_app.models.opener import open_model, read_model_info
+    from tl_app.inference import predict_paths
 
     for path, kind, version in ((exported["root"] / "shapes", "savedmodel", 1),
                                 (exported["version_dir"], "savedmodel", 1),
                                 (exported["run_dir"], "keras", None)):
-        predictor = load_predictor(path)
+        predictor = open_model(path)
         assert (predictor.kind, predictor.version) == (kind, version)
         assert predictor.classes == ["circles", "squares", "triangles"] and predictor.input_size == 32
         assert predictor.background == (255, 255, 255)
@@ -167,10 +168,10 @@ def test_model_argument_forms_and_mistakes(exported, sample_dir, tmp_path):
     with pytest.raises(ModelNotFoundError, match="did not finish training"):
         read_model_info(unfinished)
     with pytest.raises(ModelNotFoundError, match="does not exist"):
-        load_predictor(tmp_path / "nope")
+        open_model(tmp_path / "nope")
     (tmp_path / "empty_model").mkdir()
     with pytest.raises(ModelNotFoundError, match="no exported model version"):
-        load_predictor(tmp_path / "empty_model")
+        open_model(tmp_path / "empty_model")
     with pytest.raises(ConfigError, match=".csv or .jsonl"):
         predict_paths(exported["version_dir"], [sample_dir], out=tmp_path / "x.xlsx", echo=None)
     with pytest.raises(ConfigError, match="top-k"):
@@ -189,9 +190,10 @@ def link_copy(source: Path, target: Path, config_file: str, background: list[int
 
 
 def test_transparent_images_are_composited_on_the_runs_background(exported, keras_model, tmp_path):
-    from tl_app.errors import ConfigError
-    from tl_app.inference import load_predictor, predict_paths
-    from tl_app.pipeline import load_images
+    from tl_app.core.errors import ConfigError
+    from tl_app.models.opener import open_model
+    from tl_app.inference import predict_paths
+    from tl_app.data.pipeline import load_images
 
     rng = np.random.default_rng(5)
     folder = tmp_path / "transparent"
@@ -210,7 +212,7 @@ def test_transparent_images_are_composited_on_the_runs_background(exported, kera
     run = link_copy(exported["run_dir"], tmp_path / "run", "config.json", [0, 0, 0])
     classes = ["circles", "squares", "triangles"]
     for model in (version, run):  # the card's config (SavedModel) and the run's config.json (Keras)
-        assert load_predictor(model).background == (0, 0, 0)
+        assert open_model(model).background == (0, 0, 0)
         out = tmp_path / f"{model.name}.jsonl"
         summary = predict_paths(model, [folder], out=out, top_k=3, echo=None)
         assert summary["predicted"] == 2
@@ -221,7 +223,7 @@ def test_transparent_images_are_composited_on_the_runs_background(exported, kera
             assert np.max(np.abs(got - want)) <= 1e-5, (model, line)
     broken = link_copy(exported["run_dir"], tmp_path / "bad-run", "config.json", [0, 0, 256])
     with pytest.raises(ConfigError, match="data.background must be three integers"):
-        load_predictor(broken)
+        open_model(broken)
 
 
 def test_symlink_loops_list_each_file_once(exported, sample_dir, tmp_path):
@@ -242,7 +244,7 @@ def test_symlink_loops_list_each_file_once(exported, sample_dir, tmp_path):
 
 
 def test_bad_files_get_the_dataset_scans_reasons(exported, sample_dir, tmp_path):
-    from tl_app.images import probe_file
+    from tl_app.data.images import probe_file
     from tl_app.inference import MAX_PIXELS, predict_paths
 
     folder = tmp_path / "bad"
@@ -275,8 +277,9 @@ def test_memory_stays_bounded_for_many_inputs(exported, tmp_path):
         Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
     script = f"""
 import os, psutil, glob
-from tl_app.inference import predict_paths, load_predictor
-p = load_predictor({str(exported['version_dir'])!r})
+from tl_app.inference import predict_paths
+from tl_app.models.opener import open_model
+p = open_model({str(exported['version_dir'])!r})
 files = sorted(glob.glob({str(folder)!r} + '/*.png'))
 predict_paths(p, files[:200], out={str(tmp_path / 'a.csv')!r}, echo=None)
 small = psutil.Process().memory_info().rss

@@ -14,18 +14,18 @@ import sys
 import numpy as np
 import pytest
 
-from tl_app.config import load_config
-from tl_app.errors import ConfigError, TlAppError
+from tl_app.core.config import load_config
+from tl_app.core.errors import ConfigError, TlAppError
 
 
 # ---- without Ray -------------------------------------------------------------------
 def test_engine_ray_without_ray_names_the_extra(tiny_config, monkeypatch):
-    from tl_app.features import extract_features
+    from tl_app import api
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     config = tiny_config.with_overrides({"engine.name": "ray"})
     with pytest.raises(TlAppError, match=r"pip install 'tl-app\[ray\]'"):
-        extract_features(config, echo=None)
+        api.extract(config, echo=None)
 
 
 def test_cli_extract_engine_ray_without_ray_is_one_clear_error(cli, tiny_config, tmp_path, monkeypatch):
@@ -47,11 +47,11 @@ def test_cli_predict_engine_ray_without_ray_is_one_clear_error(cli, tiny_config,
 
 
 def test_ray_client_address_is_refused_for_ray_data(tiny_config):
-    from tl_app.features import extract_features
+    from tl_app import api
 
     config = tiny_config.with_overrides({"engine.name": "ray", "engine.address": "ray://head:10001"})
     with pytest.raises(TlAppError, match="--address auto"):
-        extract_features(config, echo=None)
+        api.extract(config, echo=None)
 
 
 def test_engine_settings_are_checked():
@@ -64,7 +64,7 @@ def test_engine_settings_are_checked():
 
 
 def test_default_engine_does_not_import_ray(tiny_config, monkeypatch):
-    from tl_app.features import extract_features
+    from tl_app.features.extract import extract_features
 
     monkeypatch.setitem(sys.modules, "ray", None)
     result = extract_features(tiny_config, echo=None)
@@ -74,7 +74,8 @@ def test_default_engine_does_not_import_ray(tiny_config, monkeypatch):
 # ---- on a local Ray instance ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_local():
-    ray = pytest.importorskip("ray")
+    import ray  # the ray extra: make test installs it
+
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
     yield ray
     ray.shutdown()
@@ -136,8 +137,10 @@ class StopAfterFirstBatch:
 @pytest.mark.slow
 def test_ray_extract_resumes_from_what_the_cache_holds(ray_local, tiny_config):
     from tl_app.engines.ray_engine import RayExtractor
-    from tl_app.features import FeatureCache, extract_features, recipe_for
-    from tl_app.train import scan_dataset
+    from tl_app.features.cache import FeatureCache
+    from tl_app.features.extract import extract_features
+    from tl_app.features.recipe import recipe_for
+    from tl_app.data.scan import scan_dataset
 
     expected = extract_features(tiny_config.with_overrides({"features.cache_dir": tiny_config.features.cache_dir
                                                            + "-local"}), echo=None)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 
-from tl_app.report import SECTIONS
+from tl_app.insight.report import SECTIONS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -28,7 +28,7 @@ def write_history(run_dir: Path) -> None:
 def report_path(tmp_path_factory, sample_dir):
     from factories import make_run_dir, small_config
 
-    from tl_app.report import build_report
+    from tl_app.insight.report import build_report
 
     config = small_config(tmp_path_factory.mktemp("report"), sample_dir)
     run_dir = make_run_dir(config, metrics={"val_accuracy": 0.5, "val_loss": 1.0})
@@ -56,8 +56,8 @@ def test_report_has_every_section_and_is_self_contained(report_path):
     assert (run_dir / "curves.png").is_file() and (run_dir / "evaluation" / "metrics.json").is_file()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (make browser)")
 def test_report_renders_in_headless_chromium(report_path, tmp_path):
+    assert CHROMIUM, "headless Chromium is missing: make test installs it (make browser)"
     dom = chromium("--dump-dom", report_path.as_uri(), user_data=tmp_path / "profile-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     for section_id in SECTIONS:

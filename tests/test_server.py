@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from factories import reference_pixels  # noqa: E402
 
-httpx = pytest.importorskip("httpx")
+import httpx  # noqa: E402  (the test extra)
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -170,7 +170,7 @@ def test_metadata_describes_both_signatures(client):
 def test_predict_rows_and_columns_agree_with_the_model_and_tl_app_predict(client, exported, tmp_path):
     """Parity: in-memory model, SavedModel, `tl-app predict` and the server, same images, 1e-5."""
     from tl_app.inference import predict_paths
-    from tl_app.runs import load_run_model
+    from tl_app.models.opener import load_run_model
 
     pixels, records = reference_pixels(exported["run_dir"])
     expected = load_run_model(exported["run_dir"]).predict(pixels, verbose=0)
@@ -198,7 +198,7 @@ def test_predict_rows_and_columns_agree_with_the_model_and_tl_app_predict(client
 
 
 def test_predict_pixels_signature_takes_float_tensors(client, exported):
-    from tl_app.runs import load_run_model
+    from tl_app.models.opener import load_run_model
 
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     response = client.post("/v1/models/shapes:predict",
@@ -437,9 +437,10 @@ def local_root(exported, tmp_path_factory):
 @pytest.fixture(scope="module")
 def local(local_root):
     """The app in this process (starlette's TestClient): its registry and models can be inspected."""
-    from tl_app.serve import ServeSettings, create_app
+    from tl_app.core.config import ServeConfig
+    from tl_app.serve.app import create_app
 
-    app = create_app(local_root, ServeSettings(max_batch_size=8, poll_seconds=0.3))
+    app = create_app(local_root, ServeConfig(max_batch_size=8, poll_seconds=0.3))
     with in_process(app) as client:  # startup scans the root: a bad version folder must not stop it
         yield client
 
@@ -460,7 +461,7 @@ def probabilities(response) -> np.ndarray:
 
 
 def test_version_folders_and_numbers_are_ascii_digits_only(local, local_root):
-    from tl_app.export import list_versions, parse_version
+    from tl_app.models.artifacts import list_versions, parse_version
 
     assert list_versions(local_root / "shapes") == [1, 2]
     assert [parse_version(t) for t in ("1", "42", "9" * 18, "²", "01", "0", "1" * 19, "", " 1", "1\n", None)] == \
@@ -537,7 +538,7 @@ def test_batchers_stay_bounded_however_many_input_shapes_clients_send(local):
 
 
 def test_a_closed_version_gives_out_no_runner(local_root):
-    from tl_app.config import ServeConfig
+    from tl_app.core.config import ServeConfig
     from tl_app.serve.batching import Unavailable
     from tl_app.serve.metrics import Metrics
     from tl_app.serve.registry import load_version
@@ -610,9 +611,10 @@ def test_a_server_fault_in_the_model_call_is_not_blamed_on_the_request():
 
 
 def test_a_version_closed_under_a_request_is_a_503_to_retry(local_root, sample_dir):
-    from tl_app.serve import ServeSettings, create_app
+    from tl_app.core.config import ServeConfig
+    from tl_app.serve.app import create_app
 
-    app = create_app(local_root, ServeSettings())
+    app = create_app(local_root, ServeConfig())
     with in_process(app) as client:
         app.state.registry.get_loaded("shapes").close()  # as an unload does, between lookup and submit
         image = b64(next(sample_dir.glob("*/*.jpg")))

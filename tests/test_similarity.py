@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_app.similarity import SimilarityIndex, naive_top_k, top_k
+from tl_app.insight.similarity import SimilarityIndex, naive_top_k, top_k
 
 
 # ---- the index itself, on random vectors -----------------------------------------
@@ -62,7 +62,7 @@ def test_float16_storage_saves_half_and_gives_the_same_neighbours(tmp_path):
 
 
 def test_loading_something_that_is_not_an_index_is_a_clear_error(tmp_path):
-    from tl_app.errors import TlAppError
+    from tl_app.core.errors import TlAppError
 
     with pytest.raises(TlAppError, match="tl-app index"):
         SimilarityIndex.load(tmp_path)
@@ -95,7 +95,7 @@ def duplicate_data(tmp_path_factory, sample_dir):
 @pytest.fixture(scope="module")
 def index_config(duplicate_data):
     """resnet50, random weights, 64x64; one feature cache for the whole module."""
-    from tl_app.config import Config
+    from tl_app.core.config import Config
 
     config = Config()
     config.data.root = str(duplicate_data["root"])
@@ -108,14 +108,14 @@ def index_config(duplicate_data):
 
 @pytest.fixture(scope="module")
 def built_index(index_config, duplicate_data):
-    from tl_app.similarity import build_index
+    from tl_app.insight.similarity import build_index
 
     out = duplicate_data["root"].parent / "index"
     return build_index(index_config, out, echo=None)
 
 
 def test_query_finds_itself_first_then_its_near_duplicates(built_index, duplicate_data, tmp_path):
-    from tl_app.similarity import similar
+    from tl_app.insight.similarity import similar
 
     assert built_index["count"] == 11 and built_index["features"]["computed"] == 11
     result = similar(built_index["index"], [duplicate_data["original"], duplicate_data["outside_copy"]], k=4,
@@ -132,7 +132,7 @@ def test_query_finds_itself_first_then_its_near_duplicates(built_index, duplicat
 
 
 def test_building_the_index_again_reuses_cached_features(built_index, index_config, tmp_path):
-    from tl_app.similarity import build_index
+    from tl_app.insight.similarity import build_index
 
     again = build_index(index_config, tmp_path / "b", echo=None)
     assert again["features"]["computed"] == 0 and again["features"]["cached"] == 11
@@ -159,7 +159,7 @@ def test_cli_index_and_similar_with_json_and_contact_sheet(built_index, index_co
 # ---- embed ------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["pca", "tsne"])
 def test_embed_draws_a_scatter_coloured_by_class(built_index, index_config, duplicate_data, tmp_path, method):
-    from tl_app.embed import embed
+    from tl_app.insight.embed import embed
 
     out = tmp_path / f"{method}.png"
     summary = embed(duplicate_data["root"], method, out, config=index_config, echo=None)
@@ -183,8 +183,8 @@ def test_embed_reads_a_similarity_index_without_recomputing(built_index, tmp_pat
 
 
 def test_embed_reads_an_extracted_feature_folder(built_index, index_config, tmp_path):
-    from tl_app.embed import embed
-    from tl_app.features import extract_features
+    from tl_app.insight.embed import embed
+    from tl_app.features.extract import extract_features
 
     extract_features(index_config, out_dir=tmp_path / "feats", echo=None)
     summary = embed(tmp_path / "feats", "pca", tmp_path / "p.png", echo=None)

@@ -3,9 +3,10 @@ import socket
 import numpy as np
 import pytest
 
-from tl_app.backbones import build_base, build_feature_model, get_spec
-from tl_app.errors import TlAppError, WeightsUnavailableError
-from tl_app.weights import cache_path, fingerprint, import_weights, resolve_weights, weights_status
+from tl_app.models.backbones import build_base, build_feature_model, get_spec
+from tl_app.core.errors import TlAppError, WeightsUnavailableError
+from tl_app.models.weights import cache_path, fingerprint, resolve_weights, weights_status
+from tl_app.models.backbones import import_weights
 
 
 @pytest.fixture
@@ -86,7 +87,7 @@ def test_random_weights_are_fingerprinted_by_seed():
 def test_a_weight_file_is_fingerprinted_by_content_and_hashed_once(tmp_path, monkeypatch):
     import time
 
-    from tl_app import weights as weights_mod
+    from tl_app.models import weights as weights_mod
 
     spec = get_spec("vgg16")
     base = build_base(spec, 32, "none")

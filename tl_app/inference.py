@@ -16,160 +16,26 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
-from tl_app.dataset import is_hidden
-from tl_app.errors import ConfigError, ModelNotFoundError
-from tl_app.images import probe_header
+from tl_app.core.errors import ConfigError
+from tl_app.data.images import probe_header
+from tl_app.core.progress import Progress
+from tl_app.data.scan import IMAGE_SUFFIXES, walk
+from tl_app.models.opener import Predictor, open_model
+from tl_app.data.images import probe_file
+from tl_app.data.pipeline import load_image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".jfif", ".mpo"}
 MAX_PIXELS = 89_478_485
-DEFAULT_BACKGROUND = (255, 255, 255)
 MAX_LISTED_BAD = 100  # bad files named in the summary; every one has its row in the output
 
 
-# ---- the model -------------------------------------------------------------------
-@dataclass
-class ModelInfo:
-    """What a model's files say about it, read without loading the model."""
-
-    source: Path  # the run directory, or the exact version folder (a newer version appearing later is not used)
-    classes: list[str]
-    input_size: int
-    resize_policy: str
-    name: str = ""
-    version: int | None = None
-    card: dict = field(default_factory=dict, repr=False)  # model_card.json, or run.json for a run
-    background: tuple = DEFAULT_BACKGROUND  # training's data.background: transparency is composited on it
-
-
-@dataclass
-class Predictor:
-    """A loaded classifier: pixels (N, size, size, 3, 0..255) -> probabilities (N, C)."""
-
-    classes: list[str]
-    input_size: int
-    resize_policy: str
-    source: Path
-    kind: str  # "savedmodel" | "keras"
-    predict_fn: Callable = field(repr=False)
-    name: str = ""
-    version: int | None = None
-    card: dict = field(default_factory=dict, repr=False)
-    background: tuple = DEFAULT_BACKGROUND  # decode transparent images onto this, as training did
-
-    def predict(self, images) -> np.ndarray:
-        return np.asarray(self.predict_fn(images))
-
-
-def run_background(config: dict | None, source: str) -> tuple:
-    """data.background of a run's saved configuration, checked as training checked it (white if absent)."""
-    from tl_app.config import Config
-
-    data = (config or {}).get("data") or {}
-    if "background" not in data:
-        return DEFAULT_BACKGROUND
-    checked = Config.from_dict({"data": {"background": data["background"]}}, source=source)
-    return tuple(int(v) for v in checked.data.background)
-
-
-def read_model_info(path: str | Path) -> ModelInfo:
-    """saved_models/<name> (newest version), a version folder, or a run directory: its classes, sizes,
-    version and background from run.json/config.json or model_card.json; the model itself is not loaded."""
-    from tl_app.export import CARD_FILE, parse_version, read_card, resolve_version_dir
-    from tl_app.runs import MODEL_FILE, RUN_FILE, read_run_info
-
-    path = Path(path)
-    if (path / RUN_FILE).is_file():
-        info = read_run_info(path)
-        if not (path / MODEL_FILE).is_file():
-            raise ModelNotFoundError(f"{path / MODEL_FILE} does not exist: the run did not finish training. "
-                                     f"Train it again, or pass an exported model (saved_models/<name>).")
-        config_file = path / "config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        return ModelInfo(path, list(info["classes"]), int(info["input_size"]), info.get("resize_policy") or "auto",
-                         name=path.name, card=info, background=run_background(config, str(config_file)))
-    version_dir = resolve_version_dir(path)
-    card = read_card(version_dir)
-    if not card:
-        raise ModelNotFoundError(f"{version_dir} has no {CARD_FILE}; re-export it with 'tl-app export'.")
-    version = parse_version(version_dir.name)
-    name = version_dir.parent.name if version is not None else version_dir.name
-    return ModelInfo(version_dir, list(card["classes"]), int(card["input_size"]), card.get("resize_policy") or "auto",
-                     name=name, version=version, card=card,
-                     background=run_background(card.get("config"), f"{version_dir / CARD_FILE} [config]"))
-
-
-def load_predictor(path: str | Path) -> Predictor:
-    """saved_models/<name> (newest version), a version folder, or a run directory."""
-    import tensorflow as tf
-
-    from tl_app.export import KERAS_FILE, PIXELS_SIGNATURE, SAVED_MODEL_FILE
-    from tl_app.runs import RUN_FILE, load_model_file, load_run_model
-
-    info = read_model_info(path)
-    source = info.source
-    if (source / RUN_FILE).is_file():
-        predictor_fn, kind = keras_function(load_run_model(source), info.input_size), "keras"
-    elif (source / SAVED_MODEL_FILE).is_file():
-        loaded = tf.saved_model.load(str(source))
-        signature = loaded.signatures.get(PIXELS_SIGNATURE)
-        if signature is None:
-            raise ModelNotFoundError(f"{source} has no {PIXELS_SIGNATURE!r} signature; export it with tl-app.")
-
-        def run(images, _signature=signature, _keep=loaded):
-            return _signature(images=tf.convert_to_tensor(images, tf.float32))["probabilities"].numpy()
-
-        predictor_fn, kind = run, "savedmodel"
-    elif (source / KERAS_FILE).is_file():
-        predictor_fn, kind = keras_function(load_model_file(source / KERAS_FILE), info.input_size), "keras"
-    else:  # resolve_version_dir only returns complete versions
-        raise ModelNotFoundError(f"{source} holds no model.")
-    return Predictor(info.classes, info.input_size, info.resize_policy, source, kind, predictor_fn,
-                     name=info.name, version=info.version, card=info.card, background=info.background)
-
-
-def keras_function(model, input_size: int):
-    """One traced call per batch shape, as model.predict does, without its per-call set-up."""
-    import tensorflow as tf
-
-    @tf.function(input_signature=[tf.TensorSpec([None, input_size, input_size, 3], tf.float32)])
-    def call(images):
-        return tf.cast(model(images, training=False), tf.float32)
-
-    return lambda images: call(tf.convert_to_tensor(images, tf.float32)).numpy()
-
-
-# ---- the inputs ----------------------------------------------------------------------
-def _walk(folder: str | Path, seen: set[str] | None = None) -> Iterator[str]:
-    """Image files under a folder, recursively, sorted, hidden entries skipped (as the dataset scan does).
-
-    Links are followed, and each real directory is entered once (tl_app.dataset.walk_files' rule, kept
-    lazy here): a link back up the tree (loop -> ..) cannot repeat files or recurse without end.
-    """
-    seen = set() if seen is None else seen
-    real = os.path.realpath(folder)
-    if real in seen:
-        return
-    seen.add(real)
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError:
-        return
-    for entry in entries:
-        if is_hidden(entry.name):
-            continue
-        try:
-            if entry.is_dir():
-                yield from _walk(entry.path, seen)
-            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-                yield entry.path
-        except OSError:
-            continue
+def folder_images(folder) -> Iterator[tuple[str, str]]:
+    """Image files under a folder, by the scan's walker (links followed, no folder entered twice)."""
+    return ((str(path), "") for path, _ in walk(folder, suffixes=IMAGE_SUFFIXES))
 
 
 def iter_inputs(inputs) -> Iterator[tuple[str, str]]:
@@ -178,7 +44,7 @@ def iter_inputs(inputs) -> Iterator[tuple[str, str]]:
         item = str(item)
         path = Path(item)
         if path.is_dir():
-            yield from ((p, "") for p in _walk(path))
+            yield from folder_images(path)
         elif path.exists() or path.is_symlink():
             yield item, ""
         elif glob.has_magic(item):
@@ -187,7 +53,7 @@ def iter_inputs(inputs) -> Iterator[tuple[str, str]]:
                 yield item, "no file matches this pattern"
             for match in matches:
                 if Path(match).is_dir():
-                    yield from ((p, "") for p in _walk(Path(match)))
+                    yield from folder_images(match)
                 else:
                     yield match, ""
         else:
@@ -202,7 +68,6 @@ def header_probe(path: str, max_pixels: int = MAX_PIXELS) -> tuple[bool, str]:
 
 
 def decode_failure_reason(path: str) -> str:
-    from tl_app.images import probe_file
 
     try:
         reason = probe_file(path, MAX_PIXELS).reason
@@ -258,32 +123,6 @@ class RowWriter:
             self.handle.flush()
 
 
-class Progress:
-    """One status line on stderr: done/total, images/s, bad files."""
-
-    def __init__(self, total: int, stream=None, enabled: bool = True, width: int = 28):
-        self.total, self.stream, self.enabled, self.width = total, stream or sys.stderr, enabled, width
-        self.started = time.perf_counter()
-        self.last = 0.0
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-
-    def update(self, done: int, bad: int, final: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if not final and now - self.last < (0.1 if self.tty else 5.0):
-            return
-        self.last = now
-        rate = done / max(now - self.started, 1e-9)
-        filled = int(self.width * (done + bad) / max(self.total, 1))
-        bar = "#" * filled + "-" * (self.width - filled)
-        line = f"predict [{bar}] {done + bad}/{self.total}  {rate:.1f} images/s  {bad} bad"
-        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
-        if final and self.tty:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 # ---- what both engines share (tl_app.engines.ray_engine.predict_paths_ray too) ------------
 def check_request(inputs, top_k: int, batch_size: int) -> list:
     """The inputs as a list, after checking the numbers; a clear error for each mistake."""
@@ -337,15 +176,14 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
                   echo=print, progress: bool | None = None) -> dict:
     """Predict every image among ``inputs``; rows go to ``out`` (CSV/JSONL) or stdout, in input order.
 
-    ``model`` is a path (see load_predictor) or a loaded Predictor. Returns a
+    ``model`` is a path (see tl_app.models.opener.open_model) or a loaded Predictor. Returns a
     summary: predicted, bad, total, seconds, images_per_second, bad_files.
     """
     import tensorflow as tf
 
-    from tl_app.pipeline import load_image
 
     inputs = check_request(inputs, top_k, batch_size)
-    predictor = model if isinstance(model, Predictor) else load_predictor(model)
+    predictor = model if isinstance(model, Predictor) else open_model(model)
     size, policy, background = predictor.input_size, predictor.resize_policy, predictor.background
     total = sum(1 for _ in iter_inputs(inputs))
     tally = Tally(RowWriter(out, min(top_k, len(predictor.classes))), predictor.classes)
@@ -374,7 +212,7 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
             _, path, problem = pending.popleft()
             tally.failure(path, problem or decode_failure_reason(path))
 
-    bar = Progress(total, enabled=progress if progress is not None else echo is not None)
+    bar = Progress(total, "predict", enabled=progress if progress is not None else echo is not None)
     started = time.perf_counter()
     try:
         for images, indices in ds:
@@ -383,10 +221,10 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
                 settle(index)
                 _, path, _ = pending.popleft()
                 tally.prediction(path, probs[row])
-            bar.update(tally.done, tally.bad)
+            bar.set(tally.done, tally.bad)
         settle(None)
     finally:
         tally.writer.close()
     seconds = time.perf_counter() - started
-    bar.update(tally.done, tally.bad, final=True)
+    bar.set(tally.done, tally.bad, final=True)
     return tally.summary(predictor.source, predictor.version, total, seconds)

@@ -9,18 +9,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tl_app.backbones import get_spec
-from tl_app.config import load_config
-from tl_app.errors import WeightsUnavailableError
-from tl_app.weights import resolve_weights
+from tl_app.models.backbones import get_spec
+from tl_app.core.config import load_config
+from tl_app.core.errors import WeightsUnavailableError
+from tl_app.models.weights import resolve_weights
+from tl_app.data.sample import write_sample_dataset
+from tl_app.api import train
+from tl_app.insight.evaluate import evaluate
+from tl_app.export.exporter import export_run
+from tl_app.inference import predict_paths
 
 DEFAULT_PIPELINE = "pipelines/quickstart.toml"
 
 
 def ensure_sample_data(root: Path, echo) -> bool:
     """Write the sample dataset if the folder is missing or empty; True if written."""
-    from tl_app.sample_data import write_sample_dataset
-
     if root.is_dir() and any(root.iterdir()):
         return False
     summary = write_sample_dataset(root, seed=0)
@@ -56,7 +59,6 @@ def run_quickstart(pipeline: str | Path = DEFAULT_PIPELINE, data: str | None = N
     weights = choose_weights(config, echo)
     config = config.with_overrides({"backbone.weights": weights})
 
-    from tl_app.train import train
 
     summary = train(config, echo=echo)
     run_dir = Path(summary["run_dir"])
@@ -68,10 +70,6 @@ def run_quickstart(pipeline: str | Path = DEFAULT_PIPELINE, data: str | None = N
 
 def _after_training(config, run_dir: Path, root: Path, echo) -> dict:
     """Export, batch-predict and evaluate the trained model."""
-    from tl_app.evaluate import evaluate
-    from tl_app.export import export_run
-    from tl_app.inference import predict_paths
-
     out: dict = {}
     export = export_run(run_dir, root=config.export.root, name=config.export.name or "quickstart",
                         formats=config.export.formats, quantize=config.export.quantize, echo=echo)

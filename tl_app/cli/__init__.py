@@ -10,14 +10,17 @@ import click
 
 from tl_app import __version__
 from tl_app.cli import common
-from tl_app.cli import features_cmds, finetune_cmds, insight_cmds, serving_cmds, setup_cmds, train_cmds
+from tl_app.cli import (augment_preview, backbones, datasets, embed, evaluate, explain, export, extract, predict,
+                        quickstart, report, serve, similar, train, weights)
 
 common.quiet_tensorflow()
 
 
 @click.group(cls=common.ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tl-app")
-def main():
+@click.option("--verbose", "-v", is_flag=True, envvar="TL_APP_VERBOSE",
+              help="Let TensorFlow's own log lines through (or set TL_APP_VERBOSE=1).")
+def main(verbose):
     """Transfer learning on image folders: features, fine-tuning, export, serving.
 
     \b
@@ -26,8 +29,11 @@ def main():
       tl-app train datasets/sample --backbone resnet50 --strategy bottleneck
       tl-app --help / tl-app COMMAND --help
     """
+    if verbose:
+        common.verbose_tensorflow()
 
 
-for module in (setup_cmds, train_cmds, features_cmds, finetune_cmds, serving_cmds, insight_cmds):
+for module in (backbones, weights, datasets, quickstart, train, extract, augment_preview, export, predict, serve,
+               evaluate, explain, embed, similar, report):
     for command in module.COMMANDS:
         main.add_command(command)

@@ -3,19 +3,62 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tomllib
+import warnings
 
 import click
 
-from tl_app.config import Config, load_config
-from tl_app.errors import ConfigError, TlAppError
+from tl_app.core.config import Config, load_config
+from tl_app.core.errors import ConfigError, TlAppError
 
 
 def quiet_tensorflow() -> None:
-    """TensorFlow's C++ start-up chatter is noise for CLI users."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """By default the CLI shows only tl-app's own output: TensorFlow's start-up lines (oneDNN, CUDA
+    drivers, absl) and its Python warnings are held back. Runs before TensorFlow is imported."""
+    if os.environ.get("TL_APP_VERBOSE", "").strip() not in ("", "0"):
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    for module in ("tensorflow", "keras", "tf2onnx", "google.protobuf", "absl"):
+        warnings.filterwarnings("ignore", module=module)
+
+
+def load_api():
+    """tl_app.api, imported only once a command's arguments are checked.
+
+    TensorFlow's native libraries write start-up lines (CUDA drivers, absl) to
+    file descriptor 2 before any logging setting applies, so unless --verbose
+    they are imported with that descriptor pointed at /dev/null.
+    """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        from tl_app import api  # lazy: TensorFlow loads only after the arguments are checked
+        return api
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        from tl_app import api  # lazy: TensorFlow loads only after the arguments are checked
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    return api
+
+
+def verbose_tensorflow() -> None:
+    """--verbose: TensorFlow's log lines come through again (must run before TensorFlow is imported)."""
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    os.environ.pop("GRPC_VERBOSITY", None)
+    os.environ.pop("ABSL_MIN_LOG_LEVEL", None)
+    logging.getLogger("tensorflow").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.INFO)
+    warnings.resetwarnings()
 
 
 def parse_sets(values: tuple[str, ...]) -> dict:
@@ -95,3 +138,20 @@ class ErrorHandlingGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+
+
+def feature_options(func):
+    """The flags that choose how features are computed (backbone, weights, size, cache)."""
+    func = click.option("--cache-dir", default=None, help="Bottleneck feature cache (default .cache/features).")(func)
+    func = click.option("--layer", default=None, help="Backbone layer to take features from (default: last block).")(func)
+    func = click.option("--input-size", type=int, default=None, help="Square input size (default: the backbone's).")(func)
+    func = click.option("--weights", default=None, help="imagenet | none | PATH to a weight file.")(func)
+    func = click.option("--backbone", "-b", default=None, help="See 'tl-app backbones'.")(func)
+    return func
+
+
+def feature_config(pipeline, sets, data, backbone, weights, input_size, layer, cache_dir):
+    return build_config(pipeline, sets, **{
+        "data.root": data, "backbone.name": backbone, "backbone.weights": weights,
+        "backbone.input_size": input_size, "backbone.layer": layer, "features.cache_dir": cache_dir,
+    })

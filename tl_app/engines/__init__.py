@@ -9,7 +9,7 @@ install stays lean.
 
 from __future__ import annotations
 
-from tl_app.errors import TlAppError
+from tl_app.core.errors import TlAppError
 
 RAY_EXTRA = "pip install 'tl-app[ray]'"
 

@@ -22,10 +22,16 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from tl_app.config import Config
-from tl_app.dataset import Record
+from tl_app.core.config import Config
+from tl_app.data.scan import Record
 from tl_app.engines import check_resources, connect, require_ray
-from tl_app.errors import TlAppError
+from tl_app.core.errors import TlAppError
+from tl_app.features.extract import Extractor, UniqueImages
+from tl_app.models.opener import Predictor, open_model, read_model_info
+from tl_app.inference import decode_failure_reason, header_probe, RowWriter, Tally, check_request, iter_inputs
+from tl_app.data.pipeline import load_image
+from tl_app.core.errors import ConfigError
+from tl_app.core.progress import Progress
 
 
 # ---- inside the actors -----------------------------------------------------
@@ -66,8 +72,6 @@ class FeatureActor:
     def __init__(self, config: Config, recipe, batch_size: int, cpus: float = 0.0):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         limit_threads(cpus)
-        from tl_app.features import Extractor
-
         self.extractor = Extractor(config, recipe)
         self.extractor.build()
         self.dim = self.extractor.dim()
@@ -165,8 +169,6 @@ class RayExtractor:
     def dim(self) -> int:
         """The feature width; it does not depend on the weights, so a random-weight copy answers."""
         if self._dim is None:
-            from tl_app.features import Extractor
-
             shape_only = self.config.with_overrides({"backbone.weights": "none"})
             probe = Extractor(shape_only, self.recipe)
             self._dim = probe.dim()
@@ -179,37 +181,17 @@ class RayExtractor:
 
     def compute(self, records: Sequence[Record], missing, cache, out, batch_size, progress) -> set[int]:
         """Features of the missing records (identical files once), one cache shard per returned batch."""
-        first: dict[str, int] = {}
-        duplicates: dict[str, list[int]] = {}
-        for i in missing:
-            first.setdefault(records[i].sha256, i)
-            duplicates.setdefault(records[i].sha256, []).append(i)
+        unique = UniqueImages(records, missing)
         items = [{"position": i, "path": records[i].path, "fast": bool(records[i].fast),
-                  "sha256": records[i].sha256} for i in sorted(first.values())]
-        done: set[int] = set()
+                  "sha256": records[i].sha256} for i in unique.positions]
         if not items:
             return set(missing)
         actors = run_actors(self.config, FeatureActor, items, self._constructor(batch_size), batch_size)
         with closing(actors) as batches:  # an error or interrupt here stops the actors too
             for batch in batches:
-                self._take_features(batch, records, duplicates, cache, out, done, progress)
-        return set(missing) - done
-
-    @staticmethod
-    def _take_features(batch, records, duplicates, cache, out, done: set, progress) -> None:
-        """Write one returned batch to the cache at once (a later failure keeps it), then to ``out``."""
-        positions = batch["position"].tolist()
-        if not positions:
-            return
-        features = np.asarray(batch["features"], np.float32)
-        cache.write([records[p].sha256 for p in positions], [0] * len(positions), features)
-        count = 0
-        for p, vector in zip(positions, features):
-            for q in duplicates[records[p].sha256]:
-                out[q] = vector
-                done.add(q)
-                count += 1
-        progress.update(count)
+                positions = batch["position"].tolist()
+                progress.update(unique.take(positions, np.asarray(batch["features"], np.float32), cache, out))
+        return unique.failed()
 
     def compute_views(self, records, train_rows, k, missing_views, cache, flat, batch_size, progress) -> None:
         """The missing augmented views; flat[t * k + v - 1] is view v of train row t (as locally)."""
@@ -243,13 +225,10 @@ class PredictActor:
     def __init__(self, model_path: str, batch_size: int, cpus: float = 0.0):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         limit_threads(cpus)
-        from tl_app.inference import load_predictor
-
-        self.predictor = load_predictor(model_path)
+        self.predictor = open_model(model_path)
         self.batch_size = int(batch_size)
 
     def __call__(self, batch: dict) -> dict:
-        from tl_app.inference import decode_failure_reason, header_probe
 
         indices = np.asarray(batch["index"], np.int64)
         paths = [str(p) for p in batch["path"]]
@@ -272,7 +251,6 @@ class PredictActor:
         """Batches of (images, row) decoded by the local engine's load_image; a file that fails is dropped."""
         import tensorflow as tf
 
-        from tl_app.pipeline import load_image
 
         p = self.predictor
         size, policy, background = p.input_size, p.resize_policy, p.background
@@ -292,8 +270,6 @@ def predict_paths_ray(model, inputs, config: Config, out=None, top_k: int = 5, b
     """
     import time
 
-    from tl_app.errors import ConfigError
-    from tl_app.inference import Predictor, Progress, RowWriter, Tally, check_request, iter_inputs, read_model_info
 
     inputs = check_request(inputs, top_k, batch_size)
     if isinstance(model, Predictor):
@@ -306,7 +282,7 @@ def predict_paths_ray(model, inputs, config: Config, out=None, top_k: int = 5, b
 
     listed = list(iter_inputs(inputs))
     tally = Tally(RowWriter(out, min(top_k, len(info.classes))), info.classes)
-    bar = Progress(len(listed), enabled=progress if progress is not None else echo is not None)
+    bar = Progress(len(listed), "predict", enabled=progress if progress is not None else echo is not None)
     results: dict[int, tuple] = {}  # index -> (ok, probabilities, reason), until its row is written
     written = [0]
 
@@ -339,10 +315,10 @@ def predict_paths_ray(model, inputs, config: Config, out=None, top_k: int = 5, b
                     for index, ok, probs, reason in rows:
                         results[index] = (ok, probs, str(reason))
                     flush()
-                    bar.update(tally.done, tally.bad)
+                    bar.set(tally.done, tally.bad)
         flush()
     finally:
         tally.writer.close()
     seconds = time.perf_counter() - started
-    bar.update(tally.done, tally.bad, final=True)
+    bar.set(tally.done, tally.bad, final=True)
     return {**tally.summary(model_path, info.version, len(listed), seconds), "engine": "ray"}

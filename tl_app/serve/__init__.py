@@ -2,10 +2,7 @@
 
 ``tl-app serve saved_models/`` or, from Python::
 
-    from tl_app.serve import ServeSettings, serve
-    serve("saved_models", port=8501, settings=ServeSettings(max_batch_size=32))
+    from tl_app.serve.app import serve
+    from tl_app.core.config import ServeConfig
+    serve("saved_models", port=8501, settings=ServeConfig(max_batch_size=32))
 """
-
-from tl_app.serve.app import ServeSettings, create_app, serve
-
-__all__ = ["ServeSettings", "create_app", "serve"]

@@ -34,9 +34,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from tl_app.config import ServeConfig
-from tl_app.export import BYTES_SIGNATURE, parse_version
-from tl_app.serve import codec
+from tl_app.core.config import ServeConfig
+from tl_app.models.artifacts import BYTES_SIGNATURE, parse_version
+import tl_app.serve.codec as codec
 from tl_app.serve.batching import InferenceError, Unavailable
 from tl_app.serve.codec import BadRequest, TooLarge
 from tl_app.serve.metrics import Metrics
@@ -51,8 +51,7 @@ INLINE_JSON_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
 COUNT = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 
 
-# Every default lives in tl_app.config.ServeConfig; the server takes that object.
-ServeSettings = ServeConfig
+# Every default lives in tl_app.core.config.ServeConfig; the server takes that object.
 
 
 class Unauthorized(Exception):
@@ -72,8 +71,8 @@ def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(root: str | Path, settings: ServeSettings | None = None, echo=None) -> Starlette:
-    settings = settings or ServeSettings()
+def create_app(root: str | Path, settings: ServeConfig | None = None, echo=None) -> Starlette:
+    settings = settings or ServeConfig()
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=max(1, settings.workers), thread_name_prefix="tl-app-infer")
     registry = Registry(root, settings, executor, metrics, poll_seconds=settings.poll_seconds)
@@ -318,7 +317,7 @@ async def read_limited(request: Request, limit: int) -> bytes:
     return body
 
 
-def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8501, settings: ServeSettings | None = None,
+def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8501, settings: ServeConfig | None = None,
           log_level: str = "warning", echo=print) -> None:
     """Run the server until interrupted (uvicorn, one process, asyncio)."""
     import uvicorn

@@ -15,6 +15,7 @@ import json
 import re
 
 import numpy as np
+from tl_app.data.images import decode_pil, graph_decodable
 
 MAX_PIXEL_SIDE = 8192
 URLSAFE_B64 = re.compile(r"[A-Za-z0-9_-]*={0,2}")
@@ -184,8 +185,6 @@ def prepare_image(data: bytes, index: int, max_pixels: int, background=(255, 255
     """
     from PIL import Image
 
-    from tl_app.images import decode_pil
-    from tl_app.images import graph_decodable
 
     if not data:
         raise BadRequest(f"Image {index}: empty.")

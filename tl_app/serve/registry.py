@@ -20,14 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tl_app.export import (BYTES_SIGNATURE, CARD_FILE, SAVED_MODEL_FILE, list_versions, read_card,
-                           valid_model_name)
-from tl_app.inference import DEFAULT_BACKGROUND, run_background
+from tl_app.models.artifacts import BYTES_SIGNATURE, CARD_FILE, SAVED_MODEL_FILE, list_versions, read_card, valid_model_name
+from tl_app.models.opener import DEFAULT_BACKGROUND, open_savedmodel, run_background
 from tl_app.serve.batching import DirectRunner, DynamicBatcher, Unavailable
 from tl_app.serve.codec import BadRequest
 
 log = logging.getLogger("tl_app.serve")
-INIT_OP = "__saved_model_init_op"
 MAX_BATCHERS = 8  # per version: one per signature and input shape, least recently used closed first
 
 
@@ -127,13 +125,10 @@ class ModelVersion:
 
 
 def load_version(name: str, version: int, path: Path) -> ModelVersion:
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(path))
+    """A version folder opened the one way every tool opens models (tl_app.models.opener), all signatures kept."""
+    loaded, functions = open_savedmodel(path)
     signatures = {}
-    for sig_name, function in loaded.signatures.items():
-        if sig_name == INIT_OP:
-            continue
+    for sig_name, function in functions.items():
         _, kwargs = function.structured_input_signature
         signatures[sig_name] = Signature(sig_name, function, dict(kwargs), dict(function.structured_outputs))
     card = read_card(path)

@@ -1,0 +1,113 @@
+"""The Python entry points: one function per job, each taking the one Config.
+
+The command line is a thin layer over these; a notebook calls them directly::
+
+    from tl_app import api
+    from tl_app.core.config import load_config
+
+    config = load_config("pipelines/quickstart.toml", {"data.root": "photos"})
+    summary = api.train(config)
+    api.export(config, summary["run_dir"])
+    api.predict(config, "saved_models/photos", ["more-photos/"], out="preds.csv")
+
+This module chooses the engine (this process or Ray) and hands the engines the
+library function they run, so no lower layer needs to know about the ones above.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from tl_app.core.config import Config
+from tl_app.core.errors import ConfigError
+from tl_app.data.sample import write_sample_dataset  # noqa: F401  (an entry point)
+from tl_app.data.scan import inspect_dict, print_report, scan, scan_dataset  # noqa: F401
+from tl_app.data.splits import class_weights  # noqa: F401
+from tl_app.engines.distributed import train_on_ray
+from tl_app.engines.ray_engine import RayExtractor, predict_paths_ray
+from tl_app.export.exporter import export_run
+from tl_app.features.extract import default_out_dir, extract_features
+from tl_app.features.store import FeatureSet, export_paths  # noqa: F401
+from tl_app.inference import predict_paths
+from tl_app.insight.augment_preview import augment_preview  # noqa: F401
+from tl_app.insight.curves import write_training_report
+from tl_app.insight.embed import embed  # noqa: F401
+from tl_app.insight.evaluate import evaluate  # noqa: F401
+from tl_app.insight.explain import explain  # noqa: F401
+from tl_app.insight.report import build_report  # noqa: F401
+from tl_app.insight.similarity import build_index, similar  # noqa: F401
+from tl_app.models.backbones import REGISTRY, get_spec, import_weights  # noqa: F401
+from tl_app.models.weights import cache_path, weights_status  # noqa: F401
+from tl_app.serve.app import serve as run_server
+from tl_app.training.bottleneck import train_bottleneck
+from tl_app.training.devices import is_chief
+from tl_app.training.finetune import resume_finetune, train_finetune
+
+
+def train(config: Config, resume: str | Path | None = None, echo=print) -> dict:
+    """Run the configured strategy; returns a summary with the run directory.
+
+    Every run ends with training curves (curves.png) and a one-line diagnosis.
+    """
+    if resume is not None:
+        summary = resume_finetune(resume, echo=echo)
+    else:
+        get_spec(config.backbone.name)  # an unknown name fails before any work
+        if config.train.strategy == "bottleneck":
+            summary = train_bottleneck(config, echo=echo)
+        elif config.engine.name == "ray":  # Ray Train runs the workers; the chief finishes the run
+            return train_on_ray(config, chief=train, echo=echo)
+        else:
+            summary = train_finetune(config, echo=echo)
+    if not is_chief():  # a multi-worker run's other workers keep no history: the chief reports
+        return summary
+    return finish_run(summary, echo)
+
+
+def finish_run(summary: dict, echo=print) -> dict:
+    """Curves and diagnosis for a finished run, printed and added to the summary."""
+    report = write_training_report(summary["run_dir"])
+    summary["diagnosis"] = report["line"]
+    summary["curves"] = report["curves"]
+    if echo:
+        echo(f"diagnosis: {report['line']}")
+        if report["diagnosis"] not in ("healthy", "unknown"):
+            for remedy in report["remedies"]:
+                echo(f"  - {remedy}")
+        echo(f"curves: {report['curves']}")
+    return summary
+
+
+def extract(config: Config, out_dir: str | Path | None = None, echo: Callable | None = print) -> FeatureSet:
+    """Bottleneck features of config.data.root, cached, exported to ``out_dir`` (default: default_out_dir)."""
+    out = Path(out_dir) if out_dir is not None else default_out_dir(config)
+    extractor = RayExtractor if config.engine.name == "ray" else None
+    return extract_features(config, out_dir=out, echo=echo, extractor_class=extractor)
+
+
+def export(config: Config, run_dir: str | Path, name: str | None = None, echo=print) -> dict:
+    """Export a run under config.export.root with config.export's formats and quantisation."""
+    settings = config.export
+    return export_run(run_dir, root=settings.root, name=name or settings.name or None, formats=settings.formats,
+                      quantize=settings.quantize, echo=echo)
+
+
+def predict(config: Config, model, inputs, out: str | Path | None = None, echo=print) -> dict:
+    """Classify files, folders and globs with config.predict's top-k and batch size; bad files become rows."""
+    settings = config.predict
+    if config.engine.name == "ray":  # Ray Data actors, one model each (docs/scale-out.md)
+        return predict_paths_ray(model, inputs, config, out=out, top_k=settings.top_k,
+                                 batch_size=settings.batch_size, echo=echo, progress=settings.progress)
+    return predict_paths(model, inputs, out=out, top_k=settings.top_k, batch_size=settings.batch_size, echo=echo,
+                         progress=settings.progress)
+
+
+def serve(config: Config, root: str | Path | None = None, log_level: str = "warning", echo=print) -> None:
+    """Serve every model under ``root`` (default config.export.root) with config.serve's settings."""
+    root = Path(root or config.export.root)
+    if not root.is_dir():
+        raise ConfigError(f"Model root {str(root)!r} is not a folder. Export a model first "
+                          f"(tl-app export RUN_DIR --root {root}) or pass the folder that holds them.")
+    settings = config.serve
+    run_server(root, host=settings.host, port=settings.port, settings=settings, log_level=log_level, echo=echo)

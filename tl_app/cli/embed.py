@@ -1,0 +1,34 @@
+"""tl-app embed: a 2-D map of the features (PCA, t-SNE)."""
+
+from __future__ import annotations
+import click
+from tl_app.cli.common import echo_json, feature_config, feature_options, load_api, pipeline_options
+
+
+@click.command()
+@click.argument("source", type=click.Path())
+@click.option("--method", type=click.Choice(["pca", "tsne"]), default="pca", show_default=True)
+@click.option("--out", default="embedding.png", show_default=True, type=click.Path(dir_okay=False))
+@feature_options
+@click.option("--json", "as_json", is_flag=True)
+@pipeline_options
+def embed(source, method, out, backbone, weights, input_size, layer, cache_dir, as_json, pipeline, sets):
+    """2-D map (PCA or t-SNE) of image features, coloured by class.
+
+    \b
+    SOURCE: a feature folder (tl-app extract), a similarity index (tl-app index)
+    or an image folder (features come from the bottleneck cache, computed once).
+    \b
+    Examples:
+      tl-app embed runs/flowers/features --method tsne --out tsne.png
+      tl-app embed datasets/sample --backbone resnet50 --out pca.png
+    """
+    api = load_api()
+
+    config = feature_config(pipeline, sets, None, backbone, weights, input_size, layer, cache_dir)
+    summary = api.embed(source, method, out, config=config, echo=None if as_json else click.echo)
+    if as_json:
+        echo_json(summary)
+
+
+COMMANDS = [embed]

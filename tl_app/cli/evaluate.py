@@ -1,0 +1,41 @@
+"""tl-app evaluate: metrics, confusion matrix and top losses."""
+
+from __future__ import annotations
+import click
+from tl_app.cli.common import echo_json, load_api
+
+
+@click.command()
+@click.argument("model", type=click.Path())
+@click.argument("data", required=False, type=click.Path())
+@click.option("--split", type=click.Choice(["val", "test", "all", "train"]), default=None,
+              help="Which images (default: val for the training folder, test or all for another folder).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default RUN_DIR/evaluation).")
+@click.option("--top-k", type=int, default=5, show_default=True, help="k of the top-k accuracy.")
+@click.option("--top-losses", type=int, default=16, show_default=True, help="Images on the top-losses sheet.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")
+def evaluate(model, data, split, out_dir, top_k, top_losses, batch_size, as_json):
+    """Accuracy, per-class metrics, confusion matrix and top losses of a model on a folder.
+
+    \b
+    MODEL: a run directory (runs/<name>) or an exported model folder.
+    DATA:  an image folder with class sub-folders (default: the run's training data).
+    \b
+    Writes metrics.json, predictions.csv, confusion_matrix{,_normalized}.{csv,png},
+    top_losses.png and skipped.csv. Bad files are listed, never fatal.
+    \b
+    Examples:
+      tl-app evaluate runs/flowers
+      tl-app evaluate saved_models/flowers holdout/ --split all --out eval/
+    """
+    api = load_api()
+
+    metrics = api.evaluate(model, data, split=split, out_dir=out_dir, top_k=top_k, batch_size=batch_size,
+                             top_losses=top_losses, echo=None if as_json else click.echo)
+    if as_json:
+        echo_json(metrics)
+
+
+COMMANDS = [evaluate]

@@ -1,0 +1,53 @@
+"""tl-app index and similar: nearest images by their features."""
+
+from __future__ import annotations
+import click
+from tl_app.cli.common import echo_json, feature_config, feature_options, load_api, pipeline_options
+
+
+@click.command()
+@click.argument("data", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Storage of the vectors (float16 halves the file).")
+@feature_options
+@click.option("--json", "as_json", is_flag=True)
+@pipeline_options
+def index(data, out, dtype, backbone, weights, input_size, layer, cache_dir, as_json, pipeline, sets):
+    """Build an image-retrieval index from backbone features (reusing the feature cache).
+
+    \b
+    Examples:
+      tl-app index datasets/sample --backbone resnet50 --out indexes/sample
+      tl-app similar indexes/sample query.jpg -k 5 --out sheet.png
+    """
+    api = load_api()
+
+    config = feature_config(pipeline, sets, data, backbone, weights, input_size, layer, cache_dir)
+    summary = api.build_index(config, out, dtype=dtype, echo=None if as_json else click.echo)
+    if as_json:
+        echo_json(summary)
+
+
+@click.command()
+@click.argument("index_dir", metavar="INDEX", type=click.Path())
+@click.argument("queries", nargs=-1, required=True, type=click.Path())
+@click.option("-k", "k", type=int, default=5, show_default=True, help="Neighbours per query.")
+@click.option("--out", "sheet", type=click.Path(dir_okay=False), default=None, help="Contact sheet PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Results as JSON (path, label, similarity, distance).")
+def similar(index_dir, queries, k, sheet, as_json):
+    """The K most similar indexed images to each query image (cosine similarity).
+
+    \b
+    Examples:
+      tl-app similar indexes/sample photo.jpg -k 8 --out sheet.png
+      tl-app similar indexes/sample a.jpg b.jpg --json
+    """
+    api = load_api()
+
+    result = api.similar(index_dir, list(queries), k, sheet, echo=None if as_json else click.echo)
+    if as_json:
+        echo_json(result)
+
+
+COMMANDS = [index, similar]

@@ -1,0 +1,79 @@
+"""tl-app train: both strategies, from flags or a pipeline TOML."""
+
+from __future__ import annotations
+
+import click
+
+from tl_app.core.errors import ConfigError
+
+from tl_app.cli.common import build_config, echo_json, engine_options, engine_overrides, load_api, pipeline_options
+
+
+@click.command()
+@click.argument("data", required=False, type=click.Path())
+@click.option("--strategy", type=click.Choice(["bottleneck", "finetune"]), default=None,
+              help="bottleneck: head on cached features (fast). finetune: two-phase fine-tuning.")
+@click.option("--backbone", "-b", default=None, help="See 'tl-app backbones'.")
+@click.option("--weights", default=None, help="imagenet | none | PATH to a weight file.")
+@click.option("--input-size", type=int, default=None, help="Square input size (default: the backbone's).")
+@click.option("--epochs", type=int, default=None, help="Head epochs (phase 1).")
+@click.option("--finetune-epochs", type=int, default=None, help="Phase 2 epochs (finetune).")
+@click.option("--unfreeze-blocks", type=int, default=None, help="Top backbone blocks to unfreeze in phase 2.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--learning-rate", "--lr", type=float, default=None)
+@click.option("--optimizer", default=None, help="sgd rmsprop adagrad adadelta adam adamw nadam")
+@click.option("--schedule", default=None, help="constant cosine step plateau")
+@click.option("--head", "head_kind", default=None, help="dense | logistic")
+@click.option("--class-weights", default=None, help="balanced | none")
+@click.option("--augment-views", type=int, default=None, help="Cached augmented views per training image.")
+@click.option("--mixed-precision", default=None, help="none | float16 | bfloat16")
+@click.option("--jit-compile/--no-jit-compile", default=None, help="XLA compilation.")
+@click.option("--distribute", default=None, help="none | mirrored | multi-worker")
+@click.option("--seed", type=int, default=None)
+@click.option("--name", default=None, help="Run name (folder under --runs-dir).")
+@click.option("--runs-dir", default=None, help="Where run folders go (default runs/).")
+@click.option("--resume", type=click.Path(file_okay=False), default=None,
+              help="Continue an interrupted fine-tuning run from its folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@engine_options
+@pipeline_options
+def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs, unfreeze_blocks, batch_size,
+          learning_rate, optimizer, schedule, head_kind, class_weights, augment_views, mixed_precision,
+          jit_compile, distribute, seed, name, runs_dir, resume, as_json, pipeline, sets, **engine):
+    """Train a classifier on an image folder and write a run directory.
+
+    \b
+    Examples:
+      tl-app train datasets/sample --strategy bottleneck --backbone resnet50
+      tl-app train photos/ --strategy finetune --backbone vgg16 --unfreeze-blocks 1
+      tl-app train -p pipelines/finetune-resnet50.toml
+      tl-app train --resume runs/finetune-resnet50-20260101-120000
+      TF_CONFIG=... tl-app train photos/ --strategy finetune --distribute multi-worker   (on every worker)
+      tl-app train photos/ --strategy finetune --engine ray --address auto --num-workers 4
+    """
+    api = load_api()
+
+    settings = {
+        "data.root": data, "train.strategy": strategy, "backbone.name": backbone, "backbone.weights": weights,
+        "backbone.input_size": input_size, "train.epochs": epochs, "train.finetune_epochs": finetune_epochs,
+        "train.unfreeze_blocks": unfreeze_blocks, "train.batch_size": batch_size,
+        "train.learning_rate": learning_rate, "train.optimizer": optimizer, "train.schedule": schedule,
+        "head.kind": head_kind, "data.class_weights": class_weights, "features.augment_views": augment_views,
+        "train.mixed_precision": mixed_precision, "train.jit_compile": jit_compile,
+        "train.distribute": distribute, "train.seed": seed, "train.name": name, "train.runs_dir": runs_dir,
+    }
+    if resume:
+        given = [key for key, value in settings.items() if value is not None] + (["--pipeline"] if pipeline else []) \
+            + [f"--set {item}" for item in sets]
+        if given:
+            raise ConfigError(f"--resume continues {resume} with the settings it started with (its config.json); "
+                              f"it cannot also take {', '.join(given)}. Drop them, or start a new run to change them.")
+    config = build_config(pipeline, sets, **settings, **engine_overrides(engine))
+    summary = api.train(config, resume=resume, echo=None if as_json else click.echo)
+    if as_json:
+        echo_json(summary)
+    else:
+        click.echo(f"run directory: {summary['run_dir']}")
+
+
+COMMANDS = [train]

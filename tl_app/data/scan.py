@@ -1,0 +1,397 @@
+"""Scan an image folder into a manifest: labels, stable splits, bad files, weights.
+
+Layouts: ``root/<class>/...`` (tl-app splits) or ``root/{train,val,test}/<class>/...``
+(splits respected). Every file found is either used or skipped with a reason,
+so ``found == used + skipped`` always holds.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tl_app.core.config import DataConfig
+from tl_app.core.errors import DataError
+from tl_app.core.files import atomic_write_text
+from tl_app.data.images import Probe, probe_file
+from typing import Iterator
+from tl_app.core.config import Config
+from tl_app.data.splits import assign_splits, class_warnings
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test"}
+IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+SCAN_CACHE_VERSION = 1
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".jfif", ".mpo"}  # what predict picks from a folder
+
+
+@dataclass
+class Record:
+    """One usable image."""
+
+    path: str  # absolute
+    relpath: str  # relative to the dataset root, with forward slashes
+    label: str
+    label_index: int
+    split: str
+    sha256: str
+    format: str
+    width: int
+    height: int
+    fast: bool
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class Manifest:
+    """Everything later stages need to know about a dataset folder."""
+
+    root: str
+    layout: str  # "class-folders" or "split-folders"
+    classes: list[str]
+    records: list[Record] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    files_found: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    # ---- views -------------------------------------------------------
+    def split(self, name: str) -> list[Record]:
+        if name == "all":
+            return list(self.records)
+        return [r for r in self.records if r.split == name]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """counts[class][split]"""
+        table = {c: {s: 0 for s in SPLITS} for c in self.classes}
+        for record in self.records:
+            table[record.label][record.split] += 1
+        return table
+
+    def fingerprint(self) -> str:
+        """Changes when any image, label or split changes."""
+        digest = hashlib.sha256()
+        for r in sorted(self.records, key=lambda r: r.relpath):
+            digest.update(f"{r.relpath}\0{r.sha256}\0{r.label}\0{r.split}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def summary_line(self) -> str:
+        return (
+            f"{self.files_found} files found = {len(self.records)} images used "
+            f"+ {len(self.skipped)} skipped"
+        )
+
+    # ---- persistence -------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        data = dict(data)
+        data["records"] = [Record(**r) for r in data.get("records", [])]
+        data["skipped"] = [Skipped(**s) for s in data.get("skipped", [])]
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def write_skipped_report(self, directory: str | Path) -> list[Path]:
+        """skipped.csv and skipped.json (path, reason) next to a run's outputs."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        rows = [asdict(s) for s in self.skipped]
+        json_path = directory / "skipped.json"
+        atomic_write_text(json_path, json.dumps(rows, indent=1, ensure_ascii=False))
+        csv_path = directory / "skipped.csv"
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=["path", "reason"])
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(csv_path, buffer.getvalue())
+        return [csv_path, json_path]
+
+
+# ---- scanning ----------------------------------------------------------
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+SYMLINK_LOOP = "symlink loop: the link points to a folder that contains it; not followed"
+ALREADY_INCLUDED = "already included: the link points to a folder the scan covers anyway; not followed"
+
+
+def walk(top: str | Path, within: str | Path | None = None,
+         suffixes: set[str] | None = None) -> Iterator[tuple[Path, str]]:
+    """The one folder walker: (path, "") for every non-hidden file below ``top``, sorted, lazily;
+    (link, reason) for a linked folder it will not enter.
+
+    Links are followed, and no real folder is entered twice, so files are never
+    yielded twice. With ``within`` (the dataset scan, where a folder's name is
+    its label), a linked folder is also never entered when it would bring in a
+    folder the scan covers anyway: an ancestor (a loop) or anything inside
+    ``within`` (a link from one class folder into another would relabel its images).
+    """
+    top = Path(top)
+    covered = os.path.realpath(within) if within is not None else None
+    seen: set[str] = set()
+
+    def inside(path: str, folder: str) -> bool:
+        return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+    def visit(folder: str, ancestors: tuple[str, ...]) -> Iterator[tuple[Path, str]]:
+        real = os.path.realpath(folder)
+        if real in seen:
+            return
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if is_hidden(entry.name):
+                continue
+            try:
+                if entry.is_dir():
+                    if entry.is_symlink() and covered is not None:
+                        target = os.path.realpath(entry.path)
+                        if any(inside(a, target) for a in ancestors + (real,)):
+                            yield Path(entry.path), SYMLINK_LOOP
+                            continue
+                        if target in seen or inside(target, covered):
+                            yield Path(entry.path), ALREADY_INCLUDED
+                            continue
+                    yield from visit(entry.path, ancestors + (real,))
+                elif suffixes is None or Path(entry.name).suffix.lower() in suffixes:
+                    yield Path(entry.path), ""
+            except OSError:
+                continue
+
+    yield from visit(str(top), ())
+
+
+def class_sort_key(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def scan(root: str | Path, config: DataConfig | None = None, *, cache_dir: str | Path | None = None) -> Manifest:
+    """Find, probe, label and split every file below ``root``."""
+    config = config or DataConfig()
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"Dataset folder {str(root)!r} does not exist or is not a folder. Expected a folder "
+            f"with one sub-folder per class (root/<class>/*.jpg) or root/train|val|test/<class>/*. "
+            f"Create a sample with 'tl-app datasets sample datasets/sample'."
+        )
+    top = sorted((p for p in root.iterdir() if not is_hidden(p.name)), key=lambda p: p.name)
+    top_dirs = [p for p in top if p.is_dir()]
+    split_dirs = [p for p in top_dirs if p.name.lower() in SPLIT_ALIASES]
+    layout = "split-folders" if split_dirs and len(split_dirs) == len(top_dirs) else "class-folders"
+
+    entries: list[tuple[Path, str | None, str | None]] = []  # (file, label, given split)
+    loose: list[Path] = [p for p in top if not p.is_dir()]
+    links: list[tuple[Path, str]] = []  # linked folders not followed (loops, folders already covered)
+    if layout == "split-folders":
+        for split_dir in split_dirs:
+            split = SPLIT_ALIASES[split_dir.name.lower()]
+            for child in sorted(split_dir.iterdir(), key=lambda p: p.name):
+                if is_hidden(child.name):
+                    continue
+                if child.is_dir():
+                    for path, problem in walk(child, within=root):
+                        links.append((path, problem)) if problem else entries.append((path, child.name, split))
+                else:
+                    loose.append(child)
+    else:
+        for class_dir in top_dirs:
+            for path, problem in walk(class_dir, within=root):
+                links.append((path, problem)) if problem else entries.append((path, class_dir.name, None))
+
+    cache = ScanCache(cache_dir, root, config.max_pixels) if cache_dir else None
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        probes = list(pool.map(lambda e: cache.probe(e[0]) if cache else probe_file(e[0], config.max_pixels), entries))
+    if cache:
+        cache.save()
+
+    classes = sorted({label for _, label, _ in entries}, key=class_sort_key)
+    index = {c: i for i, c in enumerate(classes)}
+    manifest = Manifest(root=str(root.resolve()), layout=layout, classes=classes)
+    manifest.files_found = len(entries) + len(loose) + len(links)
+    manifest.skipped += [Skipped(str(p), "not inside a class folder") for p in loose]
+    manifest.skipped += [Skipped(str(p), reason) for p, reason in links]
+    pending: list[tuple[Path, str, str | None, Probe]] = []
+    for (path, label, split), probe in zip(entries, probes):
+        if not probe.ok:
+            manifest.skipped.append(Skipped(str(path), probe.reason))
+            continue
+        pending.append((path, label, split, probe))
+    for path, label, split, probe in pending:
+        manifest.records.append(Record(
+            path=str(path.absolute()), relpath=path.relative_to(root).as_posix(), label=label,
+            label_index=index[label], split=split or "", sha256=probe.sha256, format=probe.format,
+            width=probe.width, height=probe.height, fast=probe.fast,
+        ))
+    # classes whose every file was bad still exist as classes, but warn
+    if layout == "class-folders":
+        assign_splits(manifest, config)
+    manifest.warnings += class_warnings(manifest, config)
+    if config.strict and manifest.skipped:
+        listing = "\n".join(f"  {s.path}: {s.reason}" for s in manifest.skipped)
+        raise DataError(f"--strict: {len(manifest.skipped)} bad file(s) in {root}:\n{listing}")
+    if not manifest.records:
+        raise DataError(
+            f"No usable images in {root} ({manifest.files_found} files found, all skipped). "
+            f"Expected image files (JPEG, PNG, GIF, BMP, WebP, TIFF) inside class folders."
+        )
+    return manifest
+
+
+# ---- presentation --------------------------------------------------------
+def inspect_dict(manifest: Manifest, weights: dict[int, float] | None = None) -> dict:
+    """The machine-readable document behind ``tl-app datasets inspect --json``."""
+    counts = manifest.counts()
+    formats: dict[str, dict[str, int]] = {c: {} for c in manifest.classes}
+    for r in manifest.records:
+        formats[r.label][r.format] = formats[r.label].get(r.format, 0) + 1
+    skipped_per_class: dict[str, int] = {}
+    for s in manifest.skipped:
+        label = label_of_skipped(manifest, s.path)
+        if label:
+            skipped_per_class[label] = skipped_per_class.get(label, 0) + 1
+    return {
+        "root": manifest.root,
+        "layout": manifest.layout,
+        "classes": [
+            {
+                "name": c,
+                "counts": counts[c],
+                "total": sum(counts[c].values()),
+                "formats": formats[c],
+                "skipped": skipped_per_class.get(c, 0),
+                **({"class_weight": round(weights[i], 4)} if weights else {}),
+            }
+            for i, c in enumerate(manifest.classes)
+        ],
+        "splits": {s: len(manifest.split(s)) for s in SPLITS},
+        "totals": {"found": manifest.files_found, "used": len(manifest.records), "skipped": len(manifest.skipped)},
+        "skipped": [asdict(s) for s in manifest.skipped],
+        "warnings": list(manifest.warnings),
+        "fingerprint": manifest.fingerprint(),
+    }
+
+
+def label_of_skipped(manifest: Manifest, path: str) -> str | None:
+    try:
+        parts = Path(path).relative_to(manifest.root).parts
+    except ValueError:
+        try:
+            parts = Path(path).resolve().relative_to(manifest.root).parts
+        except (ValueError, OSError):
+            return None
+    if manifest.layout == "split-folders":
+        parts = parts[1:]
+    return parts[0] if len(parts) > 1 else None
+
+
+def format_table(manifest: Manifest, weights: dict[int, float] | None = None) -> str:
+    doc = inspect_dict(manifest, weights)
+    header = ["class", "train", "val", "test", "total", "skipped", "formats"] + (["weight"] if weights else [])
+    rows = []
+    for c in doc["classes"]:
+        fmt = ",".join(f"{k.lower()}:{v}" for k, v in sorted(c["formats"].items()))
+        row = [c["name"], c["counts"]["train"], c["counts"]["val"], c["counts"]["test"], c["total"], c["skipped"], fmt]
+        if weights:
+            row.append(f"{c['class_weight']:.3f}")
+        rows.append([str(x) for x in row])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def print_report(manifest: Manifest, weights: dict[int, float] | None = None, out=None) -> None:
+    out = out or sys.stdout
+    print(format_table(manifest, weights), file=out)
+    for warning in manifest.warnings:
+        print(f"warning: {warning}", file=out)
+    print(manifest.summary_line(), file=out)
+    if manifest.skipped:
+        reasons: dict[str, int] = {}
+        for s in manifest.skipped:
+            reasons[s.reason.split(":")[0]] = reasons.get(s.reason.split(":")[0], 0) + 1
+        print("skipped: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())), file=out)
+
+
+# ---- the scan cache ----------------------------------------------------------
+class ScanCache:
+    """Remembers probes by (path, size, mtime) so a re-scan reads nothing unchanged.
+
+    Content hashes are what every later cache keys on, so a file whose size or
+    mtime changed is always hashed again.
+    """
+
+    def __init__(self, cache_dir: str | Path, root: Path, max_pixels: int):
+        key = hashlib.sha256(f"{root.resolve()}|{max_pixels}|{SCAN_CACHE_VERSION}".encode()).hexdigest()[:16]
+        self.path = Path(cache_dir) / f"scan-{key}.json"
+        self.max_pixels = max_pixels
+        self.entries: dict[str, list] = {}
+        self.fresh: dict[str, list] = {}
+        try:
+            self.entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def probe(self, path: Path) -> Probe:
+        try:
+            stat = path.stat()
+            stamp = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            return probe_file(path, self.max_pixels)
+        key = str(path.absolute())
+        hit = self.entries.get(key)
+        if hit and hit[:2] == stamp:
+            probe = Probe(**hit[2])
+        else:
+            probe = probe_file(path, self.max_pixels)
+        if not probe.reason.startswith("unreadable"):
+            self.fresh[key] = stamp + [asdict(probe)]
+        return probe
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps(self.fresh))
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+
+
+
+
+# ---- the inputs ----------------------------------------------------------------------
+def scan_dataset(config: Config) -> Manifest:
+    """The configured dataset, with probes remembered next to the feature cache."""
+    return scan(config.data.root, config.data, cache_dir=Path(config.features.cache_dir).parent / "scan")

@@ -1,0 +1,107 @@
+"""Export a trained run to saved_models/<name>/<version>/ (the TensorFlow Serving layout).
+
+A version folder holds the SavedModel (``saved_model.pb`` + ``variables/``),
+``model.keras``, optional ``model.tflite`` / ``model.onnx`` and
+``model_card.json``. It is built in a hidden temporary folder next to the
+versions and renamed into place, so a reader (TF Serving, ``tl-app serve``)
+never sees a half-written version, and a killed export leaves nothing but a
+hidden folder that the next export removes.
+
+The SavedModel carries decoding, resizing and the backbone preprocessing in
+its graph, so serving cannot drift from training:
+
+* ``serving_default``: ``image_bytes`` (string [N], encoded JPEG/PNG/GIF/BMP)
+* ``predict_pixels``: ``images`` (float32 [N, H, W, 3], RGB 0..255, any size)
+
+Both return ``probabilities`` [N, C], ``class_index`` [N], ``class_name`` [N]
+and ``class_names`` [N, C] (every output has the batch dimension first, as
+TF Serving's row format requires).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from tl_app.core.files import remove_stale_temporaries, temporary_sibling
+from tl_app.core.errors import ModelNotFoundError
+from tl_app.core.errors import ExportError
+from tl_app.export.card import model_card
+from tl_app.export.converters import convert_onnx, convert_tflite, run_onnx, run_tflite
+from tl_app.export.parity import FLOAT_TOLERANCE, QUANTIZED_TOLERANCE, check_parity, sample_images, savedmodel_parity
+from tl_app.export.repository import parse_formats, publish
+from tl_app.export.savedmodel import build_serving_module, save_savedmodel
+from tl_app.models.artifacts import BYTES_SIGNATURE, CARD_FILE, KERAS_FILE, ONNX_FILE, PIXELS_SIGNATURE, SAVED_MODEL_FILE, TFLITE_FILE, check_model_name
+from tl_app.models.artifacts import MODEL_FILE, read_run_info
+from tl_app.models.opener import load_run_model
+from tl_app.core.files import slug
+
+
+# ---- the entry point ---------------------------------------------------------------
+def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str | None = None,
+               formats=("savedmodel", "keras"), quantize: bool = False, echo=print) -> dict:
+    """Export a run directory; returns {name, version, path, files, parity, ...}."""
+    started = time.perf_counter()
+    say = echo or (lambda *_: None)
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    formats = parse_formats(formats)
+    name = check_model_name(name or slug(run_dir.name))
+    if not (run_dir / MODEL_FILE).is_file():
+        raise ModelNotFoundError(f"{run_dir / MODEL_FILE} does not exist: the run did not finish training.")
+    model = load_run_model(run_dir)
+    classes = list(info["classes"])
+    size = int(info["input_size"])
+    policy = info.get("resize_policy") or "center_crop"
+    if int(model.output_shape[-1]) != len(classes):
+        raise ExportError(f"{run_dir}: the model has {model.output_shape[-1]} outputs but run.json lists "
+                          f"{len(classes)} classes; the run directory is inconsistent.")
+
+    model_dir = Path(root) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(model_dir)  # build folders of exports whose process died
+    temp = temporary_sibling(model_dir / "export")
+    temp.mkdir()
+    try:
+        module = build_serving_module(model, classes, size, policy)
+        images, image_source = sample_images(run_dir, info, size, policy)
+        reference = model.predict(images, verbose=0, batch_size=32)
+        parity: dict = {"images": int(len(images)), "source": image_source}
+        files = []
+        if "savedmodel" in formats:
+            say(f"[export] SavedModel (signatures {BYTES_SIGNATURE}, {PIXELS_SIGNATURE})")
+            save_savedmodel(module, temp)
+            parity["savedmodel"] = savedmodel_parity(temp, images, reference)
+            files += [SAVED_MODEL_FILE, "variables/"]
+        if "keras" in formats:
+            shutil.copy2(run_dir / MODEL_FILE, temp / KERAS_FILE)
+            files.append(KERAS_FILE)
+        if "tflite" in formats:
+            say("[export] TFLite" + (" (dynamic-range quantised)" if quantize else " (float32)"))
+            convert_tflite(model, temp / TFLITE_FILE, quantize)
+            parity["tflite"] = check_parity("TFLite", run_tflite(temp / TFLITE_FILE, images), reference,
+                                            QUANTIZED_TOLERANCE if quantize else FLOAT_TOLERANCE,
+                                            strict=not quantize, echo=say)
+            files.append(TFLITE_FILE)
+        if "onnx" in formats:
+            say("[export] ONNX")
+            convert_onnx(module, temp / ONNX_FILE, size)
+            parity["onnx"] = check_parity("ONNX", run_onnx(temp / ONNX_FILE, images), reference,
+                                          FLOAT_TOLERANCE, strict=True, echo=say)
+            files.append(ONNX_FILE)
+        card = model_card(run_dir, info, name, 0, formats, quantize)
+        card["parity"] = parity
+        card["files"] = files + [CARD_FILE]
+        (temp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
+        version = publish(temp, model_dir)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    path = model_dir / str(version)
+    say(f"[export] {path}  ({', '.join(formats)})")
+    return {"name": name, "version": version, "path": path, "root": str(root), "formats": formats,
+            "files": card["files"], "parity": parity, "seconds": round(time.perf_counter() - started, 2)}
+
+

@@ -1,0 +1,80 @@
+"""The SavedModel module: a byte signature (encoded images) and a pixel signature,
+with resize and backbone preprocessing inside the graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from tl_app.models.artifacts import BYTES_SIGNATURE, PIXELS_SIGNATURE
+from tl_app.data.pipeline import effective_policy, resize_images
+
+
+# ---- the SavedModel -----------------------------------------------------------
+def build_serving_module(model, classes: list[str], input_size: int, resize_policy: str):
+    """A tf.Module whose tf.functions carry decode + resize + the model."""
+    import tensorflow as tf
+
+
+    policy = effective_policy(resize_policy)
+    size = int(input_size)
+
+    class ServingModule(tf.Module):
+        def __init__(self):
+            super().__init__(name="tl_app_classifier")
+            self.model = model
+            self.class_list = tf.constant(list(classes), dtype=tf.string)
+
+        def _outputs(self, images):
+            probabilities = tf.cast(self.model(images, training=False), tf.float32)
+            index = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+            n = tf.shape(probabilities)[0]
+            return {
+                "probabilities": probabilities,
+                "class_index": index,
+                "class_name": tf.gather(self.class_list, index),
+                "class_names": tf.tile(self.class_list[tf.newaxis, :], tf.stack([n, 1])),
+            }
+
+        def _resize_batch(self, images):
+            images = tf.cast(images, tf.float32)
+            shape = tf.shape(images)
+            same = tf.logical_and(tf.equal(shape[1], size), tf.equal(shape[2], size))
+            out = tf.cond(same, lambda: tf.clip_by_value(images, 0.0, 255.0),
+                          lambda: resize_images(images, size, policy))
+            out.set_shape([None, size, size, 3])
+            return out
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def serve_bytes(self, image_bytes):
+            def decode(data):
+                image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+                image.set_shape([None, None, 3])
+                resized = resize_images(image, size, policy)
+                resized.set_shape([size, size, 3])
+                return resized
+
+            # A few images decode at once: parallel enough, and full-size decodes stay bounded in memory.
+            images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
+                               parallel_iterations=8)
+            return self._outputs(images)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+        def serve_pixels(self, images):
+            return self._outputs(self._resize_batch(images))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
+        def probabilities(self, images):
+            """The plain model for converters (TFLite, ONNX): fixed size, probabilities only."""
+            return {"probabilities": tf.cast(self.model(images, training=False), tf.float32)}
+
+    return ServingModule()
+
+
+def save_savedmodel(module, directory: Path) -> None:
+    import tensorflow as tf
+
+    signatures = {
+        BYTES_SIGNATURE: module.serve_bytes.get_concrete_function(),
+        PIXELS_SIGNATURE: module.serve_pixels.get_concrete_function(),
+    }
+    tf.saved_model.save(module, str(directory), signatures=signatures)

@@ -1,0 +1,287 @@
+"""Bottleneck features: a content-addressed cache and an open export format.
+
+Features are what the backbone (plus its pooling) outputs for one image. They
+are costly to compute and cheap to keep, so every feature ever computed goes
+into a cache keyed by everything that changes it; a re-run computes only what
+is missing, and a change to any key component gives new features, never stale
+ones.
+
+Export format (``tl-app extract --out DIR``; load it with numpy alone)::
+
+    DIR/features.npy    [N, D] float32 (float16 with --dtype float16): row i is
+                        the image on data line i of index.csv
+    DIR/index.csv       row,path,relpath,label,label_index,split,sha256,format,
+                        width,height,fast,view_row
+    DIR/views.npy       only with --augment-views K: [T, K, D] features of K
+                        augmented views of the T training images; index.csv's
+                        view_row is the image's row here (-1: none)
+    DIR/meta.json       format_version, classes, shape, dtype and the recipe:
+                        backbone, weights fingerprint, input size, resize
+                        policy, preprocessing, layer, pooling, augmentation
+    DIR/skipped.csv     files that could not be used, with the reason (also .json)
+
+    import csv, numpy as np
+    X = np.load("DIR/features.npy")
+    rows = list(csv.DictReader(open("DIR/index.csv")))
+    y = np.array([int(r["label_index"]) for r in rows])
+
+Cache layout (``features.cache_dir``, shared by every run and job)::
+
+    CACHE/v<format>/<recipe key>/recipe.json     the key components, for people
+    CACHE/v<format>/<recipe key>/shard-*.npy     one structured array per batch
+
+The recipe key hashes backbone, weights fingerprint, input size, resize
+policy, preprocessing, layer, pooling, background colour and the format
+version (plus the augmentation settings for augmented views). Inside a recipe,
+a row is keyed by the image's content hash (sha256) and its view (0: the image
+itself, 1..K: augmented views). Each shard row is (sha256 S64, view int32,
+features float32[D], crc uint32), the CRC-32 covering the row's other bytes.
+Shards are written to a temporary name and renamed into place, so a killed job
+loses only the batch in flight and concurrent jobs never see half a shard; the
+index is rebuilt from the shards on every read, and a row whose checksum fails
+is never served: it is recomputed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tl_app.core.config import Config
+from tl_app.data.scan import Manifest, Record, Skipped
+from tl_app.core.errors import ConfigError
+from tl_app.core.files import remove_stale_temporaries
+from tl_app.core.progress import Progress
+from tl_app.data.augment import ViewAugmenter, augment_settings
+from tl_app.features.cache import FeatureCache
+from tl_app.features.recipe import Recipe, recipe_for
+from tl_app.features.store import FeatureSet, OutputArrays, write_export
+from tl_app.models.backbones import get_spec, build_feature_model
+from tl_app.core.files import slug
+from tl_app.data.scan import scan_dataset, print_report
+from tl_app.data.pipeline import make_dataset
+
+
+def default_out_dir(config: Config) -> Path:
+
+    if config.features.out:
+        return Path(config.features.out)
+    name = config.train.name or f"features-{get_spec(config.backbone.name).name}"
+    return Path(config.train.runs_dir) / slug(name) / "features"
+
+
+def extract_features(config: Config, manifest: Manifest | None = None, out_dir: str | Path | None = None,
+                     echo: Callable | None = print, extractor_class=None) -> FeatureSet:
+    """Features for every usable image (and K augmented views per training image), cached.
+
+    Only what the cache lacks runs through the backbone; every batch computed
+    is written to the cache at once, so a killed run resumes where it stopped.
+    With ``out_dir`` the result is also exported (see the module docstring) and
+    ``.features`` is memory-mapped from there, so memory does not grow with the
+    number of images. ``extractor_class`` runs the backbone (the local Extractor
+    by default; the Ray engine hands in its own, with the same interface).
+    """
+    views_wanted = int(config.features.augment_views)
+    if views_wanted < 0:
+        raise ConfigError(f"features.augment_views must be 0 or more, got {views_wanted}.")
+    started = time.perf_counter()
+    recipe = recipe_for(config)  # fails early (unknown backbone, missing weights) before any scan
+    if manifest is None:
+        manifest = scan_dataset(config)
+        if echo:
+            print_report(manifest)
+    cache_root = Path(config.features.cache_dir)
+    cache = FeatureCache(cache_root, recipe)
+    view_cache = FeatureCache(cache_root, recipe.with_augment(augment_settings(config))) if views_wanted else None
+    records = list(manifest.records)
+    batch_size = int(config.data.batch_size)
+    extractor = (extractor_class or Extractor)(config, recipe)
+
+    dim = cache.dim() or (view_cache.dim() if view_cache else None) or extractor.dim()
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)  # left by an extraction that was killed
+    store = OutputArrays(out_dir, len(records), dim)
+    try:
+        keys = [(r.sha256, 0) for r in records]
+        found = cache.fill(keys, store.features)
+        cached = int(found.sum())
+        missing = [i for i in range(len(records)) if not found[i]]
+        failed: set[int] = set()
+        progress = Progress(len(missing), "extract", enabled=echo is not None)
+        if missing:
+            failed |= extractor.compute(records, missing, cache, store.features, batch_size, progress)
+
+        train_rows = [i for i, r in enumerate(records) if r.split == "train" and i not in failed]
+        view_rows = np.full(len(records), -1, np.int64)
+        views_cached = views_computed = 0
+        if views_wanted:
+            view_rows[train_rows] = np.arange(len(train_rows))
+            store.allocate_views(len(train_rows), views_wanted)
+            view_keys = [(records[i].sha256, v) for i in train_rows for v in range(1, views_wanted + 1)]
+            flat = store.views.reshape(len(view_keys), dim) if view_keys else store.views.reshape(0, dim)
+            view_found = view_cache.fill(view_keys, flat)
+            views_cached = int(view_found.sum())
+            missing_views = [k for k in range(len(view_keys)) if not view_found[k]]
+            views_computed = len(missing_views)
+            if missing_views:
+                vprogress = Progress(len(missing_views), f"views x{views_wanted}", enabled=echo is not None)
+                extractor.compute_views(records, train_rows, views_wanted, missing_views, view_cache, flat,
+                                        batch_size, vprogress)
+            del flat
+
+        for c in (cache, view_cache):
+            if c is not None:
+                c.compact()
+
+        skipped = list(manifest.skipped) + [
+            Skipped(records[i].path, "could not be decoded during extraction (changed since the scan?)")
+            for i in sorted(failed)]
+        kept = [i for i in range(len(records)) if i not in failed]
+        computed = len(missing) - len(failed)
+        stats = {
+            "used": len(kept), "skipped": len(skipped), "computed": computed, "cached": cached,
+            "views_per_image": views_wanted, "views_computed": views_computed, "views_cached": views_cached,
+            "corrupt_rows_ignored": cache.corrupt_rows + (view_cache.corrupt_rows if view_cache else 0),
+            "dim": int(dim), "dtype": config.features.dtype if out_dir is not None else "float32",
+            "compute_images_per_s": progress.steady_rate(),
+            "seconds": 0.0, "cache_dir": str(cache.dir),
+        }
+        feature_set = FeatureSet(
+            features=store.features, records=[records[i] for i in kept], classes=list(manifest.classes),
+            out_dir=out_dir, stats=stats, views=store.views if views_wanted else None,
+            view_rows=view_rows[kept], recipe=asdict(recipe), skipped=skipped, feature_model=extractor.model)
+        if failed and out_dir is None:  # an export selects the kept rows itself, without a copy in memory
+            feature_set.features = np.asarray(store.features)[kept]
+        if out_dir is not None:
+            feature_set = write_export(feature_set, store, kept, manifest, config.features.dtype)
+    except BaseException:  # an interrupted or failed export leaves no temporary arrays behind
+        store.cleanup()
+        raise
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    if echo:
+        echo(f"features: {stats['used']} images used, {stats['skipped']} skipped, {computed} computed, "
+             f"{cached} from the cache" + (f"; views: {views_computed} computed, {views_cached} cached"
+                                           if views_wanted else "") + f" ({stats['seconds']:.1f}s)")
+    return feature_set
+
+
+
+
+class UniqueImages:
+    """Identical files (same content hash) run through the backbone once; every copy gets the vector.
+
+    Shared by the local Extractor and the Ray engine's, so both skip duplicates the same way.
+    """
+
+    def __init__(self, records, missing):
+        self.records = records
+        self.copies: dict[str, list[int]] = {}
+        for i in missing:
+            self.copies.setdefault(records[i].sha256, []).append(i)
+        self.positions = sorted(copies[0] for copies in self.copies.values())  # one record per content
+        self.done: set[int] = set()
+
+    def take(self, positions, features, cache: FeatureCache, out) -> int:
+        """Store one computed batch in the cache at once (a later failure keeps it), then in ``out``
+        for every copy; returns how many records that completes."""
+        if not len(positions):
+            return 0
+        cache.write([self.records[p].sha256 for p in positions], [0] * len(positions), features)
+        count = 0
+        for p, vector in zip(positions, features):
+            for q in self.copies[self.records[p].sha256]:
+                out[q] = vector
+                self.done.add(q)
+                count += 1
+        return count
+
+    def failed(self) -> set[int]:
+        return {i for copies in self.copies.values() for i in copies} - self.done
+
+
+class Extractor:
+    """The backbone feature model, built only when something has to be computed."""
+
+    def __init__(self, config: Config, recipe: Recipe):
+        self.config = config
+        self.recipe = recipe
+        self.model = None
+        self._augmenter = None
+
+    def build(self):
+        if self.model is None:
+            b = self.config.backbone
+            self.model = build_feature_model(get_spec(b.name), self.recipe.input_size, b.weights, b.seed,
+                                             b.layer, b.pooling)
+        return self.model
+
+    def dim(self) -> int:
+        return int(np.prod(self.build().output_shape[1:]))
+
+    def predict(self, images, batch_size: int) -> np.ndarray:
+        """One traced shape only: a short last batch is padded (a retrace costs seconds, XLA more)."""
+        count = len(images)
+        if count < batch_size:
+            pad = np.zeros((batch_size - count,) + tuple(images.shape[1:]), np.float32)
+            images = np.concatenate([np.asarray(images, np.float32), pad])
+        out = self.build().predict_on_batch(images)
+        return np.asarray(out, np.float32).reshape(len(out), -1)[:count]
+
+    def dataset(self, records: list[Record], batch_size: int):
+
+        return make_dataset(records, self.recipe.input_size, self.recipe.resize_policy, batch_size,
+                            with_index=True, background=self.recipe.background)
+
+    def compute(self, records, missing, cache: FeatureCache, out, batch_size, progress) -> set[int]:
+        """Run the backbone over the missing records, one cache shard per batch; returns the failures."""
+        self.build()
+        unique = UniqueImages(records, missing)
+        subset = [records[i] for i in unique.positions]
+        for images, index in self.dataset(subset, batch_size):
+            features = self.predict(images, batch_size)
+            positions = [unique.positions[j] for j in index.numpy().tolist()]
+            progress.update(unique.take(positions, features, cache, out))
+        return unique.failed()
+
+    def compute_views(self, records, train_rows, k, missing_views, cache: FeatureCache, flat, batch_size,
+                      progress) -> None:
+        """Augment (deterministically) and featurise the missing views; flat[t * k + v - 1] is view v of train row t."""
+        self.build()
+        if self._augmenter is None:
+            self._augmenter = ViewAugmenter(self.config, self.recipe.input_size)
+        by_train_row: dict[int, list[int]] = {}
+        for flat_index in missing_views:
+            by_train_row.setdefault(flat_index // k, []).append(flat_index % k + 1)
+        order = sorted(by_train_row)
+        subset = [records[train_rows[t]] for t in order]
+        queue_images, queue_keys = [], []
+
+        def flush():
+            if not queue_images:
+                return
+            features = self.predict(np.stack(queue_images), batch_size)
+            cache.write([records[train_rows[t]].sha256 for t, _ in queue_keys], [v for _, v in queue_keys], features)
+            for (t, v), vector in zip(queue_keys, features):
+                flat[t * k + v - 1] = vector
+            progress.update(len(queue_keys))
+            queue_images.clear()
+            queue_keys.clear()
+
+        for images, index in self.dataset(subset, batch_size):
+            for image, j in zip(images, index.numpy().tolist()):
+                t = order[j]
+                sha = records[train_rows[t]].sha256
+                for v in by_train_row[t]:
+                    queue_images.append(self._augmenter(image, sha, v))
+                    queue_keys.append((t, v))
+                    if len(queue_images) >= batch_size:
+                        flush()
+        flush()
+
+

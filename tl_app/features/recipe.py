@@ -1,0 +1,61 @@
+"""The recipe key of the feature cache: everything that changes a feature vector."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from tl_app.core.config import Config
+from tl_app.models.backbones import get_spec, resolve_input_size
+from tl_app.data.pipeline import effective_policy
+from tl_app.models.weights import fingerprint
+
+
+FORMAT_VERSION = 1
+
+
+# ---- the key ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that changes a feature vector except the image itself."""
+
+    backbone: str
+    weights_fingerprint: str
+    input_size: int
+    resize_policy: str
+    preprocess: str
+    layer: str
+    pooling: str
+    background: tuple = (255, 255, 255)
+    augment: str = ""  # JSON of the augmentation settings; empty for the images themselves
+    format_version: int = FORMAT_VERSION
+
+    def key(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def with_augment(self, augment: dict) -> "Recipe":
+        return Recipe(**{**asdict(self), "augment": json.dumps(augment, sort_keys=True)})
+
+
+def recipe_for(config: Config) -> Recipe:
+    """The recipe of a configuration (resolves the input size and the weights fingerprint)."""
+    spec = get_spec(config.backbone.name)
+    return Recipe(
+        backbone=spec.name,
+        weights_fingerprint=weights_fingerprint(spec, config.backbone.weights, config.backbone.seed,
+                                                Path(config.features.cache_dir)),
+        input_size=resolve_input_size(spec, config.backbone.input_size),
+        resize_policy=effective_policy(config.data.resize_policy),
+        preprocess=spec.preprocess,
+        layer=config.backbone.layer or "",
+        pooling=config.backbone.pooling,
+        background=tuple(int(v) for v in config.data.background),
+        format_version=FORMAT_VERSION,
+    )
+
+
+def weights_fingerprint(spec, weights: str, seed: int, cache_root: Path) -> str:
+    """tl_app.weights.fingerprint, remembered in the feature cache's folder."""
+    return fingerprint(spec, weights, seed, memo_dir=cache_root)

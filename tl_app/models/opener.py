@@ -1,0 +1,217 @@
+"""One way to open any saved model: a run folder, a model folder (newest version), a
+version folder, a .keras file or a SavedModel, read as its metadata or opened as a
+predictor. Batch inference, the Ray engine, evaluation, explanations and the server
+all come here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import tl_app.data.augment  # noqa: F401  (registers tl-app's custom Keras layers for loading)
+import tl_app.models.backbones  # noqa: F401  (same)
+from tl_app.core.config import Config
+from tl_app.core.errors import ModelNotFoundError
+from tl_app.models.artifacts import (CARD_FILE, KERAS_FILE, MODEL_FILE, PIXELS_SIGNATURE, RUN_FILE, SAVED_MODEL_FILE,
+                                     parse_version, read_card, read_run_info, resolve_version_dir)
+
+DEFAULT_BACKGROUND = (255, 255, 255)
+INIT_OP = "__saved_model_init_op"
+
+
+def load_model_file(path: str | Path):
+    """A saved .keras classifier (tl-app's custom layers registered), loaded with Keras safe mode."""
+    import keras
+
+
+    return keras.saving.load_model(Path(path), safe_mode=True, compile=False)
+
+
+def load_run_model(run_dir: str | Path):
+    """The trained model of a run, loaded with Keras safe mode."""
+    path = Path(run_dir) / MODEL_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} does not exist: the run did not finish training.")
+    return load_model_file(path)
+
+
+# ---- the model -------------------------------------------------------------------
+@dataclass
+class ModelInfo:
+    """What a model's files say about it, read without loading the model."""
+
+    source: Path  # the run directory, or the exact version folder (a newer version appearing later is not used)
+    classes: list[str]
+    input_size: int
+    resize_policy: str
+    name: str = ""
+    version: int | None = None
+    card: dict = field(default_factory=dict, repr=False)  # model_card.json, or run.json for a run
+    background: tuple = DEFAULT_BACKGROUND  # training's data.background: transparency is composited on it
+
+
+@dataclass
+class Predictor:
+    """An opened classifier: pixels (N, size, size, 3, 0..255) -> probabilities (N, C), plus what its files say.
+
+    ``model`` is the Keras model when it was opened with ``keras=True`` (evaluation,
+    explanations); serving and batch inference use the SavedModel when there is one.
+    """
+
+    classes: list[str]
+    input_size: int
+    resize_policy: str
+    source: Path  # the run directory, or the exact version folder
+    kind: str  # "savedmodel" | "keras"
+    predict_fn: Callable = field(repr=False)
+    name: str = ""
+    version: int | None = None
+    card: dict = field(default_factory=dict, repr=False)  # model_card.json, or run.json for a run
+    background: tuple = DEFAULT_BACKGROUND  # decode transparent images onto this, as training did
+    model: object = field(default=None, repr=False)
+    run_dir: Path | None = None
+    config: Config | None = field(default=None, repr=False)  # the run's configuration, when known
+
+    def predict(self, images) -> np.ndarray:
+        return np.asarray(self.predict_fn(images))
+
+    @property
+    def backbone(self) -> str:
+        return self.card.get("backbone", "")
+
+    @property
+    def label(self) -> str:
+        """name, or name-version for an exported version (folder names of evaluation outputs)."""
+        return f"{self.name}-{self.version}" if self.version is not None else self.source.name
+
+
+def run_background(config: dict | None, source: str) -> tuple:
+    """data.background of a run's saved configuration, checked as training checked it (white if absent)."""
+
+    data = (config or {}).get("data") or {}
+    if "background" not in data:
+        return DEFAULT_BACKGROUND
+    checked = Config.from_dict({"data": {"background": data["background"]}}, source=source)
+    return tuple(int(v) for v in checked.data.background)
+
+
+def read_model_info(path: str | Path) -> ModelInfo:
+    """saved_models/<name> (newest version), a version folder, or a run directory: its classes, sizes,
+    version and background from run.json/config.json or model_card.json; the model itself is not loaded."""
+    path = Path(path)
+    if (path / RUN_FILE).is_file():
+        info = read_run_info(path)
+        if not (path / MODEL_FILE).is_file():
+            raise ModelNotFoundError(f"{path / MODEL_FILE} does not exist: the run did not finish training. "
+                                     f"Train it again, or pass an exported model (saved_models/<name>).")
+        config_file = path / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        return ModelInfo(path, list(info["classes"]), int(info["input_size"]), info.get("resize_policy") or "auto",
+                         name=path.name, card=info, background=run_background(config, str(config_file)))
+    version_dir = resolve_version_dir(path)
+    card = read_card(version_dir)
+    if not card:
+        raise ModelNotFoundError(f"{version_dir} has no {CARD_FILE}; re-export it with 'tl-app export'.")
+    version = parse_version(version_dir.name)
+    name = version_dir.parent.name if version is not None else version_dir.name
+    return ModelInfo(version_dir, list(card["classes"]), int(card["input_size"]), card.get("resize_policy") or "auto",
+                     name=name, version=version, card=card,
+                     background=run_background(card.get("config"), f"{version_dir / CARD_FILE} [config]"))
+
+
+_OPENED: dict[tuple, Predictor] = {}
+
+
+def open_model(path: str | Path, keras: bool = False) -> Predictor:
+    """The one model opener: saved_models/<name> (newest version), a version folder, or a run directory.
+
+    With ``keras=False`` (predict, Ray actors) an export runs through its SavedModel's
+    pixel signature; with ``keras=True`` (evaluate, explain, report) the Keras model
+    is loaded and kept in ``.model``. The last two opened models are kept (keyed by
+    path, kind and file time), so one process does not deserialise a model twice.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"Model {str(path)!r} does not exist. Expected a run directory (runs/<name>, printed at the end of "
+            f"'tl-app train') or an exported model folder (saved_models/<name>[/<version>])."
+        )
+    info = read_model_info(path)  # classes, sizes and card/run.json, as predict and serve read them
+    source = info.source
+    is_run = (source / RUN_FILE).is_file()
+    if is_run or keras or not (source / SAVED_MODEL_FILE).is_file():
+        target = source / (MODEL_FILE if is_run else KERAS_FILE)
+    else:
+        target = source / SAVED_MODEL_FILE
+    try:
+        stamp = target.stat().st_mtime_ns
+    except OSError:
+        stamp = None
+    key = (str(source.resolve()), target.name, stamp)
+    if stamp is not None and key in _OPENED:
+        return _OPENED[key]
+    opened = _open(info, target)
+    if stamp is not None:
+        while len(_OPENED) >= 2:
+            _OPENED.pop(next(iter(_OPENED)))
+        _OPENED[key] = opened
+    return opened
+
+
+def _open(info: ModelInfo, target: Path) -> Predictor:
+    source = info.source
+    model = run_dir = config_data = None
+    if (source / RUN_FILE).is_file():
+        run_dir = source
+        config_file = source / "config.json"
+        config_data = json.loads(config_file.read_text()) if config_file.is_file() else None
+    else:
+        config_data = info.card.get("config")  # the run's configuration travels in the model card
+    if target.name == SAVED_MODEL_FILE:
+        signature = open_savedmodel(source)[1].get(PIXELS_SIGNATURE)
+        if signature is None:
+            raise ModelNotFoundError(f"{source} has no {PIXELS_SIGNATURE!r} signature; export it with tl-app.")
+        predict_fn, kind = savedmodel_function(signature), "savedmodel"
+    elif target.is_file():
+        model = load_model_file(target)
+        predict_fn, kind = keras_function(model, info.input_size), "keras"
+    else:
+        raise ModelNotFoundError(
+            f"{source} has no {KERAS_FILE}: evaluation and explanations need the Keras model. Export with "
+            f"the keras format (tl-app export RUN_DIR --format savedmodel,keras) or pass the run directory."
+        )
+    config = Config.from_dict(config_data) if config_data else None  # same splits and data settings as training
+    return Predictor(info.classes, info.input_size, info.resize_policy, source, kind, predict_fn, name=info.name,
+                     version=info.version, card=info.card, background=info.background, model=model,
+                     run_dir=run_dir, config=config)
+
+
+def open_savedmodel(path: str | Path):
+    """A SavedModel and its serving signatures by name (the init op left out); TensorFlow loads here."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+    return loaded, {name: fn for name, fn in loaded.signatures.items() if name != INIT_OP}
+
+
+def savedmodel_function(signature):
+    """The pixel signature as images -> probabilities (numpy)."""
+    import tensorflow as tf
+
+    return lambda images: signature(images=tf.convert_to_tensor(images, tf.float32))["probabilities"].numpy()
+
+
+def keras_function(model, input_size: int):
+    """One traced call per batch shape, as model.predict does, without its per-call set-up."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, input_size, input_size, 3], tf.float32)])
+    def call(images):
+        return tf.cast(model(images, training=False), tf.float32)
+
+    return lambda images: call(tf.convert_to_tensor(images, tf.float32)).numpy()

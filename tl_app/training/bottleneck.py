@@ -1,0 +1,152 @@
+"""The bottleneck strategy: a head trained on cached features, then assembled.
+
+The backbone runs once per image (and per cached augmented view), never per
+epoch: the head trains on the feature cache in seconds. The saved model is the
+same ``image -> preprocess -> backbone -> pool -> head`` model fine-tuning
+writes, so its predictions on images equal the head's on the cached features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tl_app.core.config import Config
+from tl_app.core.errors import DataError
+from tl_app.training.losses import class_weight_table, make_loss
+from tl_app.training.callbacks import EpochRecorder
+from tl_app.features.extract import extract_features
+from tl_app.models.surgery import assemble
+from tl_app.models.heads import build_head
+from tl_app.training.optim import make_optimizer, schedule_callbacks
+from tl_app.models.artifacts import MODEL_FILE
+from tl_app.training.runs import fmt, write_run_info, prepare_run
+from tl_app.core.files import write_json
+from tl_app.models.backbones import build_feature_model
+
+
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+def view_batches(features, views, labels, num_classes: int, class_weights: dict[int, float],
+                 batch_size: int, seed: int):
+    """A Keras PyDataset that, each epoch, takes every training image once as a random one of its views."""
+    import keras
+
+
+    class ViewSampler(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.epoch = 0
+            self.weights = class_weight_table(class_weights, num_classes)
+            self.on_epoch_end()
+
+        def __len__(self):
+            return math.ceil(len(features) / batch_size)
+
+        def on_epoch_end(self):
+            rng = np.random.default_rng([seed, self.epoch])
+            self.order = rng.permutation(len(features))
+            # 0: the image itself, 1..K: its cached augmented views
+            self.choice = rng.integers(0, views.shape[1] + 1, len(features))
+            self.epoch += 1
+
+        def __getitem__(self, index):
+            rows = self.order[index * batch_size:(index + 1) * batch_size]
+            picks = self.choice[rows]
+            x = features[rows]  # a copy (fancy indexing); augmented picks overwrite their rows
+            augmented = picks > 0
+            x[augmented] = views[rows[augmented], picks[augmented] - 1]
+            y = labels[rows]
+            return x, one_hot(y, num_classes), self.weights[y]
+
+    return ViewSampler()
+
+
+# ---- the strategy ------------------------------------------------------------
+def train_bottleneck(config: Config, echo=print) -> dict:
+    """prepare_run -> cached features -> head with early stopping -> assembled model.keras."""
+    import keras
+    import tensorflow as tf
+
+
+    say = echo or (lambda *a, **k: None)
+    prepared = prepare_run(config, echo=echo)
+    run_dir = prepared.run_dir
+    feature_set = extract_features(config, manifest=prepared.manifest, echo=echo)
+    labels = feature_set.labels
+    train_rows, val_rows = feature_set.rows("train"), feature_set.rows("val")
+    if len(train_rows) == 0:
+        raise DataError(f"No training images in {config.data.root}: every image is in val/test. "
+                        f"Lower data.val_fraction/test_fraction or add images to train/.")
+    num_classes = len(feature_set.classes)
+    features = np.asarray(feature_set.features, np.float32)
+    x_train, y_train = features[train_rows], one_hot(labels[train_rows], num_classes)
+    has_val = len(val_rows) > 0
+    validation = (features[val_rows], one_hot(labels[val_rows], num_classes)) if has_val else None
+
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(config.train.seed)
+    head = build_head(num_classes, features.shape[1], config.head)
+    head.compile(optimizer=make_optimizer(config), loss=make_loss(config), metrics=["accuracy"],
+                 jit_compile=bool(config.train.jit_compile))
+    monitor = "val_loss" if has_val else "loss"
+    epochs: list[dict] = []
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor=monitor, patience=max(1, config.train.early_stopping_patience),
+                                      restore_best_weights=True),
+        EpochRecorder(run_dir, epochs, phase=1),  # history.json, log.csv, TensorBoard: as fine-tuning writes them
+        *schedule_callbacks(config, has_val),
+    ]
+    batch_size = int(config.train.batch_size)
+    verbose = 2 if echo else 0
+    if feature_set.views is not None and feature_set.views.shape[1] > 0:
+        views = np.asarray(feature_set.views, np.float32)[feature_set.view_rows[train_rows]]
+        data = view_batches(x_train, views, labels[train_rows], num_classes, prepared.class_weights,
+                            batch_size, config.train.seed)
+        history = head.fit(data, validation_data=validation, epochs=config.train.epochs, callbacks=callbacks,
+                           verbose=verbose)
+    else:
+        history = head.fit(x_train, y_train, batch_size=batch_size, epochs=config.train.epochs,
+                           validation_data=validation, class_weight=prepared.class_weights, shuffle=True,
+                           callbacks=callbacks, verbose=verbose)
+
+    metrics = final_metrics(head, x_train, y_train, validation, history)
+    write_json(run_dir / "metrics.json", metrics)
+
+    feature_model = feature_set.feature_model
+    if feature_model is None:
+        b = config.backbone
+        feature_model = build_feature_model(prepared.spec, prepared.input_size, b.weights, b.seed, b.layer,
+                                            b.pooling)
+    model = assemble(feature_model, head)
+    model.save(run_dir / MODEL_FILE)
+    write_run_info(run_dir, metrics=metrics, head={"kind": config.head.kind, "units": list(config.head.units)},
+                   features={k: feature_set.stats.get(k) for k in
+                             ("used", "computed", "cached", "views_per_image", "dim")})
+    say(f"head: val_accuracy {fmt(metrics['val_accuracy'])}, val_loss {fmt(metrics['val_loss'])} "
+        f"(best epoch {metrics['best_epoch']} of {metrics['epochs_trained']})")
+    say(f"model: {run_dir / MODEL_FILE}")
+    return {"run_dir": str(run_dir), "strategy": "bottleneck", "metrics": metrics,
+            "features": dict(feature_set.stats), "model": str(run_dir / MODEL_FILE)}
+
+
+def final_metrics(head, x_train, y_train, validation, history) -> dict:
+    """Metrics of the restored (best) head, unweighted, on train and validation features."""
+    train_loss, train_acc = head.evaluate(x_train, y_train, verbose=0)
+    out = {"train_loss": float(train_loss), "train_accuracy": float(train_acc), "val_loss": None,
+           "val_accuracy": None, "train_images": int(len(x_train)),
+           "val_images": int(len(validation[0])) if validation else 0,
+           "epochs_trained": len(history.history.get("loss", []))}
+    key = "val_loss" if validation else "loss"
+    losses = history.history.get(key, [])
+    out["best_epoch"] = int(np.argmin(losses)) + 1 if losses else 0
+    if validation:
+        val_loss, val_acc = head.evaluate(*validation, verbose=0)
+        out["val_loss"], out["val_accuracy"] = float(val_loss), float(val_acc)
+    return out
+
+
