@@ -544,12 +544,15 @@ def test_a_closed_version_gives_out_no_runner(local_root):
     from tl_app.serve.registry import load_version
 
     model = load_version("shapes", 2, local_root / "shapes" / "2")
-    assert model.classes == CLASSES and model.classes is model.classes and model.background == (0, 0, 0)
+    assert model.classes == CLASSES and model.background == (0, 0, 0)
     signature = model.signature(None)
     inputs = {"image_bytes": np.array([b"x"], dtype=object)}
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
-        assert model.runner(signature, inputs, ServeConfig(), executor, Metrics()) is not None
+        runner = model.runner(signature, inputs, ServeConfig(), executor, Metrics())
+        assert model.runner(signature, inputs, ServeConfig(), executor, Metrics()) is runner  # one per shape, kept
+        assert not runner.closed
         model.close()
+        assert runner.closed  # closing the version closes the batcher it gave out
         with pytest.raises(Unavailable, match="unloaded; retry"):
             model.runner(signature, inputs, ServeConfig(), executor, Metrics())
     assert not model.runners
