@@ -152,9 +152,17 @@ class ServeConfig:
     max_images: int = 64
     token: str = ""
     top_k: int = 5
-    max_pixels: int = MAX_PIXELS  # per uploaded image, as data.max_pixels
+    max_pixels: int = 0  # per uploaded image; 0: the model card's data.max_pixels (else 89478485)
     poll_seconds: float = 2.0  # how often the root is checked for new versions
     workers: int = 4  # threads that run model calls; request images are decoded in Starlette's threadpool
+    grpc_port: int = 8500  # TF Serving's gRPC PredictionService/ModelService; 0 turns it off
+    model_config_file: str = ""  # TF Serving's models config (text proto): several models, roots, labels
+    allowed_hosts: list = field(default_factory=list)  # Host headers accepted; [] = loopback names on loopback
+    image_pixels: int = 16_000_000  # decoded pixels per image: JPEG is downscaled while decoding, others 413
+    inflight_pixels: int = 48_000_000  # decoded pixels of all requests in flight together (others wait)
+    header_timeout_s: float = 10.0  # a connection must send its request headers within this
+    body_timeout_s: float = 30.0  # and its body within this (408 otherwise)
+    max_connections: int = 256  # open connections and requests; more get 503
 
 
 @dataclass
@@ -348,10 +356,14 @@ def validate(config: Config) -> None:
     for dotted in ("train.epochs", "train.finetune_epochs", "train.unfreeze_blocks", "train.unfreeze_layers",
                    "train.warmup_epochs", "train.early_stopping_patience", "features.augment_views"):
         check_range(config, dotted, 0, None)
-    for dotted in ("train.step_every", "data.max_pixels", "serve.max_pixels", "serve.max_batch_size",
+    for dotted in ("train.step_every", "data.max_pixels", "serve.max_batch_size",
                    "serve.max_images", "serve.max_body_bytes", "serve.workers", "serve.top_k", "predict.top_k",
-                   "predict.batch_size"):
+                   "predict.batch_size", "serve.image_pixels", "serve.inflight_pixels", "serve.max_connections"):
         check_range(config, dotted, 1, None)
+    check_range(config, "serve.max_pixels", 0, None)
+    check_range(config, "serve.grpc_port", 0, 65535)
+    check_range(config, "serve.header_timeout_s", 0.0, None, low_open=True)
+    check_range(config, "serve.body_timeout_s", 0.0, None, low_open=True)
     check_range(config, "serve.batch_timeout_ms", 0.0, None)
     check_range(config, "serve.poll_seconds", 0.0, None, low_open=True)
     check_range(config, "serve.port", 0, 65535)
