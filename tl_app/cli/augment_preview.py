@@ -25,10 +25,9 @@ def augment_preview(data, out, images, views, backbone, input_size, seed, as_jso
       tl-app augment-preview datasets/sample --out grid.png
       tl-app augment-preview -p pipelines/finetune-resnet50.toml --out grid.png --set augment.shear=0.2
     """
-    api = load_api()
-
     config = build_config(pipeline, sets, **{"data.root": data, "backbone.name": backbone,
                                              "backbone.input_size": input_size})
+    api = load_api()
     result = api.augment_preview(config, out, images=images, views=views, seed=seed, echo=None if as_json else click.echo)
     if as_json:
         echo_json(result)

@@ -12,7 +12,7 @@ import warnings
 import click
 
 from tl_app.core.config import Config, load_config
-from tl_app.core.errors import ConfigError, TlAppError
+from tl_app.core.errors import ConfigError, DataError, TlAppError
 
 
 def quiet_tensorflow() -> None:
@@ -81,6 +81,16 @@ def build_config(pipeline: str | None, sets: tuple[str, ...] = (), **flags) -> C
     overrides = parse_sets(sets)
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return load_config(pipeline, overrides)
+
+
+def require_data_folder(root) -> None:
+    """A missing dataset folder is reported before TensorFlow loads (seconds sooner)."""
+    if root and not os.path.isdir(os.path.expanduser(str(root))):
+        raise DataError(
+            f"Dataset folder {str(root)!r} does not exist or is not a folder. Expected a folder "
+            f"with one sub-folder per class (root/<class>/*.jpg) or root/train|val|test/<class>/*. "
+            f"Create a sample with 'tl-app datasets sample datasets/sample'."
+        )
 
 
 def pipeline_options(func):

@@ -4,7 +4,13 @@ from __future__ import annotations
 import json
 import sys
 import click
-from tl_app.cli.common import build_config, load_api, pipeline_options
+from tl_app.cli.common import require_data_folder, build_config, load_api, pipeline_options
+
+
+LAYOUTS = {
+    "class-folders": "class folders (root/<class>/*); train/val/test drawn by data.val_fraction and test_fraction",
+    "split-folders": "split folders (root/train|val|test/<class>/*); the given splits are used as they are",
+}
 
 
 @click.group()
@@ -49,12 +55,12 @@ def datasets_inspect(directory, as_json, strict, val_fraction, test_fraction, sp
       tl-app datasets inspect datasets/sample
       tl-app datasets inspect photos/ --json | jq .totals
     """
-    api = load_api()
-
     config = build_config(pipeline, sets, **{
         "data.root": directory, "data.strict": strict, "data.val_fraction": val_fraction,
         "data.test_fraction": test_fraction, "data.split_seed": split_seed, "data.class_weights": class_weights,
     })
+    require_data_folder(directory)
+    api = load_api()
     manifest = api.scan(directory, config.data)
     weights_ = api.class_weights(manifest, config.data.class_weights)
     if report:
@@ -62,6 +68,7 @@ def datasets_inspect(directory, as_json, strict, val_fraction, test_fraction, sp
     if as_json:
         click.echo(json.dumps(api.inspect_dict(manifest, weights_), indent=2, ensure_ascii=False))
     else:
+        click.echo(f"layout: {LAYOUTS.get(manifest.layout, manifest.layout)}")
         api.print_report(manifest, weights_, out=sys.stdout)
 
 

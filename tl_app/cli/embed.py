@@ -23,9 +23,8 @@ def embed(source, method, out, backbone, weights, input_size, layer, cache_dir, 
       tl-app embed runs/flowers/features --method tsne --out tsne.png
       tl-app embed datasets/sample --backbone resnet50 --out pca.png
     """
-    api = load_api()
-
     config = feature_config(pipeline, sets, None, backbone, weights, input_size, layer, cache_dir)
+    api = load_api()
     summary = api.embed(source, method, out, config=config, echo=None if as_json else click.echo)
     if as_json:
         echo_json(summary)

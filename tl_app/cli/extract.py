@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tl_app.cli.common import build_config, echo_json, engine_options, engine_overrides, load_api, pipeline_options
+from tl_app.cli.common import require_data_folder, build_config, echo_json, engine_options, engine_overrides, load_api, pipeline_options
 
 FORMAT_HELP = """\b
 Output (load it with numpy alone):
@@ -58,8 +58,6 @@ def extract(data, backbone, weights, input_size, layer, pooling, resize_policy, 
       tl-app extract photos/ -b resnet50 --layer conv4_block6_out --pooling max --json
       tl-app extract photos/ -b resnet50 --augment-views 4 --dtype float16
     """
-    api = load_api()
-
     config = build_config(pipeline, sets, **{
         "data.root": data, "backbone.name": backbone, "backbone.weights": weights,
         "backbone.input_size": input_size, "backbone.layer": layer, "backbone.pooling": pooling,
@@ -68,6 +66,8 @@ def extract(data, backbone, weights, input_size, layer, pooling, resize_policy, 
         "features.cache_dir": cache_dir,
         **engine_overrides(engine),
     })
+    require_data_folder(config.data.root)
+    api = load_api()
     out = api.default_out_dir(config)
     result = api.extract(config, out_dir=out, echo=None if as_json else click.echo)
     if as_json:

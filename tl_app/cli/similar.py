@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 import click
-from tl_app.cli.common import echo_json, feature_config, feature_options, load_api, pipeline_options
+from tl_app.cli.common import require_data_folder, echo_json, feature_config, feature_options, load_api, pipeline_options
 
 
 @click.command()
@@ -21,9 +21,9 @@ def index(data, out, dtype, backbone, weights, input_size, layer, cache_dir, as_
       tl-app index datasets/sample --backbone resnet50 --out indexes/sample
       tl-app similar indexes/sample query.jpg -k 5 --out sheet.png
     """
-    api = load_api()
-
     config = feature_config(pipeline, sets, data, backbone, weights, input_size, layer, cache_dir)
+    require_data_folder(config.data.root)
+    api = load_api()
     summary = api.build_index(config, out, dtype=dtype, echo=None if as_json else click.echo)
     if as_json:
         echo_json(summary)

@@ -6,7 +6,7 @@ import click
 
 from tl_app.core.errors import ConfigError
 
-from tl_app.cli.common import build_config, echo_json, engine_options, engine_overrides, load_api, pipeline_options
+from tl_app.cli.common import require_data_folder, build_config, echo_json, engine_options, engine_overrides, load_api, pipeline_options
 
 
 @click.command()
@@ -51,8 +51,6 @@ def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs
       TF_CONFIG=... tl-app train photos/ --strategy finetune --distribute multi-worker   (on every worker)
       tl-app train photos/ --strategy finetune --engine ray --address auto --num-workers 4
     """
-    api = load_api()
-
     settings = {
         "data.root": data, "train.strategy": strategy, "backbone.name": backbone, "backbone.weights": weights,
         "backbone.input_size": input_size, "train.epochs": epochs, "train.finetune_epochs": finetune_epochs,
@@ -69,6 +67,9 @@ def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs
             raise ConfigError(f"--resume continues {resume} with the settings it started with (its config.json); "
                               f"it cannot also take {', '.join(given)}. Drop them, or start a new run to change them.")
     config = build_config(pipeline, sets, **settings, **engine_overrides(engine))
+    if not resume:
+        require_data_folder(config.data.root)
+    api = load_api()  # every check above runs without TensorFlow
     summary = api.train(config, resume=resume, echo=None if as_json else click.echo)
     if as_json:
         echo_json(summary)

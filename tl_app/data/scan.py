@@ -259,15 +259,34 @@ def scan(root: str | Path, config: DataConfig | None = None, *, cache_dir: str |
     if layout == "class-folders":
         assign_splits(manifest, config)
     manifest.warnings += class_warnings(manifest, config)
+    problem = too_few_classes(manifest)
+    if manifest.records and problem:
+        manifest.warnings.insert(0, problem)
     if config.strict and manifest.skipped:
         listing = "\n".join(f"  {s.path}: {s.reason}" for s in manifest.skipped)
         raise DataError(f"--strict: {len(manifest.skipped)} bad file(s) in {root}:\n{listing}")
+    if not manifest.records and loose and not top_dirs:
+        raise DataError(
+            f"{len(loose)} file(s) lie directly in {root} but there are no class folders. Expected one "
+            f"sub-folder per class (root/<class>/*.jpg) or root/train|val|test/<class>/*: move the images "
+            f"into folders named after their classes."
+        )
     if not manifest.records:
         raise DataError(
             f"No usable images in {root} ({manifest.files_found} files found, all skipped). "
             f"Expected image files (JPEG, PNG, GIF, BMP, WebP, TIFF) inside class folders."
         )
     return manifest
+
+
+def too_few_classes(manifest: Manifest) -> str | None:
+    """Why a folder cannot train a classifier (fewer than two classes with usable images), or None."""
+    counts = {label: n for label, n in ((c, sum(v.values())) for c, v in manifest.counts().items()) if n}
+    if len(counts) >= 2:
+        return None
+    found = ", ".join(f"{label!r} ({n} image{'s' if n != 1 else ''})" for label, n in counts.items()) or "none"
+    return (f"a classifier needs at least two classes with usable images; {manifest.root} has "
+            f"{len(counts)} (found: {found}). Add a folder per class (root/<class>/*.jpg)")
 
 
 # ---- presentation --------------------------------------------------------

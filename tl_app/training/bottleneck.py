@@ -15,13 +15,13 @@ import numpy as np
 from tl_app.core.config import Config
 from tl_app.core.errors import DataError
 from tl_app.training.losses import class_weight_table, make_loss
-from tl_app.training.callbacks import EpochRecorder
+from tl_app.training.callbacks import EpochRecorder, interactive
 from tl_app.features.extract import extract_features
 from tl_app.models.surgery import assemble
 from tl_app.models.heads import build_head
 from tl_app.training.optim import make_optimizer, schedule_callbacks
 from tl_app.models.artifacts import MODEL_FILE
-from tl_app.training.runs import fmt, write_run_info, prepare_run
+from tl_app.training.runs import fmt, write_run_info, prepare_run, recording_failure
 from tl_app.core.files import write_json
 from tl_app.models.backbones import build_feature_model
 
@@ -68,13 +68,19 @@ def view_batches(features, views, labels, num_classes: int, class_weights: dict[
 # ---- the strategy ------------------------------------------------------------
 def train_bottleneck(config: Config, echo=print) -> dict:
     """prepare_run -> cached features -> head with early stopping -> assembled model.keras."""
+    prepared = prepare_run(config, echo=echo)
+    with recording_failure(prepared.run_dir):
+        return train_head(config, prepared, echo)
+
+
+def train_head(config: Config, prepared, echo=print) -> dict:
+    """The head on the prepared run's cached features, then the assembled model.keras."""
     import keras
     import tensorflow as tf
 
-
     say = echo or (lambda *a, **k: None)
-    prepared = prepare_run(config, echo=echo)
     run_dir = prepared.run_dir
+    write_run_info(run_dir, status="training")
     feature_set = extract_features(config, manifest=prepared.manifest, echo=echo)
     labels = feature_set.labels
     train_rows, val_rows = feature_set.rows("train"), feature_set.rows("val")
@@ -98,11 +104,13 @@ def train_bottleneck(config: Config, echo=print) -> dict:
     callbacks = [
         keras.callbacks.EarlyStopping(monitor=monitor, patience=max(1, config.train.early_stopping_patience),
                                       restore_best_weights=True),
-        EpochRecorder(run_dir, epochs, phase=1),  # history.json, log.csv, TensorBoard: as fine-tuning writes them
+        # history.json, log.csv, TensorBoard as fine-tuning writes them; a plain line per epoch in logs and pipes
+        EpochRecorder(run_dir, epochs, phase=1, echo=say if echo and not interactive() else None,
+                      epochs=config.train.epochs),
         *schedule_callbacks(config, has_val),
     ]
     batch_size = int(config.train.batch_size)
-    verbose = 2 if echo else 0
+    verbose = 2 if echo and interactive() else 0
     if feature_set.views is not None and feature_set.views.shape[1] > 0:
         views = np.asarray(feature_set.views, np.float32)[feature_set.view_rows[train_rows]]
         data = view_batches(x_train, views, labels[train_rows], num_classes, prepared.class_weights,
@@ -124,7 +132,7 @@ def train_bottleneck(config: Config, echo=print) -> dict:
                                             b.pooling)
     model = assemble(feature_model, head)
     model.save(run_dir / MODEL_FILE)
-    write_run_info(run_dir, metrics=metrics, head={"kind": config.head.kind, "units": list(config.head.units)},
+    write_run_info(run_dir, status="finished", metrics=metrics, head={"kind": config.head.kind, "units": list(config.head.units)},
                    features={k: feature_set.stats.get(k) for k in
                              ("used", "computed", "cached", "views_per_image", "dim")})
     say(f"head: val_accuracy {fmt(metrics['val_accuracy'])}, val_loss {fmt(metrics['val_loss'])} "

@@ -15,6 +15,7 @@ import math
 import os
 import queue
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -183,8 +184,10 @@ class EpochRecorder(keras.callbacks.Callback):
     """
 
     def __init__(self, run_dir: str | Path, history: list[dict], phase: int = 1, epoch_offset: int = 0,
-                 nan_guard: StopOnNaN | None = None, write: bool = True):
+                 nan_guard: StopOnNaN | None = None, write: bool = True, echo=None, epochs: int = 0,
+                 label: str = ""):
         super().__init__()
+        self.echo, self.epochs, self.label = echo, epochs, label  # echo: one plain line per epoch (logs, pipes)
         self.run_dir = Path(run_dir)
         self.history = history
         self.phase, self.epoch_offset = phase, epoch_offset
@@ -206,6 +209,8 @@ class EpochRecorder(keras.callbacks.Callback):
                 entry[key] = float(logs[key])
         entry["seconds"] = round(time.perf_counter() - self.started, 3)
         self.history.append(entry)
+        if self.echo:
+            self.echo(epoch_line(entry, epoch + 1, self.epochs, self.label))
         if self.write:
             write_history(self.run_dir, self.history)
             self.tensorboard(entry)
@@ -234,6 +239,18 @@ class EpochRecorder(keras.callbacks.Callback):
                                  step=entry["epoch"], metadata=meta)
         for writer in self._writers.values():
             writer.flush()
+
+
+def interactive() -> bool:
+    """Keras' redrawn progress bars (and their colours) only on a terminal; logs and pipes get plain lines."""
+    return bool(getattr(sys.stdout, "isatty", lambda: False)())
+
+
+def epoch_line(entry: dict, epoch: int, epochs: int, label: str = "") -> str:
+    """``phase 2 epoch 3/4: loss 0.4120, accuracy 0.8800, val_loss 0.5011, val_accuracy 0.8400 (12.3s)``."""
+    metrics = ", ".join(f"{key} {entry[key]:.4f}" if key != "learning_rate" else f"lr {entry[key]:.3g}"
+                        for key in HISTORY_KEYS if entry.get(key) is not None)
+    return f"{label}epoch {epoch}/{epochs}: {metrics} ({entry.get('seconds', 0.0):.1f}s)"
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:

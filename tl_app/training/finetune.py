@@ -30,9 +30,9 @@ from tl_app.models.surgery import build_classifier, check_unfreeze, count_params
 from tl_app.training.devices import is_chief, make_strategy, precision_policy, scope
 from tl_app.data.augment import seed_generators, build_augmenter
 from tl_app.data.pipeline import load_image, make_dataset
-from tl_app.training.callbacks import CheckpointStore, EarlyStopping, assign_in_order, EpochRecorder, StopOnNaN, TrainingCheckpoint, TrainingDivergedError, write_history
+from tl_app.training.callbacks import CheckpointStore, EarlyStopping, assign_in_order, EpochRecorder, interactive, StopOnNaN, TrainingCheckpoint, TrainingDivergedError, write_history
 from tl_app.training.losses import class_weight_table, make_loss
-from tl_app.training.runs import write_run_info, fmt, prepare_run, PreparedRun
+from tl_app.training.runs import write_run_info, fmt, prepare_run, PreparedRun, recording_failure
 from tl_app.training.optim import make_optimizer, make_schedule
 from tl_app.models.artifacts import MODEL_FILE, read_run_info
 from tl_app.core.files import write_json
@@ -315,8 +315,10 @@ class FineTuneRun:
         complete = resume is not None and (resume.get("phase_complete") or done >= phase.epochs)
 
         if not complete:
+            plain = self.echo is not None and not interactive()
             recorder = EpochRecorder(self.run_dir, self.history, phase.number, offset, self.nan_guard,
-                                     write=self.chief)
+                                     write=self.chief, echo=self.say if plain else None, epochs=phase.epochs,
+                                     label=f"phase {phase.number} ")
 
             def describe(epoch: int, stopping: bool) -> dict:
                 return self.describe(phase, epoch, offset + epoch, stopping or epoch >= phase.epochs, schedule)
@@ -332,7 +334,7 @@ class FineTuneRun:
                     warnings.filterwarnings("ignore", message=".*ran out of data.*")
                     self.model.fit(data, epochs=phase.epochs, initial_epoch=done, steps_per_epoch=self.steps,
                                    validation_data=self.val_ds, callbacks=callbacks, shuffle=False,
-                                   verbose=1 if self.echo else 0)
+                                   verbose=1 if self.echo and not plain else 0)
             except tf.errors.InvalidArgumentError as exc:
                 if "decode" not in str(exc).lower() and "image" not in str(exc).lower():
                     raise
@@ -436,7 +438,8 @@ def train_finetune(config: Config, echo=print, callbacks: list | None = None) ->
     prepared = prepare_run(config, echo=echo)
     if echo:
         echo(f"run directory: {prepared.run_dir}")
-    return FineTuneRun(prepared, echo, list(callbacks or [])).run(None)
+    with recording_failure(prepared.run_dir, enabled=config.train.distribute != "multi-worker" or is_chief()):
+        return FineTuneRun(prepared, echo, list(callbacks or [])).run(None)
 
 
 def load_prepared(run_dir: str | Path):
@@ -489,6 +492,7 @@ def resume_finetune(run_dir: str | Path, echo=print, callbacks: list | None = No
         make_strategy("multi-worker")
     if echo:
         echo(f"run directory: {prepared.run_dir}")
-    summary = FineTuneRun(prepared, echo, list(callbacks or [])).run(state)
+    with recording_failure(prepared.run_dir, enabled=prepared.config.train.distribute != "multi-worker" or is_chief()):
+        summary = FineTuneRun(prepared, echo, list(callbacks or [])).run(state)
     summary["resumed"] = True
     return summary

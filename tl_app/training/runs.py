@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+from contextlib import contextmanager
 from pathlib import Path
 
 from tl_app.core.config import Config
@@ -27,7 +28,8 @@ from tl_app.data.splits import class_weights
 from tl_app.data.pipeline import effective_policy
 from tl_app.models.weights import fingerprint
 from tl_app.core.files import slug, write_json
-from tl_app.data.scan import scan_dataset
+from tl_app.data.scan import scan_dataset, too_few_classes
+from tl_app.core.errors import DataError, TlAppError
 from tl_app.models.artifacts import RUN_FILE
 from tl_app import __version__
 
@@ -64,6 +66,25 @@ def write_run_info(run_dir: str | Path, **info) -> Path:
     return write_json(path, data)
 
 
+@contextmanager
+def recording_failure(run_dir: str | Path, enabled: bool = True):
+    """A run that stops on an error says so in run.json (status and reason), so 'runs list' can show it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if enabled:
+            write_run_info(run_dir, status="interrupted", error="interrupted (Ctrl-C); --resume continues it")
+        raise
+    except Exception as exc:
+        if enabled:
+            path = Path(run_dir) / RUN_FILE
+            status = json.loads(path.read_text()).get("status") if path.is_file() else None
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            write_run_info(run_dir, status="diverged" if status == "diverged" else "failed",
+                           error=reason if isinstance(exc, TlAppError) else f"{type(exc).__name__}: {reason}")
+        raise
+
+
 def fmt(value) -> str:
     """A metric for the console: 4 decimals, or n/a when the run has none (no validation split)."""
     return "n/a" if value is None else f"{value:.4f}"
@@ -90,6 +111,9 @@ def prepare_run(config: Config, run_dir: str | Path | None = None, echo=print) -
     weights_fp = fingerprint(spec, config.backbone.weights, config.backbone.seed,  # fails early if offline
                              memo_dir=config.features.cache_dir)
     manifest = scan_dataset(config)
+    problem = too_few_classes(manifest)
+    if problem:  # a softmax over one class is always "right": refuse before any work
+        raise DataError(f"Cannot train on {config.data.root}: {problem}.")
     weights = class_weights(manifest, config.data.class_weights)
     run_dir = Path(run_dir) if run_dir else new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +123,7 @@ def prepare_run(config: Config, run_dir: str | Path | None = None, echo=print) -
     policy = effective_policy(config.data.resize_policy)
     write_run_info(
         run_dir,
-        strategy=config.train.strategy, backbone=spec.name, input_size=size, resize_policy=policy,
+        status="preparing", strategy=config.train.strategy, backbone=spec.name, input_size=size, resize_policy=policy,
         preprocess=spec.preprocess, weights=config.backbone.weights, weights_fingerprint=weights_fp,
         classes=manifest.classes, dataset_fingerprint=manifest.fingerprint(), data_root=manifest.root,
         feature_layer=config.backbone.layer, pooling=config.backbone.pooling,
