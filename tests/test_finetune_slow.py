@@ -121,22 +121,29 @@ def test_class_weights_raise_minority_recall(tiny_config, tmp_path):
     assert balanced >= 0.5 and balanced >= unweighted + 0.3, (unweighted, balanced)
 
 
-class CrashAt(keras.callbacks.Callback):
-    """Raises at (phase, epoch, batch), as a crash mid-training would."""
+# A real crash: the process kills itself with SIGKILL at (phase, epoch, batch), so no `finally`, atexit or
+# background writer gets to flush anything; only what was already on disk survives.
+KILL_AT = """
+import json, os, signal, sys
+import keras
+from tl_app.core.config import Config
+from tl_app.training.finetune import train_finetune
 
-    def __init__(self, phase: int, epoch: int, batch: int):
+class KillAt(keras.callbacks.Callback):
+    def __init__(self, phase, epoch, batch):
         super().__init__()
         self.target, self.phase, self.epoch = (phase, epoch, batch), 0, 0
-
     def on_train_begin(self, logs=None):
         self.phase += 1
-
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
-
     def on_train_batch_begin(self, batch, logs=None):
         if (self.phase, self.epoch, batch) == self.target:
-            raise KeyboardInterrupt("simulated crash")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+config = Config.from_dict(json.loads(sys.argv[1]))
+train_finetune(config, echo=None, callbacks=[KillAt(*map(int, sys.argv[2:5]))])
+"""
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -173,9 +180,14 @@ def test_resume_after_a_crash_at_each_point_matches_the_uninterrupted_run(tiny_c
     full = Path(train_finetune(config("full"), echo=None)["run_dir"])
     # mid phase 1; at the phase boundary (phase 1 complete, nothing of phase 2); mid phase 2
     for i, point in enumerate([(1, 1, 0), (2, 0, 0), (2, 1, 2)]):
-        with pytest.raises(KeyboardInterrupt):
-            train_finetune(config(f"crash{i}"), echo=None, callbacks=[CrashAt(*point)])
-        summary = resume_finetune(Path(tiny_config.train.runs_dir) / f"crash{i}", echo=None)
+        crashed = config(f"crash{i}")
+        killed = subprocess.run([sys.executable, "-c", KILL_AT, json.dumps(crashed.to_dict()), *map(str, point)],
+                                cwd=REPO, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        run_dir = Path(crashed.train.runs_dir) / f"crash{i}"
+        assert not (run_dir / "model.keras").exists()  # it really was cut short
+        summary = resume_finetune(run_dir, echo=None)
         assert summary["resumed"] and summary["metrics"]["epochs_trained"] == 4
         assert_same_run(full, Path(summary["run_dir"]))
     again = resume_finetune(full, echo=None)  # a finished run has nothing to resume
@@ -256,7 +268,7 @@ def test_mirrored_strategy_and_xla_train_on_cpu(tiny_config):
     mirrored = train_finetune(finetune_config(base, distribute="mirrored"), echo=None, callbacks=[Probe()])
     assert seen == {"strategy": "MirroredStrategy", "jit": False}
     assert np.isfinite(mirrored["metrics"]["val_loss"])
-    assert isinstance(tf.distribute.get_strategy(), tf.distribute.Strategy)  # back to the default outside
+    assert not tf.distribute.has_strategy()  # the mirrored scope did not leak: the default strategy again
 
     base = tiny_config.with_overrides({"backbone.name": "vgg16", "train.name": "xla"})
     xla = train_finetune(finetune_config(base, jit_compile=True), echo=None, callbacks=[Probe()])
@@ -294,7 +306,16 @@ def test_two_classes_with_focal_loss_smoothing_and_explicit_weights(tiny_config,
         "data.root": str(root), "data.class_weights": {"cats": 1.0, "dogs": 2.0}, "backbone.name": "vgg16",
         "train.focal_gamma": 2.0, "train.label_smoothing": 0.1, "train.optimizer": "sgd", "train.nesterov": True,
         "train.learning_rate": 0.01, "train.schedule": "step", "train.step_every": 1})
-    summary = train_finetune(finetune_config(config, epochs=2, finetune_epochs=1), echo=None)
+    seen = []
+
+    class LossProbe(keras.callbacks.Callback):  # what the compiled model really optimises, in both phases
+        def on_train_begin(self, logs=None):
+            loss = self.model.loss
+            seen.append((type(loss).__name__, loss.get_config().get("gamma"), loss.get_config()["label_smoothing"]))
+
+    summary = train_finetune(finetune_config(config, epochs=2, finetune_epochs=1), echo=None,
+                             callbacks=[LossProbe()])
+    assert seen == [("CategoricalFocalCrossentropy", 2.0, 0.1)] * 2
     assert read_run_info(summary["run_dir"])["class_weights"] == {"cats": 1.0, "dogs": 2.0}
     model = load_run_model(summary["run_dir"])
     assert model.output_shape == (None, 2)

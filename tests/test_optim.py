@@ -102,6 +102,20 @@ def test_plateau_reduces_after_patience_and_its_state_round_trips():
     assert other.get_state() == state and other.rate(6) == pytest.approx(0.25)
 
 
+def test_plateau_lowers_the_rate_inside_fit_when_the_loss_stalls():
+    x, y = tiny_problem()
+    model = tiny_model()
+    for layer in model.layers:
+        layer.trainable = False  # nothing can improve: val_loss stays put, so the plateau rule must fire
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy", run_eagerly=True)
+    controller = LearningRateController(0.1, 6, "plateau", monitor="val_loss", patience=2, step_factor=0.5)
+    history = model.fit(x, y, validation_data=(x, y), epochs=6, batch_size=8, callbacks=[controller], verbose=0)
+    rates = history.history["learning_rate"]
+    # epoch 1 sets the best; epochs 2-3 stall -> halved from epoch 4; epochs 4-5 stall -> halved again at 6
+    assert rates == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.025])
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.025)
+
+
 def test_bottleneck_calling_convention():
     callbacks = schedule_callbacks(TrainConfig(schedule="cosine", epochs=7), has_val=False)
     assert len(callbacks) == 1 and callbacks[0].monitor == "loss" and callbacks[0].epochs == 7

@@ -175,7 +175,15 @@ def test_embed_draws_a_scatter_coloured_by_class(built_index, index_config, dupl
     assert rows[0] == "x,y,label" and len(rows) == 12
 
 
-def test_embed_reads_a_similarity_index_without_recomputing(built_index, tmp_path, cli):
+def test_embed_reads_a_similarity_index_without_recomputing(built_index, tmp_path, cli, monkeypatch):
+    import tl_app.features.extract as extract
+    import tl_app.insight.embed as embed_module
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("embed of an index must read its vectors, not extract features again")
+
+    monkeypatch.setattr(extract.Extractor, "build", no_backbone)
+    monkeypatch.setattr(embed_module, "extract_features", no_backbone)
     result = cli("embed", built_index["index"], "--method", "pca", "--out", tmp_path / "p.png", "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
