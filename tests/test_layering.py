@@ -149,11 +149,17 @@ def test_every_folder_is_a_declared_layer():
     assert folders <= set(LAYERS), folders - set(LAYERS)
 
 
-def test_an_upward_import_is_refused_with_its_line(tmp_path):
+def package_copy_with(tmp_path, relative: str, extra: str) -> Path:
+    """A copy of tl_app with ``extra`` appended to one module: the deliberate mistake."""
     copy = tmp_path / "tl_app"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    config = copy / "core" / "config.py"
-    config.write_text(config.read_text() + "\nfrom tl_app.serve.app import create_app  # wrong on purpose\n")
+    module = copy / relative
+    module.write_text(module.read_text() + extra)
+    return copy
+
+
+def test_an_upward_import_is_refused_with_its_line(tmp_path):
+    copy = package_copy_with(tmp_path, "core/config.py", "\nfrom tl_app.serve.app import create_app  # wrong on purpose\n")
     problems = layering_problems(copy)
     assert problems[0].startswith("tl_app/core/config.py:")
     assert "create_app" in problems[0] and "core may not import serve" in problems[0]
@@ -161,10 +167,7 @@ def test_an_upward_import_is_refused_with_its_line(tmp_path):
 
 
 def test_a_late_import_and_a_circle_are_refused(tmp_path):
-    copy = tmp_path / "tl_app"
-    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    scan = copy / "data" / "scan.py"
-    scan.write_text(scan.read_text() + "\n\ndef late():\n    from tl_app.data.pipeline import load_images\n")
+    copy = package_copy_with(tmp_path, "data/scan.py", "\n\ndef late():\n    from tl_app.data.pipeline import load_images\n")
     problems = layering_problems(copy)
     assert any("tl_app/data/scan.py:" in p and "inside a function" in p for p in problems), problems
     assert any(p.startswith("circle of imports:") and "tl_app.data.scan" in p for p in problems), problems
