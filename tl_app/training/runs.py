@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +62,8 @@ def write_run_info(run_dir: str | Path, **info) -> Path:
     path = Path(run_dir) / RUN_FILE
     data = json.loads(path.read_text()) if path.exists() else {}
     data.update(info)
+    if info.get("status") in ("preparing", "training"):  # 'runs list' tells running from interrupted by these
+        data.update(pid=os.getpid(), host=platform.node())
     data.setdefault("created", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     data["versions"] = versions()
     return write_json(path, data)
