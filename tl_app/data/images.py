@@ -167,6 +167,27 @@ def probe_file(path: str | Path, max_pixels: int) -> Probe:
     return probe
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": how older Pillow opens 16-bit gray PNG
+
+
+def scale_16bit(array: np.ndarray) -> np.ndarray:
+    """16-bit values to 8 bits by the mode's range, never by the content: round(v * 255 / 65535).
+
+    A dark 16-bit image stays dark (scaling by its own maximum brightened it 257x).
+    The graph decoder (data.decode) uses the same integer formula.
+    """
+    values = np.clip(np.asarray(array, np.int64), 0, 65535)
+    return ((values * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def composite(rgba: np.ndarray, background=(255, 255, 255)) -> np.ndarray:
+    """RGBA uint8 onto an opaque background: round((c*a + bg*(255-a)) / 255), the graph decoder's rounding."""
+    values = np.asarray(rgba, np.int32)
+    alpha = values[..., 3:4]
+    bg = np.asarray(background, np.int32).reshape(1, 1, 3)
+    return ((values[..., :3] * alpha + bg * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
 def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
     """Any Pillow image to 8-bit RGB: first frame, upright, alpha composited."""
     try:
@@ -174,17 +195,10 @@ def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
     except (AttributeError, EOFError):
         pass
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" or image.mode == "PA":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "RGBa") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = Image.fromarray(scale_16bit(np.asarray(image)), "L")
+    if image.mode in ("P", "PA", "RGBA", "LA", "RGBa", "La") or "transparency" in image.info:
+        return Image.fromarray(composite(np.asarray(image.convert("RGBA")), background), "RGB")
     return image.convert("RGB")
 
 

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from tl_app.data.scan import Record
 from tl_app.data.images import decode_pil
+from tl_app.data.decode import decode_bytes
 
 DEFAULT_RESIZE_POLICY = "center_crop"  # how the ImageNet backbones were evaluated
 
@@ -51,12 +52,11 @@ def _pil_decode(path, background: np.ndarray) -> np.ndarray:
 
 
 def decode_file(path: tf.Tensor, fast: tf.Tensor, background: Sequence[int] = (255, 255, 255)) -> tf.Tensor:
-    """Graph decode for plain JPEG/PNG; Pillow (EXIF, alpha, CMYK, 16-bit, GIF...) otherwise."""
+    """Graph decode (data.decode) for plain JPEG/PNG; Pillow (EXIF, alpha, CMYK, 16-bit, GIF...) otherwise."""
     bg = tf.constant(list(background), tf.uint8)
 
-    def graph_decode():
-        data = tf.io.read_file(path)
-        return tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    def graph_decode():  # the exported byte signature's decoder: the same pixels as Pillow, exactly
+        return decode_bytes(tf.io.read_file(path), bg)
 
     def python_decode():
         image = tf.numpy_function(_pil_decode, [path, bg], tf.uint8, stateful=False)

@@ -16,7 +16,37 @@ PREPROCESS_TEXT = {
 }
 
 
-def model_card(run_dir: Path, info: dict, name: str, version: int, formats: list[str], quantize: bool) -> dict:
+REFUSED_BY_BYTES = [
+    "CMYK/YCCK JPEG (convert to RGB first)",
+    "GIF with a transparent colour (send PNG)",
+    "32-bit BMP with alpha (send PNG)",
+    "WebP, TIFF and other formats (send JPEG or PNG)",
+]
+
+
+def input_contract(input_size: int, policy: str, background) -> dict:
+    """What a client must send: the exact range, channel order, resize and the byte signature's decoding."""
+    return {
+        "pixels": ("float32 RGB (not BGR), values 0..255 (not 0..1, not already preprocessed); "
+                   "the backbone preprocessing runs inside the model"),
+        "pixel_range": [0.0, 255.0],
+        "channel_order": "RGB",
+        "resize": {"policy": policy, "size": [int(input_size), int(input_size)], "method": "bilinear",
+                   "antialias": True,
+                   "description": {"center_crop": "central square crop of side min(H, W), then resize",
+                                   "letterbox": "resize keeping the aspect ratio, padded with 0",
+                                   "stretch": "resize both sides, aspect ratio not kept"}.get(policy, policy),
+                   "skipped_when": "the pixels are already input_size x input_size"},
+        "bytes_decoding": ("JPEG with the accurate integer IDCT and EXIF orientation 1-8; PNG 8/16-bit, gray, "
+                           "palette; transparency composited onto the background; 16-bit gray scaled by "
+                           "round(v*255/65535), 16-bit colour by its high byte; GIF first frame; BMP"),
+        "background": [int(v) for v in background],
+        "bytes_refused": REFUSED_BY_BYTES,
+    }
+
+
+def model_card(run_dir: Path, info: dict, name: str, version: int, formats: list[str], quantize: bool,
+               background=(255, 255, 255)) -> dict:
 
     config = {}
     if (run_dir / "config.json").is_file():
@@ -32,6 +62,8 @@ def model_card(run_dir: Path, info: dict, name: str, version: int, formats: list
         "weights_fingerprint": info.get("weights_fingerprint"),
         "input_size": int(info["input_size"]),
         "input": "RGB pixels 0..255 (float) at input_size x input_size, or encoded image bytes",
+        "input_contract": input_contract(int(info["input_size"]), info.get("resize_policy") or "center_crop",
+                                         background),
         "resize_policy": info.get("resize_policy"),
         "preprocessing": {"mode": preprocess, "description": PREPROCESS_TEXT.get(preprocess, preprocess)},
         "strategy": info.get("strategy"),
@@ -45,7 +77,8 @@ def model_card(run_dir: Path, info: dict, name: str, version: int, formats: list
         "formats": formats,
         "quantized": bool(quantize),
         "signatures": {
-            BYTES_SIGNATURE: {"inputs": {"image_bytes": "string [N] (encoded JPEG/PNG/GIF/BMP)"}},
+            BYTES_SIGNATURE: {"inputs": {"image_bytes": "string [N] (encoded JPEG/PNG/GIF/BMP)"},
+                              "refuses": REFUSED_BY_BYTES},
             PIXELS_SIGNATURE: {"inputs": {"images": "float32 [N, H, W, 3], RGB 0..255, resized in the graph"}},
             "outputs": {"probabilities": "float32 [N, C]", "class_index": "int64 [N]",
                         "class_name": "string [N]", "class_names": "string [N, C]"},

@@ -30,12 +30,12 @@ from tl_app.core.errors import ModelNotFoundError
 from tl_app.core.errors import ExportError
 from tl_app.export.card import model_card
 from tl_app.export.converters import convert_onnx, convert_tflite, run_onnx, run_tflite
-from tl_app.export.parity import FLOAT_TOLERANCE, QUANTIZED_TOLERANCE, check_parity, sample_images, savedmodel_parity
+from tl_app.export.parity import golden_set, parity_gate, source_images
 from tl_app.export.repository import parse_formats, publish
 from tl_app.export.savedmodel import build_serving_module, save_savedmodel
 from tl_app.models.artifacts import BYTES_SIGNATURE, CARD_FILE, KERAS_FILE, ONNX_FILE, PIXELS_SIGNATURE, SAVED_MODEL_FILE, TFLITE_FILE, check_model_name
 from tl_app.models.artifacts import MODEL_FILE, read_run_info
-from tl_app.models.opener import load_run_model
+from tl_app.models.opener import load_run_model, run_background
 from tl_app.core.files import slug
 
 
@@ -65,15 +65,17 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
     temp = temporary_sibling(model_dir / "export")
     temp.mkdir()
     try:
-        module = build_serving_module(model, classes, size, policy)
-        images, image_source = sample_images(run_dir, info, size, policy)
-        reference = model.predict(images, verbose=0, batch_size=32)
-        parity: dict = {"images": int(len(images)), "source": image_source}
+        config_file = run_dir / "config.json"
+        background = run_background(json.loads(config_file.read_text()) if config_file.is_file() else None,
+                                    str(config_file))
+        module = build_serving_module(model, classes, size, policy, background)
+        sources, image_source = source_images(run_dir)
+        golden = golden_set(sources)
         files = []
+        runners: dict = {}
         if "savedmodel" in formats:
             say(f"[export] SavedModel (signatures {BYTES_SIGNATURE}, {PIXELS_SIGNATURE})")
             save_savedmodel(module, temp)
-            parity["savedmodel"] = savedmodel_parity(temp, images, reference)
             files += [SAVED_MODEL_FILE, "variables/"]
         if "keras" in formats:
             shutil.copy2(run_dir / MODEL_FILE, temp / KERAS_FILE)
@@ -81,17 +83,20 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
         if "tflite" in formats:
             say("[export] TFLite" + (" (dynamic-range quantised)" if quantize else " (float32)"))
             convert_tflite(model, temp / TFLITE_FILE, quantize)
-            parity["tflite"] = check_parity("TFLite", run_tflite(temp / TFLITE_FILE, images), reference,
-                                            QUANTIZED_TOLERANCE if quantize else FLOAT_TOLERANCE,
-                                            strict=not quantize, echo=say)
+            runners["tflite"] = lambda pixels: run_tflite(temp / TFLITE_FILE, pixels)
             files.append(TFLITE_FILE)
         if "onnx" in formats:
             say("[export] ONNX")
             convert_onnx(module, temp / ONNX_FILE, size)
-            parity["onnx"] = check_parity("ONNX", run_onnx(temp / ONNX_FILE, images), reference,
-                                          FLOAT_TOLERANCE, strict=True, echo=say)
+            runners["onnx"] = lambda pixels: run_onnx(temp / ONNX_FILE, pixels)
             files.append(ONNX_FILE)
-        card = model_card(run_dir, info, name, 0, formats, quantize)
+        say(f"[export] parity gate: {len(golden)} golden images ({image_source}) through every format")
+        parity = parity_gate(model, golden, size, policy, background,
+                             savedmodel_dir=temp if "savedmodel" in formats else None,
+                             keras_file=temp / KERAS_FILE if "keras" in formats else None,
+                             runners=runners, quantized=("tflite",) if quantize else ())
+        parity["source"] = image_source
+        card = model_card(run_dir, info, name, 0, formats, quantize, background)
         card["parity"] = parity
         card["files"] = files + [CARD_FILE]
         (temp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True, default=str))

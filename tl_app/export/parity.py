@@ -1,77 +1,229 @@
-"""Parity checks: every exported format must give the Keras model's outputs on sample images."""
+"""The export parity gate: every format written must give the Keras model's outputs on a golden set.
+
+The golden set is the run's own images (or a drawn one when the data has
+moved) encoded the ways users' files come: EXIF orientations 1-8, RGBA, LA
+and palette transparency, grayscale, 16-bit PNG, GIF, BMP; plus the kinds the
+byte signature must refuse (CMYK JPEG, transparent GIF). The reference is the
+Keras model on the pixels training decodes (``images.decode_pil`` + the shared
+resize). Float formats must agree to ``FLOAT_TOLERANCE``; quantised ones in
+top-1 on ``QUANTIZED_AGREEMENT`` of the images, with the largest gap reported.
+A format that disagrees, or a byte signature that accepts what it must refuse,
+fails the export with one report naming each image.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
 from tl_app.core.errors import ExportError
-from tl_app.models.artifacts import PIXELS_SIGNATURE
-from tl_app.data.pipeline import load_images
+from tl_app.data.images import decode_pil
+from tl_app.data.pipeline import resize_images
+from tl_app.models.artifacts import BYTES_SIGNATURE, PIXELS_SIGNATURE
+
+FLOAT_TOLERANCE = 1e-4  # max |probability difference| for SavedModel, .keras, TFLite and ONNX float32
+QUANTIZED_AGREEMENT = 0.99  # top-1 agreement a dynamic-range quantised model must reach
+GOLDEN_SIDE = (72, 56)  # width, height: small, and not square so crops and rotations matter
 
 
-FLOAT_TOLERANCE = 1e-3  # TFLite / ONNX float32 against Keras
+@dataclass
+class Golden:
+    """One encoded image of the golden set; ``refused`` ones must make the byte signature fail."""
+
+    name: str
+    data: bytes
+    refused: bool = False
 
 
-SAVEDMODEL_TOLERANCE = 1e-5
-
-
-QUANTIZED_TOLERANCE = 0.1  # dynamic-range int8 weights: reported, warned above this
-
-
-# ---- parity ----------------------------------------------------------------------
-def sample_images(run_dir: Path, info: dict, input_size: int, resize_policy: str, count: int = 8):
-    """Real images of the run (validation split first); random pixels when the data has moved."""
+# ---- the golden set -----------------------------------------------------------------
+def source_images(run_dir: Path, count: int = 2) -> tuple[list, str]:
+    """Up to ``count`` RGB Pillow images from the run's dataset (validation first), or drawn ones."""
     import numpy as np
+    from PIL import Image
 
-
-    paths = []
+    images = []
     manifest = run_dir / "manifest.json"
     if manifest.is_file():
         try:
             records = json.loads(manifest.read_text()).get("records", [])
             records.sort(key=lambda r: (r.get("split") != "val", r.get("relpath", "")))
-            paths = [r["path"] for r in records if Path(r.get("path", "")).is_file()][:count]
-        except (ValueError, KeyError, TypeError):
-            paths = []
-    if paths:
-        try:
-            return load_images(paths, input_size, resize_policy), "dataset images"
-        except Exception:
-            pass
+            for record in records:
+                if len(images) == count:
+                    break
+                try:
+                    images.append(Image.fromarray(decode_pil(record["path"])).resize(GOLDEN_SIDE, Image.BILINEAR))
+                except Exception:  # a file gone or changed since training: use the next one
+                    continue
+        except (ValueError, KeyError, TypeError, AttributeError):
+            images = []
+    if images:
+        return images, "dataset images"
     rng = np.random.default_rng(0)
-    return rng.uniform(0, 255, (count, input_size, input_size, 3)).astype(np.float32), "random pixels"
+    width, height = GOLDEN_SIDE
+    yy, xx = np.mgrid[0:height, 0:width]
+    drawn = []
+    for k in range(count):
+        base = np.stack([xx * (3 + k) % 256, yy * 4 % 256, (xx + yy) * 2 % 256], -1).astype(np.float64)
+        drawn.append(Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)))
+    return drawn, "drawn images"
 
 
+def encode(image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def golden_set(images) -> list[Golden]:
+    """Each source image in every encoding the byte signature must decode as training does (or refuse)."""
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+
+    out: list[Golden] = []
+    for k, image in enumerate(images):
+        rgb = np.asarray(image.convert("RGB"))
+        h, w = rgb.shape[:2]
+        ramp = np.linspace(0, 255, w * h).reshape(h, w, 1).astype(np.uint8)
+        rgba = Image.fromarray(np.concatenate([rgb, ramp], -1), "RGBA")
+        palette = image.convert("RGB").convert("P", palette=Image.ADAPTIVE, colors=32)
+        wide = (rgb.astype(np.uint16) * 257 + np.arange(w, dtype=np.uint16)[None, :, None] % 257).astype(np.uint16)
+        dark = (rgb[..., 0].astype(np.uint16) * 4)  # a dark 16-bit image: must stay dark
+        for orientation in range(1, 9):
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            out.append(Golden(f"{k}-jpeg-exif{orientation}", encode(image, "JPEG", quality=90, exif=exif.tobytes())))
+        out += [
+            Golden(f"{k}-jpeg-gray", encode(image.convert("L"), "JPEG", quality=90)),
+            Golden(f"{k}-png-rgb", encode(image, "PNG")),
+            Golden(f"{k}-png-rgba", encode(rgba, "PNG")),
+            Golden(f"{k}-png-la", encode(rgba.convert("LA"), "PNG")),
+            Golden(f"{k}-png-palette-transparent", encode(palette, "PNG", transparency=0)),
+            Golden(f"{k}-png-gray", encode(image.convert("L"), "PNG")),
+            Golden(f"{k}-png-gray16-dark", encode(Image.fromarray(dark), "PNG")),
+            Golden(f"{k}-png-rgb16", tf.io.encode_png(tf.constant(wide)).numpy()),
+            Golden(f"{k}-gif", encode(palette, "GIF")),
+            Golden(f"{k}-bmp", encode(image.convert("RGB"), "BMP")),
+            Golden(f"{k}-jpeg-cmyk", encode(image.convert("CMYK"), "JPEG", quality=90), refused=True),
+            Golden(f"{k}-gif-transparent", encode(palette, "GIF", transparency=0), refused=True),
+        ]
+    return out
+
+
+def reference_pixels(golden: list[Golden], input_size: int, policy: str, background) -> "object":
+    """Training's pixels for every accepted golden image: decode_pil, then the shared resize."""
+    import numpy as np
+
+    pixels = [resize_images(decode_pil(g.data, background), input_size, policy).numpy() for g in golden if not g.refused]
+    return np.stack(pixels).astype(np.float32)
+
+
+# ---- comparing ------------------------------------------------------------------------
 def max_abs_diff(a, b) -> float:
     import numpy as np
 
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if len(a) else 0.0
+    if not len(a):
+        return 0.0
+    diff = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    return float("inf") if diff != diff else diff  # NaN never passes
 
 
-def savedmodel_parity(directory: Path, images, reference) -> dict:
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(directory))
-    out = loaded.signatures[PIXELS_SIGNATURE](images=tf.constant(images))["probabilities"].numpy()
-    diff = max_abs_diff(out, reference)
-    if not diff <= SAVEDMODEL_TOLERANCE:
-        raise ExportError(f"SavedModel parity check failed: max |difference| {diff:.2e} from the Keras model "
-                          f"(tolerance {SAVEDMODEL_TOLERANCE:g}).")
-    return {"max_abs_diff": diff, "tolerance": SAVEDMODEL_TOLERANCE}
-
-
-def check_parity(label: str, out, reference, tolerance: float, strict: bool, echo) -> dict:
+def compare(label: str, out, reference, names: list[str], quantized: bool = False) -> tuple[dict, list[str]]:
+    """Figures for one format, and the problems that fail the gate."""
     import numpy as np
 
-    diff = max_abs_diff(out, reference)
-    if diff != diff:  # NaN never passes
-        diff = float("inf")
-    agree = float(np.mean(np.argmax(out, axis=1) == np.argmax(reference, axis=1))) if len(out) else 1.0
-    result = {"max_abs_diff": diff, "tolerance": tolerance, "top1_agreement": agree}
-    if diff > tolerance:
-        if strict:
-            raise ExportError(f"{label} parity check failed: max |difference| {diff:.2e} from the Keras model "
-                              f"(tolerance {tolerance:g}); the converted model is not published.")
-        echo(f"[export] warning: {label} differs from the Keras model by up to {diff:.2e} "
-             f"(top-1 agreement {agree:.0%})")
-    return result
+    out = np.asarray(out, np.float64)
+    reference = np.asarray(reference, np.float64)
+    if out.shape != reference.shape:
+        return ({"max_abs_diff": float("inf"), "tolerance": FLOAT_TOLERANCE, "top1_agreement": 0.0},
+                [f"{label}: output shape {out.shape}, expected {reference.shape}"])
+    gaps = np.max(np.abs(out - reference), axis=1) if len(out) else np.zeros(0)
+    gaps = np.where(np.isnan(gaps), np.inf, gaps)
+    agree = np.argmax(out, axis=1) == np.argmax(reference, axis=1)
+    figures = {"max_abs_diff": float(gaps.max()) if len(gaps) else 0.0,
+               "top1_agreement": float(agree.mean()) if len(agree) else 1.0, "images": int(len(out))}
+    problems = []
+    if quantized:
+        figures.update(tolerance=QUANTIZED_AGREEMENT, kind="quantized: top-1 agreement")
+        if figures["top1_agreement"] < QUANTIZED_AGREEMENT:
+            worst = [n for n, ok in zip(names, agree) if not ok][:5]
+            problems.append(f"{label}: top-1 agreement {figures['top1_agreement']:.1%} < {QUANTIZED_AGREEMENT:.0%} "
+                            f"(largest gap {figures['max_abs_diff']:.2e}; disagreeing: {', '.join(worst)})")
+    else:
+        figures.update(tolerance=FLOAT_TOLERANCE, kind="float: max |probability difference|")
+        bad = [f"{n} ({g:.2e})" for n, g in zip(names, gaps) if not g <= FLOAT_TOLERANCE]
+        if bad:
+            problems.append(f"{label}: max |difference| {figures['max_abs_diff']:.2e} > {FLOAT_TOLERANCE:g} on "
+                            f"{len(bad)} image(s): {', '.join(bad)}")
+    return figures, problems
+
+
+def savedmodel_bytes_outputs(loaded, golden: list[Golden]):
+    """serving_default on each golden image: (probabilities of accepted ones, problems with refusals)."""
+    import numpy as np
+    import tensorflow as tf
+
+    signature = loaded.signatures[BYTES_SIGNATURE]
+    rows, problems = [], []
+    for g in golden:
+        try:
+            out = signature(image_bytes=tf.constant([g.data]))["probabilities"].numpy()[0]
+        except tf.errors.InvalidArgumentError:
+            if not g.refused:
+                problems.append(f"{BYTES_SIGNATURE}: refused {g.name}, which training decodes")
+            continue
+        if g.refused:
+            problems.append(f"{BYTES_SIGNATURE}: accepted {g.name}, which it cannot decode as training does "
+                            f"(it must fail loudly)")
+        else:
+            rows.append(out)
+    return np.stack(rows) if rows else np.zeros((0, 0)), problems
+
+
+# ---- the gate ---------------------------------------------------------------------------
+def parity_gate(model, golden: list[Golden], input_size: int, policy: str, background, *,
+                savedmodel_dir: Path | None = None, keras_file: Path | None = None,
+                runners: dict | None = None, quantized: tuple = ()) -> dict:
+    """Check every written format against ``model`` on ``golden``; raise ExportError listing every disagreement.
+
+    ``runners`` maps a format name to a function of float32 pixels [N, size, size, 3]
+    (TFLite, ONNX); names in ``quantized`` are held to top-1 agreement.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    accepted = [g for g in golden if not g.refused]
+    names = [g.name for g in accepted]
+    pixels = reference_pixels(golden, input_size, policy, background)
+    reference = model.predict(pixels, verbose=0, batch_size=32)
+    report: dict = {"images": len(accepted), "refused_inputs": [g.name for g in golden if g.refused]}
+    problems: list[str] = []
+    if savedmodel_dir is not None:
+        loaded = tf.saved_model.load(str(savedmodel_dir))
+        out, refusals = savedmodel_bytes_outputs(loaded, golden)
+        report[f"savedmodel_bytes"], found = compare(f"SavedModel {BYTES_SIGNATURE} (encoded bytes)", out,
+                                                     reference, names)
+        problems += refusals + found
+        # pixels: at the input size, and one full-size image resized in the graph
+        out = loaded.signatures[PIXELS_SIGNATURE](images=tf.constant(pixels))["probabilities"].numpy()
+        full = decode_pil(accepted[0].data, background).astype(np.float32)[None]
+        out_full = loaded.signatures[PIXELS_SIGNATURE](images=tf.constant(full))["probabilities"].numpy()
+        report["savedmodel"], found = compare(f"SavedModel {PIXELS_SIGNATURE}", np.concatenate([out, out_full]),
+                                              np.concatenate([reference, reference[:1]]),
+                                              names + [accepted[0].name + " (full size)"])
+        problems += found
+    if keras_file is not None:
+        import keras
+
+        reloaded = keras.models.load_model(str(keras_file), compile=False)
+        report["keras"], found = compare(".keras", reloaded.predict(pixels, verbose=0, batch_size=32), reference,
+                                         names)
+        problems += found
+    for label, run in (runners or {}).items():
+        report[label], found = compare(label, run(pixels), reference, names, quantized=label in quantized)
+        problems += found
+    if problems:
+        raise ExportError("Export parity gate failed; nothing was published:\n  " + "\n  ".join(problems))
+    return report

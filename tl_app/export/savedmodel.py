@@ -7,15 +7,25 @@ from __future__ import annotations
 from pathlib import Path
 from tl_app.models.artifacts import BYTES_SIGNATURE, PIXELS_SIGNATURE
 from tl_app.data.pipeline import effective_policy, resize_images
+from tl_app.data.decode import decode_bytes
 
 
 # ---- the SavedModel -----------------------------------------------------------
-def build_serving_module(model, classes: list[str], input_size: int, resize_policy: str):
-    """A tf.Module whose tf.functions carry decode + resize + the model."""
+def build_serving_module(model, classes: list[str], input_size: int, resize_policy: str,
+                         background=(255, 255, 255), decode=decode_bytes):
+    """A tf.Module whose tf.functions carry decode + resize + the model.
+
+    The byte signature decodes with data.decode, training's own graph decoder:
+    EXIF orientation, transparency on the run's background, 16-bit and
+    grayscale give training's pixels; what it cannot match (CMYK JPEG,
+    transparent GIF, other formats) is refused with an InvalidArgument error.
+    ``decode`` exists for the parity gate's own test (a deliberately broken decoder).
+    """
     import tensorflow as tf
 
 
     policy = effective_policy(resize_policy)
+    background = tuple(int(v) for v in background)
     size = int(input_size)
 
     class ServingModule(tf.Module):
@@ -46,15 +56,14 @@ def build_serving_module(model, classes: list[str], input_size: int, resize_poli
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def serve_bytes(self, image_bytes):
-            def decode(data):
-                image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-                image.set_shape([None, None, 3])
+            def decode_one(data):
+                image = decode(data, tf.constant(list(background), tf.int32))
                 resized = resize_images(image, size, policy)
                 resized.set_shape([size, size, 3])
                 return resized
 
             # A few images decode at once: parallel enough, and full-size decodes stay bounded in memory.
-            images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
+            images = tf.map_fn(decode_one, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
                                parallel_iterations=8)
             return self._outputs(images)
 

@@ -12,7 +12,7 @@ from tl_app.data.pipeline import effective_policy
 from tl_app.models.weights import fingerprint
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: JPEG decoded with the accurate IDCT in the graph (data.decode), 16-bit scaled by mode
 
 
 # ---- the key ---------------------------------------------------------------
