@@ -244,15 +244,24 @@ def test_every_class_with_two_images_gets_a_validation_image(tmp_path):
 
 def test_moving_a_duplicate_group_to_val_never_empties_training(tmp_path):
     """A class of {a, a's byte copy, b}: if b hashes into test, the a-group must stay in train."""
+    import hashlib
+    import io
+
     from tl_app.data.splits import split_score
 
+    def colour_scoring(test) -> tuple:
+        for k in range(256):
+            buffer = io.BytesIO()
+            solid((200, 10, k)).save(buffer, "PNG")
+            if test(split_score(hashlib.sha256(buffer.getvalue()).hexdigest(), 0)):
+                return (200, 10, k)
+        raise AssertionError("no colour found")
+
     config = DataConfig(val_fraction=0.2, test_fraction=0.3)
-    a_name = next(f"a_{i}.png" for i in range(1000) if split_score(f"small/a_{i}.png", 0) >= 0.5)
-    b_name = next(f"b_{i}.png" for i in range(1000) if split_score(f"small/b_{i}.png", 0) < 0.3)
     (tmp_path / "small").mkdir()
-    solid((200, 10, 10)).save(tmp_path / "small" / a_name)
-    shutil.copy(tmp_path / "small" / a_name, tmp_path / "small" / ("zz_" + a_name))  # scores higher: same group
-    solid((10, 10, 200)).save(tmp_path / "small" / b_name)
+    solid(colour_scoring(lambda score: score >= 0.5)).save(tmp_path / "small" / "a.png")
+    shutil.copy(tmp_path / "small" / "a.png", tmp_path / "small" / "zz_a.png")  # same content: same group
+    solid(colour_scoring(lambda score: score < 0.3)).save(tmp_path / "small" / "b.png")
     make_class_folder(tmp_path, 10, classes=("big",))
     counts = scan(tmp_path, config).counts()["small"]
     assert counts == {"train": 2, "val": 0, "test": 1}

@@ -22,6 +22,7 @@ from tl_app.core.config import DataConfig
 from tl_app.core.errors import DataError
 from tl_app.core.files import atomic_write_text
 from tl_app.data.images import Probe, probe_file
+from tl_app.data.ledger import SplitLedger
 from typing import Iterator
 from tl_app.core.config import Config
 from tl_app.data.splits import assign_splits, class_warnings
@@ -257,7 +258,11 @@ def scan(root: str | Path, config: DataConfig | None = None, *, cache_dir: str |
         ))
     # classes whose every file was bad still exist as classes, but warn
     if layout == "class-folders":
-        assign_splits(manifest, config)
+        ledger = SplitLedger(cache_dir, root, config.split_seed, config.val_fraction,
+                             config.test_fraction) if cache_dir else None
+        assign_splits(manifest, config, ledger)
+        if ledger is not None:
+            ledger.save()
     manifest.warnings += class_warnings(manifest, config)
     problem = too_few_classes(manifest)
     if manifest.records and problem:

@@ -9,43 +9,67 @@ from tl_app.core.config import DataConfig
 from tl_app.core.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only: scan calls assign_splits
+    from tl_app.data.ledger import SplitLedger
     from tl_app.data.scan import Manifest, Record
 
 
-def split_score(relpath: str, seed: int) -> float:
-    """A number in [0, 1) that depends only on the relative path and the seed."""
-    digest = hashlib.sha256(f"{seed}:{relpath}".encode()).hexdigest()
+def split_score(key: str, seed: int) -> float:
+    """A number in [0, 1) that depends only on ``key`` (an image's content hash) and the seed."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
     return int(digest[:13], 16) / float(16 ** 13)
 
 
-def assign_splits(manifest: Manifest, config: DataConfig) -> None:
-    """Stable hash splits; byte-identical duplicates follow one member; small classes get a val image."""
-    test_cut = config.test_fraction
-    val_cut = config.test_fraction + config.val_fraction
+def hash_split(sha256: str, config: DataConfig) -> str:
+    score = split_score(sha256, config.split_seed)
+    return "test" if score < config.test_fraction else "val" if score < config.test_fraction + config.val_fraction \
+        else "train"
+
+
+def assign_splits(manifest: Manifest, config: DataConfig, ledger: SplitLedger | None = None,
+                  linked: dict[str, str] | None = None) -> None:
+    """Stable splits: a remembered split first, else a hash of the content (never of the name).
+
+    Byte-identical copies share one split (they are one group) and so do the
+    groups ``linked`` puts together (near-duplicates: content hash -> group key).
+    A small class gets a validation image by moving a *new* train group, never
+    one the ledger already placed. With a ledger, every decision is remembered.
+    """
     groups: dict[str, list[Record]] = {}
     for record in manifest.records:
-        groups.setdefault(record.sha256, []).append(record)
-    for members in groups.values():
-        anchor = min(members, key=lambda r: r.relpath)
-        score = split_score(anchor.relpath, config.split_seed)
-        split = "test" if score < test_cut else "val" if score < val_cut else "train"
+        groups.setdefault((linked or {}).get(record.sha256, record.sha256), []).append(record)
+    remembered: set[str] = set()
+    for key, members in groups.items():
+        split = None
+        if ledger is not None:
+            for sha in sorted({r.sha256 for r in members}):
+                split = ledger.lookup(sha, [r.relpath for r in members if r.sha256 == sha])
+                if split:
+                    break
+        if split:
+            remembered.add(key)
+        else:
+            split = hash_split(key, config)
         for record in members:
             record.split = split
-    if config.val_fraction <= 0:
-        return
-    by_label: dict[str, list[Record]] = {}
-    for record in manifest.records:
-        by_label.setdefault(record.label, []).append(record)
-    for records in by_label.values():
-        if len({r.sha256 for r in records}) < 2 or any(r.split == "val" for r in records):
-            continue
-        # move the train group whose score is closest to the val range, keeping another group in train
-        train = [r for r in records if r.split == "train"]
-        if len({r.sha256 for r in train}) < 2:
-            continue
-        chosen = min(train, key=lambda r: split_score(r.relpath, config.split_seed))
-        for record in groups[chosen.sha256]:
-            record.split = "val"
+    if config.val_fraction > 0:
+        by_label: dict[str, list[tuple[str, Record]]] = {}
+        for key, members in groups.items():
+            for record in members:
+                by_label.setdefault(record.label, []).append((key, record))
+        for entries in by_label.values():
+            keys = {k for k, _ in entries}
+            if len(keys) < 2 or any(r.split == "val" for _, r in entries):
+                continue
+            train = sorted({k for k, r in entries if r.split == "train"})
+            movable = [k for k in train if k not in remembered]
+            if len(train) < 2 or not movable:
+                continue  # keep another group in train; never move an image the ledger placed
+            chosen = min(movable, key=lambda k: split_score(k, config.split_seed))
+            for record in groups[chosen]:
+                record.split = "val"
+    if ledger is not None:
+        for record in manifest.records:
+            ledger.remember(record.sha256, record.relpath, record.split)
 
 
 def class_warnings(manifest: Manifest, config: DataConfig) -> list[str]:
