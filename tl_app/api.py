@@ -38,7 +38,7 @@ from tl_app.insight.explain import explain  # noqa: F401
 from tl_app.insight.report import build_report  # noqa: F401
 from tl_app.insight.similarity import build_index, similar  # noqa: F401
 from tl_app.models.backbones import REGISTRY, get_spec, import_weights  # noqa: F401
-from tl_app.models.weights import cache_path, weights_status  # noqa: F401
+from tl_app.models.weights import cache_path, named_weights_status, weights_status  # noqa: F401
 from tl_app.serve.app import serve as run_server
 from tl_app.training.bottleneck import train_bottleneck
 from tl_app.training.devices import is_chief

