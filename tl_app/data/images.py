@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from tl_app.data.duplicates import dhash
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 IMAGE_FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO"}
 FAST_MODES = {"RGB", "L"}
@@ -38,6 +40,7 @@ class Probe:
     mode: str = ""
     orientation: int = 1
     fast: bool = False
+    dhash: str = ""  # perceptual hash (data.duplicates): near-duplicates across splits
     reason: str = ""  # non-empty: the file is skipped, and this says why
 
     @property
@@ -157,13 +160,19 @@ def probe_file(path: str | Path, max_pixels: int) -> Probe:
                 return probe
             fast = graph_decodable(image)
             if probe.format == "JPEG" and image.mode in ("RGB", "L"):
-                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+                # a cheap decode, still large enough for a faithful perceptual hash
+                image.draft(image.mode, (max(min(image.width, 64), image.width // 8),
+                                         max(min(image.height, 64), image.height // 8)))
             image.load()  # full decode: finds truncated and corrupt data
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, SyntaxError, ValueError,
             EOFError) as exc:
         probe.reason = decode_problem(exc)
         return probe
     probe.fast = fast
+    try:
+        probe.dhash = dhash(image)
+    except (OSError, ValueError):
+        probe.dhash = ""
     return probe
 
 

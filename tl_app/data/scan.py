@@ -22,6 +22,7 @@ from tl_app.core.config import DataConfig
 from tl_app.core.errors import DataError
 from tl_app.core.files import atomic_write_text
 from tl_app.data.images import Probe, probe_file
+from tl_app.data.duplicates import components, near_pairs
 from tl_app.data.ledger import SplitLedger
 from typing import Iterator
 from tl_app.core.config import Config
@@ -31,7 +32,7 @@ SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
-SCAN_CACHE_VERSION = 1
+SCAN_CACHE_VERSION = 2  # 2: probes carry the perceptual hash
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".jfif", ".mpo"}  # what predict picks from a folder
 
 
@@ -49,6 +50,7 @@ class Record:
     width: int
     height: int
     fast: bool
+    dhash: str = ""  # perceptual hash: near-duplicates (data.duplicates)
 
 
 @dataclass
@@ -68,6 +70,8 @@ class Manifest:
     skipped: list[Skipped] = field(default_factory=list)
     files_found: int = 0
     warnings: list[str] = field(default_factory=list)
+    empty_classes: list[dict] = field(default_factory=list)  # class folders that gave no image, and why
+    duplicates: list[dict] = field(default_factory=list)  # exact and near-duplicate pairs across splits
 
     # ---- views -------------------------------------------------------
     def split(self, name: str) -> list[Record]:
@@ -216,6 +220,7 @@ def scan(root: str | Path, config: DataConfig | None = None, *, cache_dir: str |
     entries: list[tuple[Path, str | None, str | None]] = []  # (file, label, given split)
     loose: list[Path] = [p for p in top if not p.is_dir()]
     links: list[tuple[Path, str]] = []  # linked folders not followed (loops, folders already covered)
+    class_folders: list[tuple[Path, str]] = []  # (folder, label): every one is named when it yields no image
     if layout == "split-folders":
         for split_dir in split_dirs:
             split = SPLIT_ALIASES[split_dir.name.lower()]
@@ -223,12 +228,14 @@ def scan(root: str | Path, config: DataConfig | None = None, *, cache_dir: str |
                 if is_hidden(child.name):
                     continue
                 if child.is_dir():
+                    class_folders.append((child, child.name))
                     for path, problem in walk(child, within=root):
                         links.append((path, problem)) if problem else entries.append((path, child.name, split))
                 else:
                     loose.append(child)
     else:
         for class_dir in top_dirs:
+            class_folders.append((class_dir, class_dir.name))
             for path, problem in walk(class_dir, within=root):
                 links.append((path, problem)) if problem else entries.append((path, class_dir.name, None))
 
@@ -254,15 +261,27 @@ def scan(root: str | Path, config: DataConfig | None = None, *, cache_dir: str |
         manifest.records.append(Record(
             path=str(path.absolute()), relpath=path.relative_to(root).as_posix(), label=label,
             label_index=index[label], split=split or "", sha256=probe.sha256, format=probe.format,
-            width=probe.width, height=probe.height, fast=probe.fast,
+            width=probe.width, height=probe.height, fast=probe.fast, dhash=probe.dhash,
         ))
     # classes whose every file was bad still exist as classes, but warn
     if layout == "class-folders":
         ledger = SplitLedger(cache_dir, root, config.split_seed, config.val_fraction,
                              config.test_fraction) if cache_dir else None
-        assign_splits(manifest, config, ledger)
+        near = near_pairs({r.sha256: r.dhash for r in manifest.records})
+        assign_splits(manifest, config, ledger, linked=components(near))  # a near-duplicate group stays together
         if ledger is not None:
             ledger.save()
+    manifest.empty_classes = empty_class_folders(manifest, root, class_folders)
+    manifest.duplicates = cross_split_duplicates(manifest)
+    if manifest.duplicates:
+        exact = sum(1 for d in manifest.duplicates if d["kind"] == "exact")
+        first = "; ".join(f"{d['a']} ({d['splits'][0]}) ~ {d['b']} ({d['splits'][1]})" for d in manifest.duplicates[:3])
+        manifest.warnings.append(
+            f"leakage: {exact} exact and {len(manifest.duplicates) - exact} near-duplicate pair(s) across splits, "
+            f"e.g. {first} (all under 'duplicates' in inspect --json); remove or move one of each pair")
+    manifest.warnings += [f"class folder {e['folder']!r} has no usable image ({e['reason']})"
+                          + ("" if e["name"] in manifest.classes else ", so it is not a class")
+                          for e in manifest.empty_classes]
     manifest.warnings += class_warnings(manifest, config)
     problem = too_few_classes(manifest)
     if manifest.records and problem:
@@ -294,6 +313,59 @@ def too_few_classes(manifest: Manifest) -> str | None:
             f"{len(counts)} (found: {found}). Add a folder per class (root/<class>/*.jpg)")
 
 
+def cross_split_duplicates(manifest: Manifest) -> list[dict]:
+    """Each pair of files in different splits with the same bytes (exact) or close perceptual hashes (near)."""
+    by_hash: dict[str, list[Record]] = {}
+    for record in manifest.records:
+        by_hash.setdefault(record.sha256, []).append(record)
+    out = []
+
+    def add(kind: str, a: Record, b: Record, bits: int) -> None:
+        if a.split != b.split:
+            first, second = sorted((a, b), key=lambda r: r.relpath)
+            out.append({"kind": kind, "a": first.relpath, "b": second.relpath,
+                        "splits": [first.split, second.split], "distance": bits})
+
+    for members in by_hash.values():
+        for i, a in enumerate(members):
+            for b in members[i + 1:]:
+                add("exact", a, b, 0)
+    for sha_a, sha_b, bits in near_pairs({sha: members[0].dhash for sha, members in by_hash.items()}):
+        for a in by_hash[sha_a]:
+            for b in by_hash[sha_b]:
+                add("near", a, b, bits)
+    return sorted(out, key=lambda d: (d["kind"], d["a"], d["b"]))
+
+
+def empty_class_folders(manifest: Manifest, root: Path, class_folders: list[tuple[Path, str]]) -> list[dict]:
+    """{folder, name, reason} for every class folder that gave no usable image: empty, or every file skipped."""
+    depth = 1 if manifest.layout == "class-folders" else 2
+
+    def folder_of(relpath: str) -> str:
+        return "/".join(relpath.split("/")[:depth])
+
+    used = {folder_of(r.relpath) for r in manifest.records}
+    skipped: dict[str, list[str]] = {}
+    for s in manifest.skipped:
+        try:
+            skipped.setdefault(folder_of(Path(s.path).relative_to(root).as_posix()), []).append(s.reason)
+        except ValueError:
+            continue
+    out = []
+    for folder, label in class_folders:
+        relative = folder.relative_to(root).as_posix()
+        if relative in used:
+            continue
+        reasons = skipped.get(relative, [])
+        kinds: dict[str, int] = {}
+        for reason in reasons:
+            kinds[reason.split(":")[0]] = kinds.get(reason.split(":")[0], 0) + 1
+        reason = (f"{len(reasons)} file(s) skipped: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+                  if reasons else "no files")
+        out.append({"folder": relative, "name": label, "reason": reason})
+    return out
+
+
 # ---- presentation --------------------------------------------------------
 def inspect_dict(manifest: Manifest, weights: dict[int, float] | None = None) -> dict:
     """The machine-readable document behind ``tl-app datasets inspect --json``."""
@@ -323,6 +395,8 @@ def inspect_dict(manifest: Manifest, weights: dict[int, float] | None = None) ->
         "splits": {s: len(manifest.split(s)) for s in SPLITS},
         "totals": {"found": manifest.files_found, "used": len(manifest.records), "skipped": len(manifest.skipped)},
         "skipped": [asdict(s) for s in manifest.skipped],
+        "empty_classes": list(manifest.empty_classes),
+        "duplicates": list(manifest.duplicates),
         "warnings": list(manifest.warnings),
         "fingerprint": manifest.fingerprint(),
     }

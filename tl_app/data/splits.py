@@ -78,8 +78,8 @@ def class_warnings(manifest: Manifest, config: DataConfig) -> list[str]:
     for label, by_split in counts.items():
         total = sum(by_split.values())
         if total == 0:
-            out.append(f"class {label!r} has no usable images")
-        elif config.val_fraction > 0 and by_split["val"] == 0 and manifest.layout == "class-folders":
+            continue  # named by the scan's empty-class report, with the reason
+        if config.val_fraction > 0 and by_split["val"] == 0 and manifest.layout == "class-folders":
             out.append(f"class {label!r} has {total} image(s): too few for a validation image")
         elif manifest.layout == "split-folders" and by_split["val"] == 0:
             out.append(f"class {label!r} has no validation images in the given val/ folder")
