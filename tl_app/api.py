@@ -45,13 +45,14 @@ from tl_app.training.devices import is_chief
 from tl_app.training.finetune import resume_finetune, train_finetune
 
 
-def train(config: Config, resume: str | Path | None = None, echo=print) -> dict:
+def train(config: Config, resume: str | Path | None = None, echo=print, more_epochs: dict | None = None) -> dict:
     """Run the configured strategy; returns a summary with the run directory.
 
     Every run ends with training curves (curves.png) and a one-line diagnosis.
+    ``more_epochs`` ({"epochs", "finetune_epochs"}) raises a resumed run's epoch counts.
     """
     if resume is not None:
-        summary = resume_finetune(resume, echo=echo)
+        summary = resume_finetune(resume, echo=echo, **{k: v for k, v in (more_epochs or {}).items() if v is not None})
     else:
         get_spec(config.backbone.name)  # an unknown name fails before any work
         if config.train.strategy == "bottleneck":
