@@ -93,6 +93,15 @@ def require_data_folder(root) -> None:
         )
 
 
+def require_some_used(kind: str, used: int, skipped: list[dict]) -> None:
+    """Every input unusable: a non-zero exit, so scripts can tell. Some unusable: say how many."""
+    if skipped and not used:
+        raise DataError(f"None of the {len(skipped)} {kind} could be used (first: {skipped[0]['path']}: "
+                        f"{skipped[0]['reason']}). Pass image files (JPEG, PNG, GIF, BMP, WebP, TIFF).")
+    if skipped:
+        click.echo(f"{len(skipped)} of {used + len(skipped)} {kind} skipped (listed above)", err=True)
+
+
 def pipeline_options(func):
     """--pipeline FILE and --set KEY=VALUE, for every command that builds a Config."""
     func = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 import click
-from tl_app.cli.common import echo_json, load_api
+from tl_app.cli.common import echo_json, load_api, require_some_used
 
 
 @click.command()
@@ -30,6 +30,7 @@ def explain(model, images, method, class_name, patch, stride, out_dir, as_json):
                           echo=None if as_json else click.echo)
     if as_json:
         echo_json(summary)
+    require_some_used("images", len(summary["results"]), summary["skipped"])
 
 
 COMMANDS = [explain]

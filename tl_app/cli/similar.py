@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 import click
-from tl_app.cli.common import require_data_folder, echo_json, feature_config, feature_options, load_api, pipeline_options
+from tl_app.core.errors import ConfigError
+from tl_app.cli.common import require_data_folder, require_some_used, echo_json, feature_config, feature_options, load_api, pipeline_options
 
 
 @click.command()
@@ -34,8 +35,10 @@ def index(data, out, dtype, backbone, weights, input_size, layer, cache_dir, as_
 @click.argument("queries", nargs=-1, required=True, type=click.Path())
 @click.option("-k", "k", type=int, default=5, show_default=True, help="Neighbours per query.")
 @click.option("--out", "sheet", type=click.Path(dir_okay=False), default=None, help="Contact sheet PNG.")
+@click.option("--include-self", is_flag=True,
+              help="Keep a query that is itself in the index (same content) among its neighbours.")
 @click.option("--json", "as_json", is_flag=True, help="Results as JSON (path, label, similarity, distance).")
-def similar(index_dir, queries, k, sheet, as_json):
+def similar(index_dir, queries, k, sheet, include_self, as_json):
     """The K most similar indexed images to each query image (cosine similarity).
 
     \b
@@ -43,11 +46,14 @@ def similar(index_dir, queries, k, sheet, as_json):
       tl-app similar indexes/sample photo.jpg -k 8 --out sheet.png
       tl-app similar indexes/sample a.jpg b.jpg --json
     """
+    if k < 1:
+        raise ConfigError(f"-k must be at least 1, got {k}.")
     api = load_api()
-
-    result = api.similar(index_dir, list(queries), k, sheet, echo=None if as_json else click.echo)
+    result = api.similar(index_dir, list(queries), k, sheet, echo=None if as_json else click.echo,
+                         include_self=include_self)
     if as_json:
         echo_json(result)
+    require_some_used("query images", len(result["queries"]), result["skipped"])
 
 
 COMMANDS = [index, similar]

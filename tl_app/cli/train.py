@@ -33,7 +33,8 @@ from tl_app.cli.common import require_data_folder, build_config, echo_json, engi
 @click.option("--name", default=None, help="Run name (folder under --runs-dir).")
 @click.option("--runs-dir", default=None, help="Where run folders go (default runs/).")
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
-              help="Continue an interrupted fine-tuning run from its folder.")
+              help="Continue an interrupted fine-tuning run from its folder; with --epochs/--finetune-epochs "
+                   "raised, train a finished one longer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @engine_options
 @pipeline_options
@@ -48,6 +49,7 @@ def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs
       tl-app train photos/ --strategy finetune --backbone vgg16 --unfreeze-blocks 1
       tl-app train -p pipelines/finetune-resnet50.toml
       tl-app train --resume runs/finetune-resnet50-20260101-120000
+      tl-app train --resume runs/finetune-resnet50-20260101-120000 --finetune-epochs 8   (train it longer)
       TF_CONFIG=... tl-app train photos/ --strategy finetune --distribute multi-worker   (on every worker)
       tl-app train photos/ --strategy finetune --engine ray --address auto --num-workers 4
     """
@@ -61,16 +63,22 @@ def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs
         "train.distribute": distribute, "train.seed": seed, "train.name": name, "train.runs_dir": runs_dir,
     }
     if resume:
-        given = [key for key, value in settings.items() if value is not None] + (["--pipeline"] if pipeline else []) \
-            + [f"--set {item}" for item in sets]
+        extendable = ("train.epochs", "train.finetune_epochs")  # raised epoch counts continue a run
+        given = [key for key, value in settings.items() if value is not None and key not in extendable] \
+            + (["--pipeline"] if pipeline else []) + [f"--set {item}" for item in sets]
         if given:
             raise ConfigError(f"--resume continues {resume} with the settings it started with (its config.json); "
-                              f"it cannot also take {', '.join(given)}. Drop them, or start a new run to change them.")
+                              f"it cannot also take {', '.join(given)}. Only --epochs and --finetune-epochs may "
+                              f"be raised; drop the others, or start a new run to change them.")
+        for flag, value in (("--epochs", epochs), ("--finetune-epochs", finetune_epochs)):
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag} must be 0 or more, got {value}.")
     config = build_config(pipeline, sets, **settings, **engine_overrides(engine))
     if not resume:
         require_data_folder(config.data.root)
     api = load_api()  # every check above runs without TensorFlow
-    summary = api.train(config, resume=resume, echo=None if as_json else click.echo)
+    more = {"epochs": epochs, "finetune_epochs": finetune_epochs} if resume else None
+    summary = api.train(config, resume=resume, echo=None if as_json else click.echo, more_epochs=more)
     if as_json:
         echo_json(summary)
     else:

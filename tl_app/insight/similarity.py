@@ -9,6 +9,7 @@ one entry per image).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,14 +180,40 @@ class QueryEmbedder:
         return np.asarray(features, np.float32), kept, skipped
 
 
-def similar(index_dir: str | Path, queries, k: int = 5, sheet: str | Path | None = None, echo=print) -> dict:
-    """K nearest indexed images for each query image, with cosine similarities; optional contact sheet."""
+def content_hash(path: str | Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def without_self(hits: list[dict], digest: str | None, k: int) -> list[dict]:
+    """The k best hits that are not the query itself (same content hash), ranked again from 1."""
+    kept = [dict(hit) for hit in hits if digest is None or hit.get("sha256") != digest][:k]
+    for rank, hit in enumerate(kept, 1):
+        hit["rank"] = rank
+    return kept
+
+
+def similar(index_dir: str | Path, queries, k: int = 5, sheet: str | Path | None = None, echo=print,
+            include_self: bool = False) -> dict:
+    """K nearest indexed images for each query image, with cosine similarities; optional contact sheet.
+
+    A query that is itself in the index (same content hash) is left out of its own neighbours unless
+    ``include_self``: it would always be the first hit, at similarity 1.
+    """
     say = echo or (lambda *a, **kw: None)
     if k < 1:
         raise ConfigError(f"-k must be at least 1, got {k}.")
     index = SimilarityIndex.load(index_dir)
     features, kept, skipped = QueryEmbedder(index.recipe)(list(queries))
-    results = index.search(features, k) if len(kept) else []
+    if include_self:
+        results = index.search(features, k) if len(kept) else []
+    else:  # copies of the query may be indexed more than once: ask for enough to still return k others
+        copies = [sum(1 for item in index.items if item.get("sha256") == digest) if digest else 0
+                  for digest in (content_hash(path) for path in kept)]
+        wide = index.search(features, k + max(copies, default=0)) if len(kept) else []
+        results = [without_self(hits, content_hash(path), k) for path, hits in zip(kept, wide)]
     out = {"index": str(index_dir), "k": k, "queries": [
         {"query": path, "neighbours": hits} for path, hits in zip(kept, results)], "skipped": skipped}
     for entry in out["queries"]:
@@ -206,7 +233,8 @@ def write_sheet(queries: list[dict], path: str | Path) -> Path:
     rows = []
     for entry in queries:
         row = [Tile(entry["query"], f"query\n{Path(entry['query']).name[:20]}", GOOD)]
-        row += [Tile(hit["path"], f"#{hit['rank']} sim {hit['similarity']:.4f}\n{hit['label']}", NEUTRAL)
+        row += [Tile(hit["path"], f"#{hit['rank']} sim {hit['similarity']:.3f} {hit['label']}\n"
+                                  f"{Path(hit['path']).name[:22]}", NEUTRAL)
                 for hit in entry["neighbours"]]
         rows.append(row)
     return contact_sheet(rows, path, title="nearest images by cosine similarity")

@@ -99,20 +99,26 @@ def diagnose(epochs: list[dict], val_images: int | None = None) -> dict:
             rising = best <= len(finite) - 3 and finite[-1] > OVERFIT_VAL_LOSS_RISE * max(finite[best], 1e-8)
             rising = rising and tail_mean(loss) <= float(np.nanmin(loss[:best_epoch]))
             evidence["best_val_loss_epoch"] = best_epoch
+        tail = min(TAIL_EPOCHS, int(np.count_nonzero(~np.isnan(val_acc))))
+        # the headline metric is the restored epoch's; these are averages, and say so
+        means = "mean of the last epoch" if tail == 1 else f"means of the last {tail} epochs"
+        evidence["averaged_epochs"] = tail
         if train_acc < UNDERFIT_TRAIN_ACCURACY:
             kind = "under-fitting"
-            line = f"under-fitting: training accuracy is only {train_acc:.2f} (validation {valid_acc:.2f})"
+            line = (f"under-fitting: training accuracy is only {train_acc:.2f} (validation {valid_acc:.2f}; "
+                    f"{means})")
         elif gap > limit:
             kind = "over-fitting"
             line = (f"over-fitting: training accuracy {train_acc:.2f} vs validation {valid_acc:.2f} "
-                    f"(gap {gap:.2f} > {limit:.2f})")
+                    f"({means}; gap {gap:.2f} > {limit:.2f})")
         elif rising:
             kind = "over-fitting"
             line = (f"over-fitting: validation loss rose from {finite.min():.3f} (epoch {best_epoch}) to "
                     f"{finite[-1]:.3f} while training loss kept falling")
         else:
             kind = "healthy"
-            line = f"healthy: training accuracy {train_acc:.2f}, validation {valid_acc:.2f} (gap {gap:+.2f})"
+            line = (f"healthy: training accuracy {train_acc:.2f}, validation {valid_acc:.2f} ({means}; "
+                    f"gap {gap:+.2f})")
             if gap > OVERFIT_GAP:
                 line += f", within the noise of {val_images} validation images"
     remedies = REMEDIES[kind]

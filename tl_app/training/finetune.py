@@ -14,6 +14,7 @@ so ``--resume`` continues exactly where a killed run stopped.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -247,8 +248,7 @@ class FineTuneRun:
                 # weights the best epoch's file leaves out were never trained then: their values now
                 self.early.extend_best(self.changeable_weights())
                 assign_in_order(self.changeable(), state[1])
-            self.say(f"resuming {self.run_dir}: phase {meta['phase']}, {meta['epoch']} epoch(s) of it done, "
-                     f"{len(self.history)} in all")
+            self.say(resume_line(self.run_dir, meta, self.phases()))
         if self.chief:
             write_run_info(self.run_dir, status="training")
 
@@ -469,23 +469,89 @@ def load_prepared(run_dir: str | Path):
     return PreparedRun(config, run_dir, manifest, spec, size, policy, weights, info.get("weights_fingerprint", ""))
 
 
-def resume_finetune(run_dir: str | Path, echo=print, callbacks: list | None = None) -> dict:
-    """Continue a killed run from its last completed epoch (same phase, optimiser state, learning rate)."""
+def resume_line(run_dir: Path, meta: dict, phases: list[Phase]) -> str:
+    """``resuming phase 2 at epoch 3 of 4 (runs/x, 5 epochs done in all)``."""
+    lengths = {p.number: p.epochs for p in phases}
+    number, done = int(meta["phase"]), int(meta["epoch"])
+    done_in_all = len(meta.get("history", []))
+    if meta.get("phase_complete") or done >= lengths.get(number, 0):
+        later = [p for p in phases if p.number > number]
+        where = (f"phase {number} is done; starting phase {later[0].number} at epoch 1 of {later[0].epochs}"
+                 if later else f"phase {number} is done")
+    else:
+        where = f"phase {number} at epoch {done + 1} of {lengths[number]}"
+    return f"resuming {where} ({run_dir}, {done_in_all} epoch(s) done in all)"
+
+
+def extend_epochs(prepared: PreparedRun, info: dict, state, epochs: int | None, finetune_epochs: int | None) -> bool:
+    """Raise a run's epoch counts for --resume (only raise, and only phases not yet over).
+
+    The new counts go into config.json and the change into run.json's ``continuations``;
+    the checkpoint's phase is reopened so training goes on from its last epoch.
+    Returns whether anything changed.
+    """
+    t = prepared.config.train
+    wanted = {"epochs": t.epochs if epochs is None else int(epochs),
+              "finetune_epochs": t.finetune_epochs if finetune_epochs is None else int(finetune_epochs)}
+    old = {"epochs": t.epochs, "finetune_epochs": t.finetune_epochs}
+    lower = [f"--{k.replace('_', '-')} {wanted[k]} (it has {old[k]})" for k in old if wanted[k] < old[k]]
+    if lower:
+        raise ConfigError(f"--resume can only raise a run's epoch counts, not lower them: {', '.join(lower)}. "
+                          f"Start a new run for fewer epochs.")
+    if wanted == old:
+        return False
+    meta = state[0] if state is not None else None
+    reached = int(meta["phase"]) if meta else 1
+    if wanted["epochs"] > old["epochs"] and reached > 1:
+        raise ConfigError(f"{prepared.run_dir} is already in phase 2, so phase 1 cannot get more epochs "
+                          f"(--epochs). Raise --finetune-epochs (now {old['finetune_epochs']}) instead.")
+    if wanted["finetune_epochs"] > old["finetune_epochs"] and t.unfreeze_blocks == 0 and t.unfreeze_layers == 0:
+        raise ConfigError(f"{prepared.run_dir} unfreezes nothing (train.unfreeze_blocks and unfreeze_layers are 0), "
+                          f"so it has no phase 2 to extend; raise --epochs instead.")
+    t.epochs, t.finetune_epochs = wanted["epochs"], wanted["finetune_epochs"]
+    prepared.config.write(prepared.run_dir)
+    if meta is not None:
+        phase_epochs = t.epochs if reached == 1 else t.finetune_epochs
+        if int(meta["epoch"]) < phase_epochs:
+            meta["phase_complete"] = False  # reopened: it goes on from its last epoch
+            meta["early_stopping"]["wait"] = 0  # asked for more epochs: patience starts again
+    history = list(info.get("continuations", []))
+    history.append({"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "after_epochs": len(meta.get("history", [])) if meta else 0,
+                    "previous_status": info.get("status"), "from": old, "to": wanted})
+    write_run_info(prepared.run_dir, continuations=history)
+    return True
+
+
+def resume_finetune(run_dir: str | Path, echo=print, callbacks: list | None = None, epochs: int | None = None,
+                    finetune_epochs: int | None = None) -> dict:
+    """Continue a killed run from its last completed epoch (same phase, optimiser state, learning rate).
+
+    ``epochs`` / ``finetune_epochs`` raise the run's epoch counts (a finished run too): training
+    continues from the last checkpoint, recorded in run.json's ``continuations``.
+    """
     prepared = load_prepared(run_dir)
     info = read_run_info(prepared.run_dir)
     say = echo or (lambda *a, **k: None)
-    if info.get("status") == "finished" and (prepared.run_dir / MODEL_FILE).is_file():
-        say(f"{prepared.run_dir} already finished training; nothing to resume.")
-        return {"run_dir": str(prepared.run_dir), "strategy": "finetune", "metrics": info.get("metrics", {}),
-                "model": str(prepared.run_dir / MODEL_FILE), "resumed": False}
+    state = CheckpointStore(prepared.run_dir).load()
+    if state is not None and state[0].get("version") != STATE_VERSION:
+        raise TlAppError(f"{prepared.run_dir} has a checkpoint from another tl-app version; start a new run.")
+    finished = info.get("status") == "finished" and (prepared.run_dir / MODEL_FILE).is_file()
     b = prepared.config.backbone
     current = fingerprint(prepared.spec, b.weights, b.seed, memo_dir=prepared.config.features.cache_dir)
     if prepared.weights_fingerprint and current != prepared.weights_fingerprint:
         raise TlAppError(f"The pretrained weights {b.weights!r} changed since {prepared.run_dir} started: "
                          f"resuming would mix two backbones. Start a new run.")
-    state = CheckpointStore(prepared.run_dir).load()
-    if state is not None and state[0].get("version") != STATE_VERSION:
-        raise TlAppError(f"{prepared.run_dir} has a checkpoint from another tl-app version; start a new run.")
+    if (epochs is not None or finetune_epochs is not None) and finished and state is None:
+        raise TlAppError(f"{prepared.run_dir} kept no checkpoint to continue from; start a new run.")
+    extended = extend_epochs(prepared, info, state, epochs, finetune_epochs)
+    if finished and not extended:
+        t = prepared.config.train
+        say(f"{prepared.run_dir} already finished training; nothing to resume. To train it longer, raise its "
+            f"epochs: --finetune-epochs N (more than {t.finetune_epochs})"
+            + (f" or --epochs N (more than {t.epochs})" if state is None or state[0]["phase"] == 1 else "") + ".")
+        return {"run_dir": str(prepared.run_dir), "strategy": "finetune", "metrics": info.get("metrics", {}),
+                "model": str(prepared.run_dir / MODEL_FILE), "resumed": False}
     if state is None:
         say(f"{prepared.run_dir}: no completed epoch yet; starting its training from the beginning")
     if prepared.config.train.distribute == "multi-worker":
