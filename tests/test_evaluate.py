@@ -38,9 +38,8 @@ def sklearn_check(y_true, probs, classes, top_k):
     for i, name in enumerate(classes):
         row = ours["per_class"][name]
         assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx((p[i], r[i], f[i], s[i]))
-    for average in ("macro", "weighted"):
-        ap, ar, af, _ = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average,
-                                                            zero_division=0)
+    for average in ("macro", "weighted"):  # scikit-learn's default labels: the classes that occur
+        ap, ar, af, _ = skm.precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
         assert (ours[average]["precision"], ours[average]["recall"], ours[average]["f1"]) == pytest.approx((ap, ar, af))
     assert ours["confusion_matrix"] == skm.confusion_matrix(y_true, y_pred, labels=labels).tolist()
     return ours
@@ -78,7 +77,7 @@ def test_evaluate_writes_every_artifact_and_agrees_with_scikit_learn(run_dir, tm
     assert metrics["accuracy"] == pytest.approx(skm.accuracy_score(y_true, y_pred))
     assert [metrics["per_class"][c]["f1"] for c in classes] == pytest.approx(
         skm.f1_score(y_true, y_pred, labels=range(3), average=None, zero_division=0))
-    assert metrics["loss"] == pytest.approx(np.mean([float(r["loss"]) for r in rows]), rel=1e-4)
+    assert metrics["nll"] == pytest.approx(np.mean([float(r["loss"]) for r in rows]), rel=1e-4)
     # confusion matrices: CSV raw and normalised, PNG both
     raw = list(csv.reader(open(out / "confusion_matrix.csv")))
     assert raw[0][1:] == classes and np.array(raw[1:])[:, 1:].astype(int).sum() == 36

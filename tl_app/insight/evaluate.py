@@ -18,7 +18,7 @@ from tl_app.core.errors import DataError, TlAppError
 from tl_app.models.opener import Predictor, open_model
 from tl_app.data.pipeline import make_dataset
 from tl_app.core.config import DataConfig
-from tl_app.data.scan import scan
+from tl_app.data.scan import Manifest, scan
 from tl_app.insight.plots import BAD, GOOD, Tile, confusion_matrix_plot, contact_sheet, grid_rows
 
 
@@ -40,7 +40,8 @@ def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
 def classification_metrics(y_true, probs: np.ndarray, classes: list[str], top_k: int = 5) -> dict:
     """Accuracy, top-k accuracy, per-class precision/recall/F1/support, macro and weighted means.
 
-    Divisions by zero count as 0, as in scikit-learn with ``zero_division=0``.
+    Divisions by zero count as 0, as in scikit-learn with ``zero_division=0``; macro
+    means average the classes that occur (true or predicted), as scikit-learn does.
     """
     y_true = np.asarray(y_true, int)
     k = len(classes)
@@ -61,13 +62,18 @@ def classification_metrics(y_true, probs: np.ndarray, classes: list[str], top_k:
         for i, name in enumerate(classes)
     }
     k_used = max(1, min(top_k, k))
+    # macro means over the classes present (true or predicted), as scikit-learn's default labels:
+    # a class absent from the evaluated split is not a zero
+    present = (support > 0) | (predicted > 0)
+    present = present if present.any() else np.ones(k, bool)
     return {
         "count": int(len(y_true)),
         "accuracy": float(tp.sum() / total) if total else 0.0,
         "top_k": k_used,
         "top_k_accuracy": top_k_accuracy(y_true, probs, k_used),
         "per_class": per_class,
-        "macro": {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())},
+        "macro": {"precision": float(precision[present].mean()), "recall": float(recall[present].mean()),
+                  "f1": float(f1[present].mean()), "classes": int(present.sum())},
         "weighted": {"precision": float((precision * weights).sum()), "recall": float((recall * weights).sum()),
                      "f1": float((f1 * weights).sum())},
         "confusion_matrix": matrix.tolist(),
@@ -106,6 +112,42 @@ def choose_split(split: str | None, manifest, same_data: bool) -> str:
     return "all"
 
 
+def training_manifest(loaded: Predictor):
+    """The manifest the model was trained on (its run directory's), or None when it cannot be found."""
+    run_dir = loaded.run_dir or (Path(loaded.card["run_dir"]) if loaded.card.get("run_dir") else None)
+    if run_dir is None or not (Path(run_dir) / "manifest.json").is_file():
+        return None
+    try:
+        return Manifest.load(Path(run_dir) / "manifest.json")
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def apply_training_splits(manifest, trained) -> tuple[dict, list]:
+    """Give each scanned image the split it had in training (by content, then by path).
+
+    Returns the counts of new, gone and changed images, and the new images,
+    which belong to no training split (they are left out of train/val/test).
+    """
+    by_hash = {r.sha256: r.split for r in trained.records}
+    by_path = {r.relpath: r for r in trained.records}
+    now = {r.relpath for r in manifest.records}
+    kept, unseen, changed = [], [], 0
+    for record in manifest.records:
+        old = by_path.get(record.relpath)
+        if old is not None and old.sha256 != record.sha256:
+            changed += 1
+        split = by_hash.get(record.sha256) or (old.split if old is not None else None)
+        if split is None:
+            unseen.append(record)
+            continue
+        record.split = split
+        kept.append(record)
+    manifest.records = kept
+    gone = sum(1 for relpath in by_path if relpath not in now)
+    return {"new": len(unseen), "gone": gone, "changed": changed}, unseen
+
+
 def predict_records(loaded: Predictor, records, batch_size: int = 32, background=(255, 255, 255)):
     """Probabilities for each record that decodes; returns (probs, kept record indices)."""
     dataset = make_dataset(records, loaded.input_size, loaded.resize_policy, batch_size, with_index=True,
@@ -134,7 +176,16 @@ def evaluate(model_path: str | Path, data: str | Path | None = None, split: str 
     same_data = bool(loaded.card.get("data_root")) and Path(data_root).resolve() == Path(
         loaded.card["data_root"]).resolve()
     split = choose_split(split, manifest, same_data)
-    records = manifest.split(split)
+    changes = None
+    run_manifest = training_manifest(loaded) if same_data else None
+    if run_manifest is not None:
+        changes, unseen = apply_training_splits(manifest, run_manifest)
+        if changes["new"] or changes["gone"] or changes["changed"]:
+            say(f"warning: {data_root} changed since training: {changes['new']} new, {changes['gone']} gone, "
+                f"{changes['changed']} changed image(s); splits are the run's, new images count only in --split all")
+        records = manifest.split(split) + (unseen if split == "all" else [])
+    else:
+        records = manifest.split(split)
     if not records:
         available = {s: len(manifest.split(s)) for s in ("train", "val", "test")}
         raise DataError(
@@ -168,7 +219,9 @@ def evaluate(model_path: str | Path, data: str | Path | None = None, split: str 
     losses = -np.log(np.clip(probs[np.arange(len(used)), y_true], 1e-7, 1.0))
     metrics.update({
         "model": str(loaded.source), "data": str(data_root), "split": split, "classes": loaded.classes,
-        "loss": float(losses.mean()), "most_confused": most_confused(matrix, loaded.classes),
+        "nll": float(losses.mean()), "most_confused": most_confused(matrix, loaded.classes),
+        "splits_from": "the run's manifest" if changes is not None else "a fresh scan",
+        **({"data_changes": changes} if changes is not None else {}),
         "skipped": skipped, "skipped_count": len(skipped),
     })
 
@@ -227,10 +280,16 @@ def write_matrix_csv(path: Path, matrix: np.ndarray, classes: list[str]) -> None
             writer.writerow([name, *[(f"{v:.4f}" if isinstance(v, float) else int(v)) for v in row.tolist()]])
 
 
+def informative_top_k(metrics: dict) -> bool:
+    """Top-k accuracy says something only while k is below the number of classes (else it is 1.0)."""
+    return metrics.get("top_k") is not None and metrics["top_k"] < len(metrics.get("per_class", {}))
+
+
 def summary_text(metrics: dict) -> str:
     """The evaluation as a small text table for the terminal."""
-    lines = [f"accuracy {metrics['accuracy']:.4f}  top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}  "
-             f"loss {metrics['loss']:.4f}  (n={metrics['count']}, split={metrics['split']})"]
+    top = f"top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}  " if informative_top_k(metrics) else ""
+    lines = [f"accuracy {metrics['accuracy']:.4f}  {top}"
+             f"nll {metrics['nll']:.4f}  (n={metrics['count']}, split={metrics['split']})"]
     width = max(5, *(len(c) for c in metrics["per_class"]))
     lines.append(f"{'class'.ljust(width)}  precision  recall     f1  support")
     for name, row in metrics["per_class"].items():

@@ -206,7 +206,8 @@ def evaluation_body(metrics: dict | None, why: str) -> str:
         return f'<p class="note">{esc(why)}</p>'
     body = (f"<p>{esc(metrics['count'])} images of the <b>{esc(metrics['split'])}</b> split of "
             f"{esc(metrics['data'])}: accuracy {metrics['accuracy']:.4f}, top-{metrics['top_k']} "
-            f"{metrics['top_k_accuracy']:.4f}, mean loss {metrics['loss']:.4f}.</p>")
+            f"{metrics['top_k_accuracy']:.4f}, mean NLL {metrics.get('nll', metrics.get('loss', float('nan'))):.4f} "
+            f"(splits from {esc(metrics.get('splits_from', 'a fresh scan'))}).</p>")
     rows = [[name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
             for name, m in metrics["per_class"].items()]
     for avg in ("macro", "weighted"):
