@@ -23,7 +23,7 @@ from tl_app.cli.common import require_data_folder, build_config, echo_json, engi
 @click.option("--learning-rate", "--lr", type=float, default=None)
 @click.option("--optimizer", default=None, help="sgd rmsprop adagrad adadelta adam adamw nadam")
 @click.option("--schedule", default=None, help="constant cosine step plateau")
-@click.option("--head", "head_kind", default=None, help="dense | logistic")
+@click.option("--head", "head_kind", default=None, help="dense | logistic | knn | prototype (knn/prototype: no gradient training, classes can be added later)")
 @click.option("--class-weights", default=None, help="balanced | none")
 @click.option("--augment-views", type=int, default=None, help="Cached augmented views per training image.")
 @click.option("--mixed-precision", default=None, help="none | float16 | bfloat16")

@@ -21,7 +21,8 @@ STRATEGIES = ("bottleneck", "finetune")
 OPTIMIZERS = ("sgd", "rmsprop", "adagrad", "adadelta", "adam", "adamw", "nadam")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
 POOLINGS = ("avg", "max", "flatten")
-HEAD_KINDS = ("dense", "logistic")
+HEAD_KINDS = ("dense", "logistic", "knn", "prototype")
+FEWSHOT_HEADS = ("knn", "prototype")  # no gradient training; classes can be added later
 PRECISIONS = ("none", "float16", "bfloat16")
 DISTRIBUTE = ("none", "mirrored", "multi-worker")
 ENGINES = ("local", "ray")
@@ -85,6 +86,9 @@ class HeadConfig:
     l1: float = 0.0
     l2: float = 0.0
     max_norm: float = 0.0  # 0: no constraint
+    neighbors: int = 5  # knn: how many nearest training features vote (weighted by similarity)
+    shrinkage: float = 0.0  # prototype: 0 plain cosine to class means; >0 whitened by a shrunk covariance
+    temperature: float = 0.05  # knn/prototype: softmax temperature over cosine similarities
 
 
 @dataclass
@@ -319,6 +323,12 @@ def validate(config: Config) -> None:
     check_choice(config.train.schedule, SCHEDULES, "train.schedule")
     check_choice(config.backbone.pooling, POOLINGS, "backbone.pooling")
     check_choice(config.head.kind, HEAD_KINDS, "head.kind")
+    if config.head.kind in FEWSHOT_HEADS and config.train.strategy != "bottleneck":
+        raise ConfigError(f"head.kind = {config.head.kind!r} needs train.strategy = 'bottleneck' (it is fitted on "
+                          f"cached features, not by gradients); got {config.train.strategy!r}.")
+    if config.head.neighbors < 1 or not 0.0 <= config.head.shrinkage <= 1.0 or config.head.temperature <= 0:
+        raise ConfigError(f"head.neighbors must be >= 1, head.shrinkage in [0, 1] and head.temperature > 0; got "
+                          f"{config.head.neighbors}, {config.head.shrinkage}, {config.head.temperature}.")
     check_choice(config.train.mixed_precision, PRECISIONS, "train.mixed_precision")
     check_choice(config.train.distribute, DISTRIBUTE, "train.distribute")
     check_choice(config.features.dtype, ("float32", "float16"), "features.dtype")
