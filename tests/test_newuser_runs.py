@@ -107,3 +107,51 @@ def test_similar_leaves_the_query_out_unless_asked(cli, index_dir, finished_run,
     sheet = tmp_path / "sheet.png"
     assert cli("similar", index_dir, copy, "-k", "2", "--out", sheet).exit_code == 0
     assert Image.open(sheet).size[0] > 0
+
+
+# ---- 9. embed on a run folder ------------------------------------------------------------------
+def test_embed_accepts_a_run_folder_and_uses_its_recipe(cli, finished_run, tmp_path):
+    out = tmp_path / "map.png"
+    result = cli("embed", finished_run["run_dir"], "--out", out, "--cache-dir", finished_run["base"] / "cache")
+    assert result.exit_code == 0, result.output
+    assert "vgg16 features (the recipe of" in result.output and str(finished_run["data"]) in result.output
+    assert out.is_file() and len(out.with_suffix(".csv").read_text().splitlines()) == 1 + 12
+
+
+# ---- 11. small slips ------------------------------------------------------------------------------
+def test_unknown_names_are_listed_with_right_plurals(cli, finished_run, tmp_path):
+    image = next((finished_run["data"] / "red").iterdir())
+    result = cli("explain", finished_run["run_dir"], image, "--class", "purple", "--out", tmp_path)
+    assert result.exit_code == 2 and "Valid classes: blue, red." in result.output and "classs" not in result.output
+    layer = cli("extract", finished_run["data"], *TINY[:6], "--layer", "block9_pool", "--out", tmp_path / "f",
+                "--cache-dir", tmp_path / "cache")
+    assert layer.exit_code == 2 and "Valid layers of vgg16:" in layer.output and "vgg16s" not in layer.output
+
+
+def test_extraction_meta_records_its_time(cli, finished_run, tmp_path):
+    result = cli("extract", finished_run["data"], *TINY[:6], "--out", tmp_path / "feats",
+                 "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "feats" / "meta.json").read_text())
+    assert meta["stats"]["computed"] == 12 and meta["stats"]["seconds"] > 0
+
+
+def test_evaluate_leaves_out_top_k_when_k_covers_every_class(cli, finished_run, tmp_path):
+    result = cli("evaluate", finished_run["run_dir"], "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"accuracy \d\.\d{4}  nll", result.output) and "top-" not in result.output
+
+
+def test_report_marks_split_settings_unused_and_curves_mark_the_restored_epoch(cli, tmp_path):
+    root = tmp_path / "split"
+    write_folder(root / "train", {"red": 5, "blue": 5})
+    write_folder(root / "val", {"red": 2, "blue": 2})
+    result = cli("train", root, "--strategy", "bottleneck", *TINY, "--epochs", "3", "--name", "split",
+                 "--runs-dir", tmp_path / "runs", "--set", f"features.cache_dir='{tmp_path / 'cache'}'")
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "split"
+    best = json.loads((run_dir / "metrics.json").read_text())["best_epoch"]
+    assert json.loads((run_dir / "diagnosis.json").read_text())["restored_epoch"] == best
+    assert cli("report", run_dir, "--no-evaluate").exit_code == 0
+    page = (run_dir / "report.html").read_text()
+    assert re.search(r"val_fraction = [\d.]+  # unused: the dataset&#x27;s own train/val/test folders", page)

@@ -16,12 +16,14 @@ def embed(source, method, out, backbone, weights, input_size, layer, cache_dir, 
     """2-D map (PCA or t-SNE) of image features, coloured by class.
 
     \b
-    SOURCE: a feature folder (tl-app extract), a similarity index (tl-app index)
-    or an image folder (features come from the bottleneck cache, computed once).
+    SOURCE: a feature folder (tl-app extract), a similarity index (tl-app index),
+    a run folder or an exported model (its backbone and recipe, on the data it
+    trained on), or an image folder (features come from the bottleneck cache).
     \b
     Examples:
       tl-app embed runs/flowers/features --method tsne --out tsne.png
       tl-app embed datasets/sample --backbone resnet50 --out pca.png
+      tl-app embed runs/flowers --out pca.png
     """
     config = feature_config(pipeline, sets, None, backbone, weights, input_size, layer, cache_dir)
     api = load_api()

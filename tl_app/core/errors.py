@@ -37,11 +37,18 @@ def closest(name: str, choices: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+def plural(kind: str) -> str:
+    """class -> classes, layer of vgg16 -> layers of vgg16 (the noun, not the model name, takes the plural)."""
+    noun, sep, rest = kind.partition(" of ")
+    noun = noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
+    return noun + sep + rest
+
+
 def unknown_choice(kind: str, name: str, choices: Iterable[str]) -> str:
     """Message for an unknown name: the valid list and the closest match."""
     choices = sorted(choices)
     hint = closest(name, choices)
-    message = f"Unknown {kind} {name!r}. Valid {kind}s: {', '.join(choices)}."
+    message = f"Unknown {kind} {name!r}. Valid {plural(kind)}: {', '.join(choices)}."
     if hint:
         message += f" Did you mean {hint!r}?"
     return message

@@ -150,7 +150,8 @@ def extract_features(config: Config, manifest: Manifest | None = None, out_dir: 
             "corrupt_rows_ignored": cache.corrupt_rows + (view_cache.corrupt_rows if view_cache else 0),
             "dim": int(dim), "dtype": config.features.dtype if out_dir is not None else "float32",
             "compute_images_per_s": progress.steady_rate(),
-            "seconds": 0.0, "cache_dir": str(cache.dir),
+            # so far (meta.json is written below); the total replaces it on return
+            "seconds": round(time.perf_counter() - started, 3), "cache_dir": str(cache.dir),
         }
         feature_set = FeatureSet(
             features=store.features, records=[records[i] for i in kept], classes=list(manifest.classes),

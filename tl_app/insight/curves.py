@@ -23,8 +23,11 @@ def phase_boundaries(epochs: list[dict]) -> list[float]:
     return [i + 0.5 for i in range(1, len(phases)) if phases[i] != phases[i - 1]]
 
 
-def plot_curves(epochs: list[dict], path: str | Path, title: str = "") -> Path:
-    """Loss and accuracy, train vs validation, with the phase boundary marked."""
+def plot_curves(epochs: list[dict], path: str | Path, title: str = "", restored: int | None = None) -> Path:
+    """Loss and accuracy, train vs validation, with the phase boundary and the restored epoch marked.
+
+    ``restored``: the epoch (1-based, across phases) whose weights the saved model holds.
+    """
     from matplotlib.ticker import MaxNLocator
 
     x = np.arange(1, len(epochs) + 1)
@@ -38,6 +41,9 @@ def plot_curves(epochs: list[dict], path: str | Path, title: str = "") -> Path:
             ax.axvline(boundary, color="grey", linestyle="--", linewidth=1)
             ax.text(boundary, 0.98, " fine-tuning", transform=ax.get_xaxis_transform(), va="top",
                     fontsize=8, color="grey")
+        if restored and 1 <= restored <= len(epochs):
+            ax.axvline(restored, color="#1a7f37", linestyle=":", linewidth=1.5,
+                       label=f"restored weights (epoch {restored})")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
@@ -52,6 +58,14 @@ def plot_curves(epochs: list[dict], path: str | Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
+def restored_epoch(records: dict) -> int | None:
+    """The epoch whose weights the run saved (early stopping's best), from metrics.json or run.json."""
+    for data in (records["metrics.json"], records["run.json"].get("metrics") or {}):
+        if isinstance(data, dict) and isinstance(data.get("best_epoch"), int) and data["best_epoch"] > 0:
+            return data["best_epoch"]
+    return None
+
+
 def write_training_report(run_dir: str | Path) -> dict:
     """curves.png + diagnosis.json for a run; returns {"diagnosis", "line", "remedies", "curves", ...}."""
     run_dir = Path(run_dir)
@@ -62,7 +76,8 @@ def write_training_report(run_dir: str | Path) -> dict:
         result["remedies"].insert(0, RANDOM_WEIGHTS_REMEDY)
         result["line"] = result["line"].split("; try:")[0] + f"; try: {RANDOM_WEIGHTS_REMEDY}"
     curves = plot_curves(epochs, run_dir / CURVES_FILE, title=result["line"] if len(result["line"]) < 150 else
-                         result["line"].split(";")[0])
+                         result["line"].split(";")[0], restored=restored_epoch(records))
+    result["restored_epoch"] = restored_epoch(records)
     result["curves"] = str(curves)
     (run_dir / DIAGNOSIS_FILE).write_text(json.dumps(result, indent=2))
     return result

@@ -8,6 +8,7 @@ bottleneck feature cache via ``tl_app.features.extract_features``.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from tl_app.features.extract import extract_features
 from tl_app.features.store import load_feature_dir
 from tl_app.core.config import Config
 from tl_app.insight.plots import scatter_2d
+from tl_app.models.artifacts import CARD_FILE, RUN_FILE, is_complete_version, list_versions, read_card, read_run_info, resolve_version_dir
 
 METHODS = ("pca", "tsne")
 SILHOUETTE_SAMPLE = 3000
@@ -33,7 +35,12 @@ def load_points(source: str | Path, config=None, echo=print) -> tuple[np.ndarray
         index = SimilarityIndex.load(source)
         labels = [item.get("label", "") for item in index.items]
         return np.asarray(index.vectors, np.float32), labels, sorted(set(labels)), f"similarity index {source}"
-    if looks_like_feature_dir(source):
+    recipe = model_recipe(source, config)
+    if recipe is not None:  # a run or an exported model: its backbone and recipe, on the data it trained on
+        feature_set = extract_features(recipe, echo=echo)
+        origin = (f"{recipe.backbone.name} features (the recipe of {source}, pretrained backbone) of "
+                  f"{recipe.data.root}")
+    elif looks_like_feature_dir(source):
         feature_set = load_feature_dir(source)
         origin = f"feature folder {source}"
     else:
@@ -44,6 +51,31 @@ def load_points(source: str | Path, config=None, echo=print) -> tuple[np.ndarray
     labels = [r.label for r in feature_set.records]
     classes = list(feature_set.classes) or sorted(set(labels))
     return np.asarray(feature_set.features, np.float32), labels, classes, origin
+
+
+def model_recipe(source: Path, config=None) -> Config | None:
+    """The feature settings of a run folder or an exported model (version) folder, with the data root it was
+    trained on; None for anything else. The feature cache stays the one of ``config``."""
+    if (source / RUN_FILE).is_file():
+        info, config_file = read_run_info(source), source / "config.json"
+        saved = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    elif (source / CARD_FILE).is_file() or any(is_complete_version(source / str(v)) for v in list_versions(source)):
+        info = read_card(resolve_version_dir(source))
+        saved = info.get("config") or {}
+    else:
+        return None
+    recipe = Config.from_dict(saved, source=str(source)) if saved else Config()
+    root = info.get("data_root") or recipe.data.root
+    if not root or not Path(root).is_dir():
+        raise DataError(f"{source} was trained on {root!r}, which is not a folder here. Pass the image folder "
+                        f"itself: tl-app embed IMAGES --backbone {info.get('backbone') or recipe.backbone.name} "
+                        f"--weights {info.get('weights') or recipe.backbone.weights}.")
+    overrides = {"data.root": str(root)}
+    if info.get("backbone"):
+        overrides["backbone.name"] = info["backbone"]
+    if config is not None:
+        overrides["features.cache_dir"] = config.features.cache_dir
+    return recipe.with_overrides(overrides)
 
 
 def looks_like_feature_dir(path: Path) -> bool:

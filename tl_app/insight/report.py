@@ -16,7 +16,7 @@ from tl_app.core.errors import TlAppError
 from tl_app.insight.plots import png_data_uri
 from tl_app.insight.curves import CURVES_FILE, write_training_report
 from tl_app.training.diagnosis import DIAGNOSIS_FILE, HISTORY_FILE
-from tl_app.insight.evaluate import evaluate
+from tl_app.insight.evaluate import evaluate, informative_top_k
 from tl_app.models.opener import open_model
 from tl_app.insight.explain import GradCam, explain
 from tl_app.models.artifacts import read_run_info
@@ -154,7 +154,8 @@ def summary_body(run_dir: Path, info: dict, metrics: dict | None, diagnosis: dic
     kpis = []
     if metrics:
         kpis += [("accuracy", f"{metrics['accuracy']:.3f}"),
-                 (f"top-{metrics['top_k']} accuracy", f"{metrics['top_k_accuracy']:.3f}"),
+                 *([(f"top-{metrics['top_k']} accuracy", f"{metrics['top_k_accuracy']:.3f}")]
+                   if informative_top_k(metrics) else []),
                  ("evaluated images", metrics["count"])]
     val = (info.get("metrics") or {}).get("val_accuracy")
     if val is not None:
@@ -168,9 +169,19 @@ def summary_body(run_dir: Path, info: dict, metrics: dict | None, diagnosis: dic
     return boxes + table(["run", str(run_dir.name)], rows)
 
 
+SPLIT_SETTINGS = ("val_fraction", "test_fraction", "split_seed")
+
+
 def config_body(run_dir: Path) -> str:
     path = run_dir / "config.toml"
     text = path.read_text() if path.is_file() else "(no config.toml)"
+    try:
+        layout = json.loads((run_dir / "manifest.json").read_text()).get("layout")
+    except (OSError, ValueError):
+        layout = None
+    if layout == "split-folders":  # the user's own train/val/test folders: the split settings did nothing
+        text = "\n".join(line + "  # unused: the dataset's own train/val/test folders were used"
+                         if line.split("=")[0].strip() in SPLIT_SETTINGS else line for line in text.splitlines())
     return f"<pre>{esc(text)}</pre>"
 
 
@@ -205,8 +216,9 @@ def evaluation_body(metrics: dict | None, why: str) -> str:
     if not metrics:
         return f'<p class="note">{esc(why)}</p>'
     body = (f"<p>{esc(metrics['count'])} images of the <b>{esc(metrics['split'])}</b> split of "
-            f"{esc(metrics['data'])}: accuracy {metrics['accuracy']:.4f}, top-{metrics['top_k']} "
-            f"{metrics['top_k_accuracy']:.4f}, mean NLL {metrics.get('nll', metrics.get('loss', float('nan'))):.4f} "
+            f"{esc(metrics['data'])}: accuracy {metrics['accuracy']:.4f}, "
+            + (f"top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}, " if informative_top_k(metrics) else "")
+            + f"mean NLL {metrics.get('nll', metrics.get('loss', float('nan'))):.4f} "
             f"(splits from {esc(metrics.get('splits_from', 'a fresh scan'))}).</p>")
     rows = [[name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
             for name, m in metrics["per_class"].items()]
