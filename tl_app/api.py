@@ -32,6 +32,7 @@ from tl_app.features.store import FeatureSet, export_paths  # noqa: F401
 from tl_app.inference import predict_paths
 from tl_app.insight.augment_preview import augment_preview  # noqa: F401
 from tl_app.insight.curves import write_training_report
+from tl_app.insight.doctor import doctor  # noqa: F401  (tl-app datasets doctor)
 from tl_app.insight.embed import embed  # noqa: F401
 from tl_app.insight.evaluate import evaluate  # noqa: F401
 from tl_app.insight.explain import explain  # noqa: F401

@@ -10,10 +10,11 @@ import click
 
 from tl_app import __version__
 from tl_app.cli import common
-from tl_app.cli import (augment_preview, backbones, datasets, embed, evaluate, explain, export, extract, predict,
-                        quickstart, report, runs, serve, similar, train, weights)
+from tl_app.cli import (augment_preview, backbones, datasets, doctor, embed, evaluate, explain, export, extract,
+                        predict, quickstart, report, runs, serve, similar, train, weights)
 
 common.quiet_tensorflow()
+datasets.datasets.add_command(doctor.doctor)  # tl-app datasets doctor
 
 
 @click.group(cls=common.ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})

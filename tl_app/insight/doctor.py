@@ -1,0 +1,276 @@
+"""The dataset doctor: label issues, duplicates, outliers and poor images, from cached features.
+
+Everything works on features the cache already holds (computing only what is
+missing), so a check of 10,000 images takes seconds, before any training. The
+doctor only reports: doctor.json (every finding and its score), doctor.html
+(thumbnails grouped by kind) and issues.csv, which the user edits and hands to
+``tl-app train --exclude/--relabel``. It never moves or deletes a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from tl_app.core.config import Config
+from tl_app.core.files import atomic_write_text
+from tl_app.data.duplicates import components, near_pairs
+from tl_app.data.scan import Record
+from tl_app.features.extract import extract_features
+from tl_app.insight.confident_learning import label_issues, out_of_fold_probabilities, reduce_features
+from tl_app.insight.doctor_page import write_page
+
+DUPLICATE_COSINE = 0.97  # centred features at least this similar: a feature-space near-duplicate
+OUTLIER_NEIGHBOURS = 5
+OUTLIER_MADS = 4.0  # k-NN distance this many median absolute deviations above the median: an outlier
+TINY_SIDE = 32
+EXTREME_ASPECT = 4.0
+FLAT_STD = 3.0  # grey levels: a thumbnail this flat is blank
+ISSUE_COLUMNS = ["path", "relpath", "kind", "action", "given_label", "suggested_label", "score", "split",
+                 "group", "detail"]
+
+
+def pairwise_neighbours(x: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and cosine similarities of each row's ``k`` nearest other rows (blocked, O(N*block) memory)."""
+    n = len(x)
+    k = max(1, min(k, n - 1))
+    idx = np.zeros((n, k), np.int64)
+    sims = np.zeros((n, k), np.float32)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        s = x[start:stop] @ x.T
+        s[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(s, part, axis=1)
+        order = np.argsort(-vals, axis=1)
+        idx[start:stop] = np.take_along_axis(part, order, axis=1)
+        sims[start:stop] = np.take_along_axis(vals, order, axis=1)
+    return idx, sims
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+
+
+def duplicate_groups(records: list[Record], neighbour_idx: np.ndarray, neighbour_sim: np.ndarray,
+                     cosine: float = DUPLICATE_COSINE) -> list[dict]:
+    """Groups linked by identical bytes, a dHash match or a feature-space neighbour above ``cosine``."""
+    pairs: list[tuple[str, str, int]] = []
+    how: dict[tuple[int, int], set] = {}
+
+    def link(a: int, b: int, kind: str) -> None:
+        a, b = min(a, b), max(a, b)
+        pairs.append((f"{a:09d}", f"{b:09d}", 0))
+        how.setdefault((a, b), set()).add(kind)
+
+    by_sha: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_sha.setdefault(r.sha256, []).append(i)
+    for members in by_sha.values():
+        for other in members[1:]:
+            link(members[0], other, "exact")
+    for a, b, _ in near_pairs({f"{i:09d}": r.dhash for i, r in enumerate(records)}):
+        link(int(a), int(b), "phash")
+    for i in range(len(records)):
+        for j, s in zip(neighbour_idx[i], neighbour_sim[i]):
+            if s >= cosine:
+                link(i, int(j), "features")
+    roots = components(pairs)
+    grouped: dict[str, list[int]] = {}
+    for key, root in roots.items():
+        grouped.setdefault(root, []).append(int(key))
+    groups = []
+    for members in grouped.values():
+        members.sort()
+        kinds = sorted({k for (a, b), ks in how.items() if a in members for k in ks})
+        labels = sorted({records[i].label for i in members})
+        splits = sorted({records[i].split for i in members})
+        best = max((float(s) for i in members for j, s in zip(neighbour_idx[i], neighbour_sim[i])
+                    if int(j) in members), default=1.0)
+        groups.append({"members": members, "found_by": kinds, "labels": labels, "splits": splits,
+                       "crosses_splits": len(splits) > 1, "label_conflict": len(labels) > 1,
+                       "score": 1.0 if "exact" in kinds else round(best, 4)})
+    groups.sort(key=lambda g: (-g["label_conflict"], -g["crosses_splits"], -g["score"], g["members"][0]))
+    return groups
+
+
+def outlier_scores(neighbour_sim: np.ndarray) -> np.ndarray:
+    """Mean cosine distance to the k nearest images: large when an image is far from every class."""
+    return 1.0 - neighbour_sim.mean(axis=1)
+
+
+def flagged_outliers(scores: np.ndarray, mads: float = OUTLIER_MADS) -> np.ndarray:
+    median = np.median(scores)
+    mad = np.median(np.abs(scores - median)) + 1e-9
+    return np.flatnonzero((scores - median) / (1.4826 * mad) > mads)
+
+
+def image_statistics(path: str) -> dict:
+    """Grey-level spread of a 64-px thumbnail (cheap: JPEG draft mode decodes at 1/8 scale)."""
+    try:
+        with Image.open(path) as image:
+            image.draft("L", (64, 64))
+            small = image.convert("L")
+            small.thumbnail((64, 64))
+            pixels = np.asarray(small, np.float32)
+        return {"std": float(pixels.std()), "mean": float(pixels.mean())}
+    except Exception:  # noqa: BLE001 - a file that changed since the scan is judged on its header only
+        return {"std": float("nan"), "mean": float("nan")}
+
+
+def quality_findings(records: list[Record]) -> list[dict]:
+    """Tiny, near-constant (blank, black, white) and extremely elongated images."""
+    found = []
+    for i, r in enumerate(records):
+        problems = []
+        side = min(r.width, r.height)
+        if side < TINY_SIDE:
+            problems.append(("tiny", f"{r.width}x{r.height} px (under {TINY_SIDE} px)", 1.0 - side / TINY_SIDE))
+        aspect = max(r.width, r.height) / max(1, side)
+        if aspect >= EXTREME_ASPECT:
+            problems.append(("aspect", f"aspect ratio {aspect:.1f}:1", min(1.0, aspect / 10)))
+        stats = image_statistics(r.path)
+        if stats["std"] == stats["std"] and stats["std"] < FLAT_STD:
+            tone = "black" if stats["mean"] < 30 else "white" if stats["mean"] > 225 else "uniform"
+            problems.append(("blank", f"near-constant ({tone}, grey-level spread {stats['std']:.1f})",
+                             1.0 - stats["std"] / FLAT_STD))
+        for kind, detail, score in problems:
+            found.append({"row": i, "problem": kind, "detail": detail, "score": round(float(score), 4)})
+    return sorted(found, key=lambda f: -f["score"])
+
+
+def diagnose(features: np.ndarray, records: list[Record], classes: list[str], folds: int = 5,
+             seed: int = 0, cosine: float = DUPLICATE_COSINE) -> dict:
+    """Every finding, from features aligned with records (no file is changed)."""
+    timings = {}
+    started = time.perf_counter()
+    labels = np.array([r.label_index for r in records], np.int64)
+    probs = out_of_fold_probabilities(features, labels, len(classes), folds=folds, seed=seed)
+    issues = label_issues(probs, labels)
+    timings["labels_s"] = round(time.perf_counter() - started, 3)
+
+    started = time.perf_counter()
+    x = unit_rows(reduce_features(features, seed=seed))
+    idx, sims = pairwise_neighbours(x, OUTLIER_NEIGHBOURS)
+    groups = duplicate_groups(records, idx, sims, cosine)
+    timings["duplicates_s"] = round(time.perf_counter() - started, 3)
+
+    started = time.perf_counter()
+    in_group = {m for g in groups for m in g["members"]}
+    scores = outlier_scores(sims)
+    # a near-duplicate's twin is its nearest neighbour: judge it by the neighbours after the group
+    for i in in_group:
+        others = [s for j, s in zip(idx[i], sims[i]) if int(j) not in in_group or s < cosine]
+        scores[i] = 1.0 - float(np.mean(others)) if others else scores[i]
+    outliers = [{"row": int(i), "score": round(float(scores[i]), 4),
+                 "nearest_class": classes[int(labels[idx[i, 0]])]} for i in flagged_outliers(scores)]
+    outliers.sort(key=lambda f: -f["score"])
+    quality = quality_findings(records)
+    timings["outliers_quality_s"] = round(time.perf_counter() - started, 3)
+    return {
+        "labels": [{**f, "given_label": classes[f["given"]], "suggested_label": classes[f["suggested"]]}
+                   for f in issues],
+        "duplicates": groups, "outliers": outliers, "quality": quality,
+        "outlier_scores": scores, "probabilities": probs, "timings": timings,
+    }
+
+
+def issue_rows(findings: dict, records: list[Record]) -> list[dict]:
+    """One editable row per flagged file, with a proposed action (exclude | relabel | keep)."""
+    rows = []
+
+    def row(i: int, kind: str, action: str, score: float, suggested: str = "", group: str = "", detail: str = ""):
+        r = records[i]
+        rows.append({"path": r.path, "relpath": r.relpath, "kind": kind, "action": action, "given_label": r.label,
+                     "suggested_label": suggested, "score": f"{score:.4f}", "split": r.split, "group": group,
+                     "detail": detail})
+
+    for f in findings["labels"]:
+        row(f["row"], "label", "relabel", f["score"], f["suggested_label"],
+            detail=f"p(given)={f['p_given']:.2f} p(suggested)={f['p_suggested']:.2f}")
+    for n, g in enumerate(findings["duplicates"], 1):
+        notes = ", ".join(x for x in ("crosses splits" if g["crosses_splits"] else "",
+                                      "labels differ" if g["label_conflict"] else "") if x)
+        for position, i in enumerate(g["members"]):
+            row(i, "duplicate", "keep" if position == 0 else "exclude", g["score"], group=f"dup-{n}",
+                detail=f"found by {'+'.join(g['found_by'])}" + (f"; {notes}" if notes else ""))
+    for f in findings["outliers"]:
+        row(f["row"], "outlier", "exclude", f["score"], detail=f"nearest class {f['nearest_class']}")
+    for f in findings["quality"]:
+        row(f["row"], f"quality:{f['problem']}", "exclude", f["score"], detail=f["detail"])
+    return rows
+
+
+def write_issues_csv(path: Path, rows: list[dict]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=ISSUE_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+def report_dict(findings: dict, records: list[Record], classes: list[str], stats: dict) -> dict:
+    """doctor.json: every finding with its score, files named by path."""
+    def who(i: int) -> dict:
+        r = records[i]
+        return {"path": r.path, "relpath": r.relpath, "label": r.label, "split": r.split}
+
+    return {
+        "classes": classes, "images": len(records), "stats": stats,
+        "counts": {"labels": len(findings["labels"]), "duplicate_groups": len(findings["duplicates"]),
+                   "duplicate_groups_crossing_splits": sum(g["crosses_splits"] for g in findings["duplicates"]),
+                   "duplicate_groups_with_label_conflict": sum(g["label_conflict"] for g in findings["duplicates"]),
+                   "outliers": len(findings["outliers"]), "quality": len(findings["quality"])},
+        "labels": [{**who(f["row"]), **{k: f[k] for k in ("given_label", "suggested_label", "score", "p_given",
+                                                           "p_suggested")}} for f in findings["labels"]],
+        "duplicates": [{**{k: g[k] for k in ("found_by", "labels", "splits", "crosses_splits", "label_conflict",
+                                             "score")}, "members": [who(i) for i in g["members"]]}
+                       for g in findings["duplicates"]],
+        "outliers": [{**who(f["row"]), "score": f["score"], "nearest_class": f["nearest_class"]}
+                     for f in findings["outliers"]],
+        "quality": [{**who(f["row"]), "problem": f["problem"], "detail": f["detail"], "score": f["score"]}
+                    for f in findings["quality"]],
+    }
+
+
+def doctor(config: Config, out: str | Path | None = None, echo: Callable | None = print, folds: int = 5,
+           cosine: float = DUPLICATE_COSINE, page: bool = True) -> dict:
+    """Check the configured dataset; write doctor.json, issues.csv and doctor.html under ``out``."""
+    out = Path(out) if out else Path(config.train.runs_dir) / "doctor"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    feature_set = extract_features(config, echo=echo)
+    extracted = time.perf_counter() - started
+    records, classes = feature_set.records, feature_set.classes
+    findings = diagnose(np.asarray(feature_set.features), records, classes, folds=folds,
+                        seed=config.data.split_seed, cosine=cosine)
+    stats = {"features_s": round(extracted, 3), **findings["timings"],
+             "computed": feature_set.stats.get("computed"), "cached": feature_set.stats.get("cached"),
+             "backbone": config.backbone.name, "weights": config.backbone.weights}
+    report = report_dict(findings, records, classes, stats)
+    rows = issue_rows(findings, records)
+    paths = {"json": out / "doctor.json", "csv": out / "issues.csv"}
+    write_issues_csv(paths["csv"], rows)
+    if page:
+        paths["html"] = write_page(out / "doctor.html", report, config.data.root)
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    atomic_write_text(paths["json"], json.dumps(report, indent=2))
+    report["outputs"] = {k: str(v) for k, v in paths.items()}
+    report["findings"] = findings
+    if echo:
+        c = report["counts"]
+        echo(f"doctor: {len(records)} images; {c['labels']} label issue(s), {c['duplicate_groups']} duplicate "
+             f"group(s) ({c['duplicate_groups_crossing_splits']} across splits, "
+             f"{c['duplicate_groups_with_label_conflict']} with different labels), {c['outliers']} outlier(s), "
+             f"{c['quality']} quality problem(s) ({stats['seconds']:.1f}s)")
+        echo(f"wrote {paths['json']}, {paths['csv']}" + (f", {paths['html']}" if page else ""))
+    return report
