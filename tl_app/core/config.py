@@ -44,6 +44,8 @@ class DataConfig:
     imbalance_warning_ratio: float = 3.0
     background: list = field(default_factory=lambda: [255, 255, 255])
     batch_size: int = 32
+    exclude: str = ""  # issues.csv (tl-app datasets doctor): rows with action "exclude" leave the run
+    relabel: str = ""  # issues.csv: rows with action "relabel" take their suggested_label
 
 
 @dataclass

@@ -30,6 +30,7 @@ from tl_app.data.pipeline import effective_policy
 from tl_app.models.weights import fingerprint
 from tl_app.core.files import slug, write_json
 from tl_app.data.scan import scan_dataset, too_few_classes
+from tl_app.data.edits import apply_edits
 from tl_app.core.errors import DataError, TlAppError
 from tl_app.models.artifacts import RUN_FILE
 from tl_app import __version__
@@ -114,6 +115,7 @@ def prepare_run(config: Config, run_dir: str | Path | None = None, echo=print) -
     weights_fp = fingerprint(spec, config.backbone.weights, config.backbone.seed,  # fails early if offline
                              memo_dir=config.features.cache_dir)
     manifest = scan_dataset(config)
+    edits = apply_edits(manifest, config.data.exclude, config.data.relabel)  # the files stay as they are
     problem = too_few_classes(manifest)
     if problem:  # a softmax over one class is always "right": refuse before any work
         raise DataError(f"Cannot train on {config.data.root}: {problem}.")
@@ -131,6 +133,7 @@ def prepare_run(config: Config, run_dir: str | Path | None = None, echo=print) -
         classes=manifest.classes, dataset_fingerprint=manifest.fingerprint(), data_root=manifest.root,
         feature_layer=config.backbone.layer, pooling=config.backbone.pooling,
         class_weights={manifest.classes[i]: w for i, w in weights.items()},
+        **({"data_edits": edits} if edits["exclude_file"] or edits["relabel_file"] else {}),
     )
     if echo:
         print_report(manifest, weights)
