@@ -76,6 +76,13 @@ class Server:
         return self.proc.poll() is None and httpx.get(self.url + "/healthz", timeout=5).status_code == 200
 
 
+def loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
 def start(root: Path, *args: str, log: Path) -> Server:
     return Server(root, *args, log=log)
 
@@ -124,7 +131,7 @@ def test_healthz_is_public_and_the_server_binds_loopback_only(served):
     assert response.status_code == 200 and response.json()["models"] == ["shapes"]
     addresses = {c.laddr.ip for c in psutil.Process(served.proc.pid).net_connections(kind="tcp")
                  if c.status == psutil.CONN_LISTEN}
-    assert addresses == {"127.0.0.1"}
+    assert addresses and all(loopback(a) for a in addresses)  # REST and gRPC: this machine only
 
 
 def test_every_protected_endpoint_needs_the_bearer_token(served, sample_dir):
@@ -148,10 +155,12 @@ def test_model_and_version_status_as_tf_serving_reports_them(client):
     assert status == {"model_version_status": [
         {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
     assert client.get("/v1/models/shapes/versions/1").json()["model_version_status"][0]["version"] == "1"
-    for path in ("/v1/models/shapes/versions/99", "/v1/models/shapes/versions/one", "/v1/models/nope",
+    for path in ("/v1/models/shapes/versions/99", "/v1/models/nope",
                  "/v1/models/nope/versions/1", "/v1/models/nope/metadata"):
         response = client.get(path)
         assert response.status_code == 404 and "error" in response.json(), path
+    response = client.get("/v1/models/shapes/versions/one")  # a malformed URL: 400, as TF Serving answers
+    assert response.status_code == 400 and "not a version number" in response.json()["error"]
 
 
 def test_metadata_describes_both_signatures(client):
@@ -258,9 +267,11 @@ def test_every_error_class_gets_json_with_the_right_status(client, served, sampl
         (post(json.dumps({"instances": [b64(image)]}).encode(), path="/v1/models/ghost:predict"), 404, "ghost"),
         (post(json.dumps({"instances": [b64(image)]}).encode(), path="/v1/models/shapes/versions/7:predict"), 404,
          "Specific(shapes, 7)"),
-        (post(json.dumps({"instances": [b64(image)]}).encode(), path="/v1/models/shapes:classify"), 404,
-         ":predict"),
-        (client.get("/v1/models/shapes:predict"), 405, "POST"),
+        (post(json.dumps({"instances": [b64(image)]}).encode(), path="/v1/models/shapes:classify"), 400,
+         "examples"),
+        (post(json.dumps({"instances": [b64(image)]}).encode(), path="/v1/models/shapes:regress"), 400,
+         ":predict and :classify"),
+        (client.get("/v1/models/shapes:predict"), 400, "POST"),
         (client.get("/no/such/route"), 404, "Not found"),
         (post(b"x" * 1_000_001), 413, "over the limit"),
         (post(json.dumps({"instances": [b64(image)] * 9}).encode()), 413, "limit is 8"),
@@ -469,11 +480,13 @@ def test_version_folders_and_numbers_are_ascii_digits_only(local, local_root):
     assert [s["version"] for s in local.get("/v1/models/shapes").json()["model_version_status"]] == ["2"]
     image = {"file": ("a.png", png_bytes(on_background(transparent_shape(), (255, 255, 255))))}
     for path in ("/v1/models/shapes/versions/%C2%B2", "/v1/models/shapes/versions/%C2%B2/metadata",
-                 "/v1/models/shapes/versions/01", "/v1/models/shapes/versions/" + "1" * 19):
-        response = local.get(path)
-        assert response.status_code == 404 and "not a version number" in response.json()["error"], path
+                 "/v1/models/shapes/versions/" + "1" * 19):
+        response = local.get(path)  # a malformed URL: 400, as TF Serving answers
+        assert response.status_code == 400 and "not a version number" in response.json()["error"], path
     response = local.post("/v1/models/shapes/versions/%C2%B2:predict", json={"instances": []})
-    assert response.status_code == 404 and "not a version number" in response.json()["error"]
+    assert response.status_code == 400 and "not a version number" in response.json()["error"]
+    # In URLs, leading zeros are accepted as TF Serving accepts them; the folder '01' is still no version.
+    assert local.get("/v1/models/shapes/versions/01").json()["model_version_status"][0]["version"] == "1"
     for query, words in (("version=%C2%B2", "version must be a positive integer"),
                          ("version=0", "version must be a positive integer"),
                          ("top_k=%C2%B2", "top_k must be a positive integer"),

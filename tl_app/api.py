@@ -36,7 +36,6 @@ from tl_app.insight.doctor import doctor  # noqa: F401  (tl-app datasets doctor)
 from tl_app.insight.embed import embed  # noqa: F401
 from tl_app.insight.evaluate import evaluate  # noqa: F401
 from tl_app.insight.explain import explain  # noqa: F401
-from tl_app.insight.patches import patches  # noqa: F401
 from tl_app.insight.report import build_report  # noqa: F401
 from tl_app.insight.similarity import build_index, similar  # noqa: F401
 from tl_app.models.backbones import REGISTRY, get_spec, import_weights  # noqa: F401

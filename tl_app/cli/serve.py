@@ -12,7 +12,11 @@ SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "batching": "serve.ba
                "max_batch_size": "serve.max_batch_size", "batch_timeout_ms": "serve.batch_timeout_ms",
                "max_body_bytes": "serve.max_body_bytes", "max_images": "serve.max_images", "token": "serve.token",
                "poll_seconds": "serve.poll_seconds", "workers": "serve.workers", "top_k": "serve.top_k",
-               "max_pixels": "serve.max_pixels"}
+               "max_pixels": "serve.max_pixels", "grpc_port": "serve.grpc_port",
+               "model_config_file": "serve.model_config_file", "allowed_hosts": "serve.allowed_hosts",
+               "image_pixels": "serve.image_pixels", "inflight_pixels": "serve.inflight_pixels",
+               "header_timeout": "serve.header_timeout_s", "body_timeout": "serve.body_timeout_s",
+               "max_connections": "serve.max_connections"}
 
 
 @click.command()
@@ -24,7 +28,21 @@ SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "batching": "serve.ba
 @click.option("--batching/--no-batching", default=None, help="Dynamic batching (on by default).")
 @click.option("--max-body-bytes", type=int, default=None, help="Largest request body (default 20 MiB).")
 @click.option("--max-images", type=int, default=None, help="Most images in one request (default 64).")
-@click.option("--max-pixels", type=int, default=None, help="Most pixels in one uploaded image (default 89478485).")
+@click.option("--max-pixels", type=int, default=None,
+              help="Most pixels in one uploaded image (default: the model card's data.max_pixels, else 89478485).")
+@click.option("--image-pixels", type=int, default=None,
+              help="Decoded pixels per image (default 16000000): bigger JPEGs are downscaled, others refused (413).")
+@click.option("--inflight-pixels", type=int, default=None,
+              help="Decoded pixels of all requests in flight together (default 48000000); more wait their turn.")
+@click.option("--grpc-port", type=int, default=None,
+              help="TF Serving gRPC port (PredictionService, ModelService; default 8500, 0 turns it off).")
+@click.option("--model-config-file", default=None, type=click.Path(),
+              help="TF Serving models config (text format): names, base paths, version policy, labels.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="Host header to accept (repeatable; default: loopback names when bound to loopback, else any).")
+@click.option("--header-timeout", type=float, default=None, help="Seconds to send the request headers (default 10).")
+@click.option("--body-timeout", type=float, default=None, help="Seconds to send the request body (default 30).")
+@click.option("--max-connections", type=int, default=None, help="Open connections at once (default 256).")
 @click.option("--top-k", type=int, default=None, help="Classes in upload-page answers (default 5).")
 @click.option("--workers", type=int, default=None, help="Threads that run model calls (default 4).")
 @click.option("--token", default=None, help="Require 'Authorization: Bearer TOKEN' (or set TL_APP_TOKEN).")
@@ -50,6 +68,7 @@ def serve(root, log_level, pipeline, sets, **flags):
         if flags[name] is not None and flags[name] < 1:  # said in the flag's words; the config checks the rest
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {flags[name]}; "
                               f"leave it out for the default.")
+    flags["allowed_hosts"] = list(flags["allowed_hosts"]) or None
     overrides = {SERVE_FLAGS[name]: value for name, value in flags.items()}
     if flags["token"] is None and os.environ.get("TL_APP_TOKEN"):
         overrides["serve.token"] = os.environ["TL_APP_TOKEN"]
