@@ -36,11 +36,13 @@ from tl_app.insight.doctor import doctor  # noqa: F401  (tl-app datasets doctor)
 from tl_app.insight.embed import embed  # noqa: F401
 from tl_app.insight.evaluate import evaluate  # noqa: F401
 from tl_app.insight.explain import explain  # noqa: F401
+from tl_app.insight.patches import patches  # noqa: F401
 from tl_app.insight.report import build_report  # noqa: F401
 from tl_app.insight.similarity import build_index, similar  # noqa: F401
 from tl_app.models.backbones import REGISTRY, get_spec, import_weights  # noqa: F401
 from tl_app.models.weights import cache_path, named_weights_status, weights_status  # noqa: F401
 from tl_app.serve.app import serve as run_server
+from tl_app.serve.model_config import read_model_config
 from tl_app.training.bottleneck import train_bottleneck
 from tl_app.training.devices import is_chief
 from tl_app.training.finetune import resume_finetune, train_finetune
@@ -106,10 +108,15 @@ def predict(config: Config, model, inputs, out: str | Path | None = None, echo=p
 
 
 def serve(config: Config, root: str | Path | None = None, log_level: str = "warning", echo=print) -> None:
-    """Serve every model under ``root`` (default config.export.root) with config.serve's settings."""
+    """Serve every model under ``root`` (default config.export.root), or those of serve.model_config_file."""
+    settings = config.serve
+    if settings.model_config_file:
+        sources = read_model_config(settings.model_config_file)
+        run_server(None, host=settings.host, port=settings.port, settings=settings, log_level=log_level, echo=echo,
+                   sources=sources)
+        return
     root = Path(root or config.export.root)
     if not root.is_dir():
         raise ConfigError(f"Model root {str(root)!r} is not a folder. Export a model first "
                           f"(tl-app export RUN_DIR --root {root}) or pass the folder that holds them.")
-    settings = config.serve
     run_server(root, host=settings.host, port=settings.port, settings=settings, log_level=log_level, echo=echo)
