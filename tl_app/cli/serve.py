@@ -33,7 +33,7 @@ SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "batching": "serve.ba
 @click.option("--image-pixels", type=int, default=None,
               help="Decoded pixels per image (default 16000000): bigger JPEGs are downscaled, others refused (413).")
 @click.option("--inflight-pixels", type=int, default=None,
-              help="Decoded pixels of all requests in flight together (default 48000000); more wait their turn.")
+              help="Decoded pixels of all requests in flight together (default 32000000, ~1.3 GB at peak); more wait their turn.")
 @click.option("--grpc-port", type=int, default=None,
               help="TF Serving gRPC port (PredictionService, ModelService; default 8500, 0 turns it off).")
 @click.option("--model-config-file", default=None, type=click.Path(),

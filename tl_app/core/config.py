@@ -165,7 +165,7 @@ class ServeConfig:
     model_config_file: str = ""  # TF Serving's models config (text proto): several models, roots, labels
     allowed_hosts: list = field(default_factory=list)  # Host headers accepted; [] = loopback names on loopback
     image_pixels: int = 16_000_000  # decoded pixels per image: JPEG is downscaled while decoding, others 413
-    inflight_pixels: int = 48_000_000  # decoded pixels of all requests in flight together (others wait)
+    inflight_pixels: int = 32_000_000  # decoded pixels of all requests in flight together (others wait)
     header_timeout_s: float = 10.0  # a connection must send its request headers within this
     body_timeout_s: float = 30.0  # and its body within this (408 otherwise)
     max_connections: int = 256  # open connections and requests; more get 503
