@@ -211,6 +211,8 @@ def test_resume_refuses_what_it_cannot_continue(tiny_config, tmp_path):
 
 
 def test_resume_with_other_settings_is_refused_not_ignored(cli, tmp_path):
-    result = cli("train", "--resume", tmp_path, "--epochs", 9, "--set", "train.seed=3")
+    # raised epoch counts continue a run (issue 21); every other setting is refused
+    result = cli("train", "--resume", tmp_path, "--lr", 0.1, "--set", "train.seed=3")
     assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "train.epochs" in result.output and "train.seed=3" in result.output and "start a new run" in result.output
+    assert "train.learning_rate" in result.output and "train.seed=3" in result.output \
+        and "start a new run" in result.output

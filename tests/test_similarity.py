@@ -119,7 +119,7 @@ def test_query_finds_itself_first_then_its_near_duplicates(built_index, duplicat
 
     assert built_index["count"] == 11 and built_index["features"]["computed"] == 11
     result = similar(built_index["index"], [duplicate_data["original"], duplicate_data["outside_copy"]], k=4,
-                     sheet=tmp_path / "sheet.png", echo=None)
+                     sheet=tmp_path / "sheet.png", echo=None, include_self=True)  # the default leaves it out
     first, second = result["queries"]
     names = [Path(h["path"]).name for h in first["neighbours"]]
     assert names[0] == duplicate_data["original"].name

@@ -93,12 +93,13 @@ def require_data_folder(root) -> None:
         )
 
 
-def require_some_used(kind: str, used: int, skipped: list[dict]) -> None:
-    """Every input unusable: a non-zero exit, so scripts can tell. Some unusable: say how many."""
+def require_some_used(kind: str, used: int, skipped: list[dict], count: bool = True) -> None:
+    """Every input unusable: a non-zero exit, so scripts can tell. Some unusable: say how many
+    (``count=False`` with --json, whose document lists them)."""
     if skipped and not used:
         raise DataError(f"None of the {len(skipped)} {kind} could be used (first: {skipped[0]['path']}: "
                         f"{skipped[0]['reason']}). Pass image files (JPEG, PNG, GIF, BMP, WebP, TIFF).")
-    if skipped:
+    if skipped and count:
         click.echo(f"{len(skipped)} of {used + len(skipped)} {kind} skipped (listed above)", err=True)
 
 

@@ -30,7 +30,7 @@ def explain(model, images, method, class_name, patch, stride, out_dir, as_json):
                           echo=None if as_json else click.echo)
     if as_json:
         echo_json(summary)
-    require_some_used("images", len(summary["results"]), summary["skipped"])
+    require_some_used("images", len(summary["results"]), summary["skipped"], count=not as_json)
 
 
 COMMANDS = [explain]

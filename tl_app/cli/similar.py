@@ -53,7 +53,7 @@ def similar(index_dir, queries, k, sheet, include_self, as_json):
                          include_self=include_self)
     if as_json:
         echo_json(result)
-    require_some_used("query images", len(result["queries"]), result["skipped"])
+    require_some_used("query images", len(result["queries"]), result["skipped"], count=not as_json)
 
 
 COMMANDS = [index, similar]

@@ -203,6 +203,8 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> d
 
 def plot_comparison(labels: list[str], histories: list[list[dict]], path: Path) -> Path:
     """Validation loss and accuracy of every run on shared axes (training values dotted)."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, epochs) in enumerate(zip(labels, histories)):
@@ -212,6 +214,7 @@ def plot_comparison(labels: list[str], histories: list[list[dict]], path: Path) 
             ax.plot(x, series(epochs, "val_" + key), "-o", markersize=3, color=colour, label=f"{label} (val)")
             ax.plot(x, series(epochs, key), ":", color=colour, label=f"{label} (train)")
     for ax, key in ((axes[0], "loss"), (axes[1], "accuracy")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.grid(alpha=0.3)
