@@ -1,49 +1,69 @@
 """A small procedural image-folder dataset, deterministic for a seed.
 
-Classes differ in shape and colour (so a head on even random-weight features
-can learn them), sizes vary, formats mix JPEG and PNG, and the classes are
+Classes differ only in the outline of one shape (circle, square, triangle):
+colour, size, position, rotation, background and clutter are drawn the same
+way for every class. Colour alone therefore tells nothing, and random-weight
+features do little better than chance, while pretrained edge features separate
+the shapes. Sizes vary, formats mix JPEG and PNG, and the classes are
 imbalanced on purpose.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 CLASS_COUNTS = {"circles": 64, "squares": 50, "triangles": 40}
-PALETTES = {
-    "circles": ((220, 60, 50), (250, 140, 40)),
-    "squares": ((40, 90, 220), (60, 180, 220)),
-    "triangles": ((40, 170, 70), (150, 200, 40)),
-}
+
+
+def _tone(rng: np.random.Generator, low: int = 0, high: int = 256) -> tuple:
+    return tuple(int(v) for v in rng.integers(low, high, 3))
+
+
+def _outline(label: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]] | None:
+    corners = {"squares": 4, "triangles": 3}.get(label)
+    if corners is None:
+        return None
+    return [(cx + radius * math.cos(angle + 2 * math.pi * k / corners),
+             cy + radius * math.sin(angle + 2 * math.pi * k / corners)) for k in range(corners)]
+
+
+def _luma(tone: tuple) -> float:
+    return 0.299 * tone[0] + 0.587 * tone[1] + 0.114 * tone[2]
+
+
+def _contrasting(rng: np.random.Generator, background: tuple, apart: float = 90) -> tuple:
+    """A random colour whose brightness is far from the background's, so the outline is always visible."""
+    while True:
+        tone = _tone(rng)
+        if abs(_luma(tone) - _luma(background)) >= apart:
+            return tone
 
 
 def draw_sample(label: str, rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    background = tuple(int(v) for v in rng.integers(0, 90, 3) + 140)
+    background = _tone(rng, 40, 230)
     image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
-    # clutter shared by every class, so the task is not trivially colour-only
-    for _ in range(int(rng.integers(2, 6))):
-        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
-        r = int(rng.integers(2, max(3, min(width, height) // 10)))
-        tone = tuple(int(v) for v in rng.integers(60, 200, 3))
-        draw.line((x - r, y, x + r, y + r), fill=tone, width=2)
     side = min(width, height)
-    size = int(side * rng.uniform(0.35, 0.6))
-    cx = int(rng.integers(size // 2 + 1, max(size // 2 + 2, width - size // 2)))
-    cy = int(rng.integers(size // 2 + 1, max(size // 2 + 2, height - size // 2)))
-    low, high = PALETTES[label]
-    mix = rng.uniform()
-    colour = tuple(int(a * (1 - mix) + b * mix) for a, b in zip(low, high))
-    box = (cx - size // 2, cy - size // 2, cx + size // 2, cy + size // 2)
-    if label == "circles":
-        draw.ellipse(box, fill=colour)
-    elif label == "squares":
-        draw.rectangle(box, fill=colour)
+    # clutter drawn the same way for every class: strokes and small dots
+    for _ in range(int(rng.integers(1, 5))):
+        x, y = rng.uniform(0, width, 2), rng.uniform(0, height, 2)
+        draw.line((x[0], y[0], x[1], y[1]), fill=_tone(rng), width=int(rng.integers(1, 3)))
+    for _ in range(int(rng.integers(0, 4))):
+        x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(1, side / 40 + 1)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=_tone(rng))
+    radius = side * rng.uniform(0.28, 0.45)
+    cx = rng.uniform(radius, width - radius)
+    cy = rng.uniform(radius, height - radius)
+    colour = _contrasting(rng, background)
+    outline = _outline(label, cx, cy, radius, rng.uniform(0, 2 * math.pi))
+    if outline is None:
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
     else:
-        draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=colour)
+        draw.polygon(outline, fill=colour)
     if rng.uniform() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.5, 1.5))))
     return image
