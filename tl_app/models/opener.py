@@ -15,6 +15,7 @@ import numpy as np
 
 import tl_app.data.augment  # noqa: F401  (registers tl-app's custom Keras layers for loading)
 import tl_app.models.backbones  # noqa: F401  (same)
+import tl_app.models.fewshot_heads  # noqa: F401  (same: the k-NN and prototype heads)
 from tl_app.core.config import Config
 from tl_app.core.errors import ModelNotFoundError
 from tl_app.models.artifacts import (CARD_FILE, KERAS_FILE, MODEL_FILE, PIXELS_SIGNATURE, RUN_FILE, SAVED_MODEL_FILE,

@@ -24,6 +24,8 @@ from tl_app.models.artifacts import MODEL_FILE
 from tl_app.training.runs import fmt, write_run_info, prepare_run, recording_failure
 from tl_app.core.files import write_json
 from tl_app.models.backbones import build_feature_model
+from tl_app.core.config import FEWSHOT_HEADS
+from tl_app.training.fewshot import train_fewshot_head
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -70,6 +72,8 @@ def train_bottleneck(config: Config, echo=print) -> dict:
     """prepare_run -> cached features -> head with early stopping -> assembled model.keras."""
     prepared = prepare_run(config, echo=echo)
     with recording_failure(prepared.run_dir):
+        if config.head.kind in FEWSHOT_HEADS:  # k-NN / prototype: fitted on the features, no epochs
+            return train_fewshot_head(config, prepared, echo)
         return train_head(config, prepared, echo)
 
 
