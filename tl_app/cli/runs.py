@@ -24,7 +24,7 @@ def runs_list(runs_dir, as_json):
       tl-app runs list
       tl-app runs list --runs-dir experiments/ --json | jq '.[] | select(.status == "failed")'
     """
-    from tl_app.insight import runs as listing  # lazy: matplotlib loads only when a command runs
+    from tl_app.insight import runs as listing  # lazy: imported only when a command runs
 
     rows = listing.list_runs(runs_dir)
     if as_json:
@@ -46,9 +46,13 @@ def runs_compare(run_dirs, out, as_json):
       tl-app runs compare runs/a runs/b
       tl-app runs compare runs/a runs/b runs/c --out compare.html
     """
-    from tl_app.insight import runs as listing  # lazy: matplotlib loads only when a command runs
+    from tl_app.insight import runs as listing  # lazy: imported only when a command runs
 
-    result = listing.compare_runs(list(run_dirs), out=out)
+    result = listing.compare_runs(list(run_dirs))
+    if out:
+        from tl_app.insight.runs_page import write_comparison_page  # lazy: matplotlib only for the page
+
+        result["out"] = str(write_comparison_page(result, out))
     if as_json:
         echo_json(result)
     else:

@@ -1,25 +1,22 @@
 """Every run folder at a glance ('tl-app runs list') and several runs side by side ('tl-app runs compare').
 
 Reads only the files training leaves (run.json, metrics.json, history.json,
-config.json), so listing needs no TensorFlow and works on failed or
-interrupted runs as well as finished ones.
+config.json), so listing needs no TensorFlow (nor matplotlib: the comparison
+page is drawn by insight.runs_page) and works on failed or interrupted runs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import html
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 from tl_app.core.errors import ModelNotFoundError
-from tl_app.core.files import atomic_write_text, pid_alive
-from tl_app.insight.plots import plt, png_data_uri, save_figure
+from tl_app.core.files import pid_alive
 from tl_app.models.artifacts import MODEL_FILE, RUN_FILE
-from tl_app.training.diagnosis import HISTORY_FILE, series
+from tl_app.training.diagnosis import HISTORY_FILE
 
 # config keys that differ between any two runs without saying anything about them
 IGNORED_KEYS = ("train.name",)
@@ -185,74 +182,16 @@ def resolve_run(path: str | Path) -> Path:
     return path
 
 
-def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> dict:
-    """Metrics, the settings that differ and the curves of several runs; ``out``: one HTML page of it."""
+def compare_runs(run_dirs: list[str | Path]) -> dict:
+    """Metrics and the settings that differ, for several runs (insight.runs_page draws the HTML page)."""
     if len(run_dirs) < 2:
         raise ModelNotFoundError(f"runs compare needs two or more run folders, got {len(run_dirs)}.")
     dirs = [resolve_run(p) for p in run_dirs]
     rows = [run_row(d) for d in dirs]
     names = [r["name"] if [x["name"] for x in rows].count(r["name"]) == 1 else r["path"] for r in rows]
     configs = [flatten(c) if isinstance(c := read_json(d / "config.json"), dict) else {} for d in dirs]
-    histories = [read_epochs(d) for d in dirs]
-    result = {"runs": [{**row, "label": name} for row, name in zip(rows, names)],
-              "differences": config_differences(configs), "out": None}
-    if out is not None:
-        result["out"] = str(write_comparison_page(result, histories, Path(out)))
-    return result
-
-
-def plot_comparison(labels: list[str], histories: list[list[dict]], path: Path) -> Path:
-    """Validation loss and accuracy of every run on shared axes (training values dotted)."""
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (label, epochs) in enumerate(zip(labels, histories)):
-        colour = colours[i % len(colours)]
-        x = list(range(1, len(epochs) + 1))
-        for ax, key in ((axes[0], "loss"), (axes[1], "accuracy")):
-            ax.plot(x, series(epochs, "val_" + key), "-o", markersize=3, color=colour, label=f"{label} (val)")
-            ax.plot(x, series(epochs, key), ":", color=colour, label=f"{label} (train)")
-    for ax, key in ((axes[0], "loss"), (axes[1], "accuracy")):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-STYLE = ("body{font-family:system-ui,sans-serif;margin:24px;color:#24292f}table{border-collapse:collapse;"
-         "font-size:13px;margin:8px 0 18px}th,td{border:1px solid #d0d7de;padding:4px 10px;text-align:left}"
-         "th{background:#f6f8fa}img{max-width:100%}.note{color:#57606a;font-size:13px}")
-
-
-def html_table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def write_comparison_page(result: dict, histories: list[list[dict]], out: Path) -> Path:
-    runs = result["runs"]
-    labels = [r["label"] for r in runs]
-    with tempfile.TemporaryDirectory() as tmp:
-        curves = png_data_uri(plot_comparison(labels, histories, Path(tmp) / "curves.png"))
-    metrics = [[r["label"], r["status"], r["strategy"], r["backbone"], r["weights"], metric(r["val_accuracy"]),
-                metric(r["val_loss"]), r["best_epoch"] if r["best_epoch"] is not None else "-", r["epochs"]]
-               for r in runs]
-    differences = result["differences"]
-    config = (html_table(["setting", *labels], [[k, *map(json.dumps, v)] for k, v in differences.items()])
-              if differences else '<p class="note">The runs were configured identically.</p>')
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Run comparison</title>"
-            f"<style>{STYLE}</style></head><body><h1>Run comparison</h1>"
-            f"<h2>Metrics</h2>" + html_table(["run", "status", "strategy", "backbone", "weights", "val_accuracy",
-                                             "val_loss", "best epoch", "epochs"], metrics)
-            + f"<h2>Settings that differ</h2>{config}"
-            + f"<h2>Curves</h2><img alt='curves' src='{curves}'></body></html>")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(out, page)
+    return {"runs": [{**row, "label": name} for row, name in zip(rows, names)],
+            "differences": config_differences(configs), "out": None}
 
 
 def format_comparison(result: dict) -> str:
