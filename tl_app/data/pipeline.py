@@ -6,6 +6,7 @@ size; the backbone's own preprocessing runs inside the model.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Sequence
 
@@ -67,6 +68,37 @@ def decode_file(path: tf.Tensor, fast: tf.Tensor, background: Sequence[int] = (2
     return image
 
 
+def _sha256(data) -> bytes:
+    return hashlib.sha256(data if isinstance(data, bytes) else data.item()).hexdigest().encode()
+
+
+def _pil_decode_bytes(data, background: np.ndarray) -> np.ndarray:
+    return decode_pil(data if isinstance(data, bytes) else data.item(), tuple(int(v) for v in background))
+
+
+def decode_checked(path: tf.Tensor, fast: tf.Tensor, sha256: tf.Tensor,
+                   background: Sequence[int] = (255, 255, 255)) -> tf.Tensor:
+    """decode_file from one read of the bytes, failing when they are not the scanned ones (changed since).
+
+    Features and training then never attach new pixels to an old content hash;
+    make_dataset drops the failing file like any other undecodable one.
+    """
+    bg = tf.constant(list(background), tf.uint8)
+    data = tf.io.read_file(path)
+    digest = tf.numpy_function(_sha256, [data], tf.string, stateful=False)
+    check = tf.debugging.Assert(tf.equal(digest, sha256), ["file changed since the scan:", path])
+    with tf.control_dependencies([check]):
+        data = tf.identity(data)
+
+    def python_decode():
+        image = tf.numpy_function(_pil_decode_bytes, [data, bg], tf.uint8, stateful=False)
+        return tf.ensure_shape(image, [None, None, 3])
+
+    image = tf.cond(fast, lambda: decode_bytes(data, bg), python_decode)
+    image.set_shape([None, None, 3])
+    return image
+
+
 def load_image(path: tf.Tensor, fast: tf.Tensor, size: int, policy: str,
                background: Sequence[int] = (255, 255, 255)) -> tf.Tensor:
     """One file to a [size, size, 3] float image: the decode and resize every tl-app path shares."""
@@ -90,19 +122,23 @@ def make_dataset(
     """Batches of (images, one-hot labels[, record index]) or (images[, index]).
 
     Deterministic order unless ``shuffle``; parallel decode and resize; prefetch.
-    A file that fails to decode here (changed since the scan) is dropped, not
-    fatal: callers that need alignment ask for ``with_index``.
+    A file that fails to decode here, or whose bytes are not the scanned ones
+    (changed since the scan), is dropped, not fatal: callers that need
+    alignment ask for ``with_index``.
     """
     paths = [r.path for r in records]
     fast = [bool(r.fast) for r in records]
     labels = [r.label_index for r in records]
+    digests = [r.sha256 for r in records]
     index = list(range(len(records)))
-    ds = tf.data.Dataset.from_tensor_slices((paths, fast, labels, index))
+    ds = tf.data.Dataset.from_tensor_slices((paths, fast, labels, index, digests))
     if shuffle:
         ds = ds.shuffle(max(1, len(records)), seed=seed, reshuffle_each_iteration=True)
 
-    def load(path, is_fast, label, idx):
-        return load_image(path, is_fast, input_size, resize_policy, background), label, idx
+    def load(path, is_fast, label, idx, sha256):
+        image = resize_images(decode_checked(path, is_fast, sha256, background), input_size, resize_policy)
+        image.set_shape([input_size, input_size, 3])
+        return image, label, idx
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
     ds = ds.ignore_errors()

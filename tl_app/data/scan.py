@@ -32,7 +32,7 @@ SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
-SCAN_CACHE_VERSION = 2  # 2: probes carry the perceptual hash
+SCAN_CACHE_VERSION = 3  # 2: probes carry the perceptual hash; 3: inode and ctime in the stamp
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".jfif", ".mpo"}  # what predict picks from a folder
 
 
@@ -446,7 +446,7 @@ def print_report(manifest: Manifest, weights: dict[int, float] | None = None, ou
 
 # ---- the scan cache ----------------------------------------------------------
 class ScanCache:
-    """Remembers probes by (path, size, mtime) so a re-scan reads nothing unchanged.
+    """Remembers probes by (path, size, mtime, inode, ctime) so a re-scan reads nothing unchanged.
 
     Content hashes are what every later cache keys on, so a file whose size or
     mtime changed is always hashed again.
@@ -465,14 +465,14 @@ class ScanCache:
 
     def probe(self, path: Path) -> Probe:
         try:
-            stat = path.stat()
-            stamp = [stat.st_size, stat.st_mtime_ns]
+            stat = path.stat()  # size, mtime, inode and ctime: a rewrite that restores the mtime still shows
+            stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
         except OSError:
             return probe_file(path, self.max_pixels)
         key = str(path.absolute())
         hit = self.entries.get(key)
-        if hit and hit[:2] == stamp:
-            probe = Probe(**hit[2])
+        if hit and len(hit) == 5 and hit[:4] == stamp:
+            probe = Probe(**hit[4])
         else:
             probe = probe_file(path, self.max_pixels)
         if not probe.reason.startswith("unreadable"):

@@ -6,10 +6,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import keras
+import PIL
+import tensorflow as tf
+
 from tl_app.core.config import Config
 from tl_app.models.backbones import get_spec, resolve_input_size
 from tl_app.data.pipeline import effective_policy
 from tl_app.models.weights import fingerprint
+from tl_app.data.decode import DECODER_RULE
 
 
 FORMAT_VERSION = 2  # 2: JPEG decoded with the accurate IDCT in the graph (data.decode), 16-bit scaled by mode
@@ -30,6 +36,9 @@ class Recipe:
     background: tuple = (255, 255, 255)
     augment: str = ""  # JSON of the augmentation settings; empty for the images themselves
     format_version: int = FORMAT_VERSION
+    libraries: str = ""  # TensorFlow, Keras and Pillow versions: kernels and decoders change with them
+    dtype_policy: str = "float32"  # a global mixed_float16 computes other features
+    decoder: str = DECODER_RULE
 
     def key(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True)
@@ -53,7 +62,14 @@ def recipe_for(config: Config) -> Recipe:
         pooling=config.backbone.pooling,
         background=tuple(int(v) for v in config.data.background),
         format_version=FORMAT_VERSION,
+        libraries=library_versions(),
+        dtype_policy=keras.config.dtype_policy().name,
+        decoder=DECODER_RULE,
     )
+
+
+def library_versions() -> str:
+    return f"tensorflow={tf.__version__};keras={keras.__version__};pillow={PIL.__version__}"
 
 
 def weights_fingerprint(spec, weights: str, seed: int, cache_root: Path) -> str:
