@@ -89,6 +89,7 @@ def golden_set(images) -> list[Golden]:
         ramp = np.linspace(0, 255, w * h).reshape(h, w, 1).astype(np.uint8)
         rgba = Image.fromarray(np.concatenate([rgb, ramp], -1), "RGBA")
         palette = image.convert("RGB").convert("P", palette=Image.ADAPTIVE, colors=32)
+        clear = palette.getpixel((w // 2, h // 2))  # a colour the image uses: some pixels are transparent
         wide = (rgb.astype(np.uint16) * 257 + np.arange(w, dtype=np.uint16)[None, :, None] % 257).astype(np.uint16)
         dark = (rgb[..., 0].astype(np.uint16) * 4)  # a dark 16-bit image: must stay dark
         for orientation in range(1, 9):
@@ -100,14 +101,14 @@ def golden_set(images) -> list[Golden]:
             Golden(f"{k}-png-rgb", encode(image, "PNG")),
             Golden(f"{k}-png-rgba", encode(rgba, "PNG")),
             Golden(f"{k}-png-la", encode(rgba.convert("LA"), "PNG")),
-            Golden(f"{k}-png-palette-transparent", encode(palette, "PNG", transparency=0)),
+            Golden(f"{k}-png-palette-transparent", encode(palette, "PNG", transparency=clear)),
             Golden(f"{k}-png-gray", encode(image.convert("L"), "PNG")),
             Golden(f"{k}-png-gray16-dark", encode(Image.fromarray(dark), "PNG")),
             Golden(f"{k}-png-rgb16", tf.io.encode_png(tf.constant(wide)).numpy()),
             Golden(f"{k}-gif", encode(palette, "GIF")),
             Golden(f"{k}-bmp", encode(image.convert("RGB"), "BMP")),
             Golden(f"{k}-jpeg-cmyk", encode(image.convert("CMYK"), "JPEG", quality=90), refused=True),
-            Golden(f"{k}-gif-transparent", encode(palette, "GIF", transparency=0), refused=True),
+            Golden(f"{k}-gif-transparent", encode(palette, "GIF", transparency=clear), refused=True),
         ]
     return out
 
