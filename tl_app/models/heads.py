@@ -1,4 +1,4 @@
-"""Classifier heads on top of pooled features, and backbone + head assembly.
+"""Classifier heads on top of pooled features (assembly with the backbone is in models.surgery).
 
 The head is its own small Keras model (timm's ``forward_head``): bottleneck
 training fits it on cached features, fine-tuning fits it on the live backbone,
