@@ -217,3 +217,36 @@ def decode_pil(source: str | bytes | Path, background=(255, 255, 255)) -> np.nda
         source = io.BytesIO(source)
     with Image.open(source) as image:
         return np.asarray(to_rgb(image, background), dtype=np.uint8)
+
+
+# ---- the pixel contract of predict_pixels, TFLite and ONNX ------------------------------------
+UNIT_RANGE_OPTION = "allow_unit_range"  # the request key that accepts 0..1-looking pixels on purpose
+
+
+def looks_scaled_to_unit(image: np.ndarray) -> bool:
+    """True for float pixels that look scaled to 0..1 (every value within [0, 1], not a constant image).
+
+    The models take RGB 0..255; a client sending 0..1 gets confident nonsense.
+    """
+    values = np.asarray(image)
+    if values.dtype.kind != "f" or values.size == 0:
+        return False
+    low, high = float(values.min()), float(values.max())
+    return 0.0 <= low and high <= 1.0 and high > low
+
+
+def pixel_range_problem(images: np.ndarray, allow_unit_range: bool = False) -> str:
+    """Why a float pixel batch [N, H, W, 3] breaks the 0..255 RGB contract ("" when it does not)."""
+    values = np.asarray(images)
+    if values.dtype.kind != "f" or values.ndim != 4 or values.size == 0:
+        return ""
+    for index, image in enumerate(values):
+        low, high = float(image.min()), float(image.max())
+        if low < -0.5 or high > 255.5:
+            return (f"image {index} has values from {low:g} to {high:g}; the model takes RGB pixels 0..255 "
+                    f"(not preprocessed or normalised values: the preprocessing runs inside the model)")
+        if not allow_unit_range and looks_scaled_to_unit(image):
+            return (f"image {index}: every value is within 0..1; the model takes RGB pixels 0..255, not 0..1 "
+                    f"(multiply by 255). If these really are 0..255 pixels this dark, add "
+                    f"\"{UNIT_RANGE_OPTION}\": true to the request")
+    return ""
