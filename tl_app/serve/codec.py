@@ -16,7 +16,8 @@ import re
 
 import numpy as np
 from tl_app.data.images import UNIT_RANGE_OPTION, pixel_range_problem
-from tl_app.data.images import decode_pil, graph_decodable
+from tl_app.data.images import UNIT_RANGE_OPTION, pixel_range_problem
+from tl_app.data.images import graph_decodable, to_rgb
 
 MAX_PIXEL_SIDE = 8192
 URLSAFE_B64 = re.compile(r"[A-Za-z0-9_-]*={0,2}")
@@ -52,10 +53,7 @@ def request_inputs(request, signature, max_images: int) -> tuple[dict, bool]:
     """(input name -> numpy batch, row_format) for one predict request."""
     if not isinstance(request, dict):
         raise BadRequest("Request body must be a JSON object with \"instances\" (rows) or \"inputs\" (columns).")
-    unknown = set(request) - {"instances", "inputs", "signature_name"}
-    if unknown:
-        raise BadRequest(f"Unknown request keys {sorted(unknown)}; expected instances or inputs, "
-                         f"and optionally signature_name.")
+    # Other top-level keys are ignored, as TF Serving ignores them.
     if ("instances" in request) == ("inputs" in request):
         raise BadRequest("Exactly one of \"instances\" (row format) or \"inputs\" (columnar format) is required.")
     names = list(signature.inputs)
@@ -68,6 +66,9 @@ def request_inputs(request, signature, max_images: int) -> tuple[dict, bool]:
     tensors = {}
     for name in names:
         tensors[name] = to_array(raw[name], signature.inputs[name], name)
+        problem = pixel_range_problem(tensors[name], request.get(UNIT_RANGE_OPTION) is True)
+        if problem:
+            raise BadRequest(f"Input {name!r}: {problem}.")
         problem = pixel_range_problem(tensors[name], request.get(UNIT_RANGE_OPTION) is True)
         if problem:
             raise BadRequest(f"Input {name!r}: {problem}.")
@@ -179,28 +180,67 @@ def shape_text(spec) -> str:
 
 
 # ---- images ---------------------------------------------------------------------------
-def prepare_image(data: bytes, index: int, max_pixels: int, background=(255, 255, 255)) -> bytes:
-    """Check an encoded image from its header; re-encode to PNG what TF would decode differently.
+JPEG_SCALES = (2, 4, 8)  # what JPEG draft mode can decode at, for free
 
-    Plain JPEG/PNG pass through untouched (decoded in the SavedModel graph,
-    as in training); EXIF-rotated, transparent, CMYK, 16-bit, GIF, BMP, WebP
-    and TIFF images are decoded with Pillow exactly as training did and sent
-    on as lossless PNG, so the server agrees with training and `tl-app predict`.
+
+class OpenedImage:
+    """An encoded image whose header was read: its decoded size (after any downscale) and how to finish it."""
+
+    def __init__(self, data: bytes, image, pixels: int, convert: bool):
+        self.data = data
+        self.image = image
+        self.pixels = pixels
+        self.convert = convert
+
+    def finish(self, background=(255, 255, 255)) -> bytes:
+        """The bytes the model decodes: the original, or a lossless PNG of what Pillow decoded."""
+        from PIL import Image
+
+        try:
+            if not self.convert:
+                return self.data
+            pixels = np.asarray(to_rgb(self.image, background), dtype=np.uint8)
+        except Exception as exc:
+            raise BadRequest(f"Image: not a decodable image ({type(exc).__name__}: {str(exc)[:120]}).") from None
+        finally:
+            self.image.close()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+
+
+def open_image(data: bytes, index: int, max_pixels: int, image_pixels: int | None = None) -> OpenedImage:
+    """Read an encoded image's header (no pixels yet); refuse what is too big to decode.
+
+    Over ``max_pixels`` is a 400 (the run's limit, as training refuses it).
+    Over ``image_pixels`` (the decode budget): a JPEG is set to decode at
+    1/2, 1/4 or 1/8 scale (draft mode, no full-size buffer ever), anything
+    else is a 413.
     """
     from PIL import Image
 
-
+    image_pixels = image_pixels or max_pixels
     if not data:
         raise BadRequest(f"Image {index}: empty.")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels or max(width, height) > 4 * MAX_PIXEL_SIDE:
+            image.close()
+            raise BadRequest(f"Image {index}: too many pixels ({width}x{height}); the limit is {max_pixels}.")
+        convert = not graph_decodable(image)
+        if width * height > image_pixels:
+            scale = next((k for k in JPEG_SCALES if -(-width // k) * -(-height // k) <= image_pixels), None)
+            if (image.format or "").upper() != "JPEG" or scale is None:
+                image.close()
+                raise TooLarge(f"Image {index}: {width}x{height} decodes to {width * height} pixels, over the "
+                               f"server's budget of {image_pixels} per image (--image-pixels); send it smaller "
+                               f"(as JPEG it would be downscaled while decoding).")
+            image.draft("RGB", (-(-width // scale), -(-height // scale)))
             width, height = image.size
-            if width * height > max_pixels or max(width, height) > 4 * MAX_PIXEL_SIDE:
-                raise BadRequest(f"Image {index}: too many pixels ({width}x{height}); the limit is {max_pixels}.")
-            if graph_decodable(image):
-                return data
-        pixels = decode_pil(data, background)
-    except BadRequest:
+            convert = True
+        return OpenedImage(data, image, width * height, convert)
+    except (BadRequest, TooLarge):
         raise
     except Image.DecompressionBombError:
         raise BadRequest(f"Image {index}: too many pixels (possible decompression bomb).") from None
@@ -208,9 +248,22 @@ def prepare_image(data: bytes, index: int, max_pixels: int, background=(255, 255
         raise BadRequest(f"Image {index}: not a decodable image (unknown or unsupported format).") from None
     except Exception as exc:
         raise BadRequest(f"Image {index}: not a decodable image ({type(exc).__name__}: {str(exc)[:120]}).") from None
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+
+
+def prepare_image(data: bytes, index: int, max_pixels: int, background=(255, 255, 255),
+                  image_pixels: int | None = None) -> bytes:
+    """Check an encoded image from its header; re-encode to PNG what TF would decode differently.
+
+    Plain JPEG/PNG pass through untouched (decoded in the SavedModel graph,
+    as in training); EXIF-rotated, transparent, CMYK, 16-bit, GIF, BMP, WebP
+    and TIFF images are decoded with Pillow exactly as training did and sent
+    on as lossless PNG, so the server agrees with training and `tl-app predict`.
+    """
+    opened = open_image(data, index, max_pixels, image_pixels)
+    try:
+        return opened.finish(background)
+    except BadRequest as exc:
+        raise BadRequest(str(exc).replace("Image:", f"Image {index}:", 1)) from None
 
 
 # ---- responses --------------------------------------------------------------------------
@@ -219,7 +272,50 @@ def to_json_value(name: str, array: np.ndarray):
         if name.endswith("_bytes"):
             return _map_strings(array, lambda b: {"b64": base64.b64encode(b).decode("ascii")})
         return _map_strings(array, lambda b: b.decode("utf-8", errors="replace") if isinstance(b, bytes) else b)
+    if array.dtype == np.float32:
+        return float32_values(array)
     return array.tolist()
+
+
+def float32_values(array: np.ndarray):
+    """float32 as TF Serving writes it: the shortest decimal that reads back the same (at most 9 digits).
+
+    ``array.tolist()`` widens to float64 first: 0.1f would be written 0.10000000149011612.
+    """
+    return np.asarray(array, dtype=np.float32).astype(str).astype(np.float64).tolist()
+
+
+def float32_value(value) -> float:
+    return float(str(np.float32(value)))
+
+
+def classify_inputs(request, input_name: str, max_images: int) -> np.ndarray:
+    """The encoded images of a TF Serving :classify body, ``{"examples": [{"image_bytes": {"b64": ...}}]}``."""
+    if not isinstance(request, dict) or not isinstance(request.get("examples"), list):
+        raise BadRequest("A :classify body is a JSON object with \"examples\": [{\"%s\": {\"b64\": \"...\"}}, ...]."
+                         % input_name)
+    context = request.get("context") or {}
+    if not isinstance(context, dict):
+        raise BadRequest("\"context\" must be an object of features shared by every example.")
+    examples = request["examples"]
+    if not examples:
+        raise BadRequest("No examples given: send at least one.")
+    if len(examples) > max_images:
+        raise TooLarge(f"{len(examples)} examples in one request; the limit is {max_images} (--max-images).")
+    values = []
+    for i, example in enumerate(examples):
+        if not isinstance(example, dict):
+            raise BadRequest(f"Example {i} must be an object of features, such as {{\"{input_name}\": {{\"b64\": ...}}}}.")
+        features = {**context, **example}
+        value = features.get(input_name)
+        if value is None and len(features) == 1:
+            value = next(iter(features.values()))
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if not is_b64(value):
+            raise BadRequest(f"Example {i}: feature {input_name!r} must be {{\"b64\": \"...\"}} (the encoded image).")
+        values.append(value)
+    return _strings(values, input_name)
 
 
 def _map_strings(array: np.ndarray, fn):
