@@ -16,7 +16,6 @@ import re
 
 import numpy as np
 from tl_app.data.images import UNIT_RANGE_OPTION, pixel_range_problem
-from tl_app.data.images import UNIT_RANGE_OPTION, pixel_range_problem
 from tl_app.data.images import graph_decodable, to_rgb
 
 MAX_PIXEL_SIDE = 8192
@@ -66,9 +65,6 @@ def request_inputs(request, signature, max_images: int) -> tuple[dict, bool]:
     tensors = {}
     for name in names:
         tensors[name] = to_array(raw[name], signature.inputs[name], name)
-        problem = pixel_range_problem(tensors[name], request.get(UNIT_RANGE_OPTION) is True)
-        if problem:
-            raise BadRequest(f"Input {name!r}: {problem}.")
         problem = pixel_range_problem(tensors[name], request.get(UNIT_RANGE_OPTION) is True)
         if problem:
             raise BadRequest(f"Input {name!r}: {problem}.")
