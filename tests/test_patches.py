@@ -77,7 +77,7 @@ def test_top_k_streams_the_same_winners_as_sorting_everything():
     acts = rng.normal(size=(50, 3, 4, 5)).astype(np.float32)
     top = TopK(5, 4)
     for start in range(0, 50, 7):
-        top.add(acts[start:start + 7], start)
+        top.add(acts[start:start + 7], np.arange(start, min(start + 7, 50)))
     peaks = acts.reshape(50, 12, 5).max(axis=1)
     for unit in range(5):
         assert list(top.images[unit]) == list(np.argsort(-peaks[:, unit])[:4])
@@ -103,3 +103,37 @@ def test_cli_user_mistakes_are_plain_errors(square_folder, tmp_path):
     no_head = runner.invoke(main, ["patches", "vgg16", str(square_folder), "--input-size", "32",
                                    "--for-class", "a", "--out", str(tmp_path / "s.png")])
     assert no_head.exit_code != 0 and "trained model" in no_head.output
+
+
+@pytest.fixture(scope="module")
+def logistic_run(tmp_path_factory, sample_dir):
+    """A run (vgg16, random weights, 32 px) whose head is one Dense layer on the pooled block5 features."""
+    from factories import make_run_dir, small_config
+
+    config = small_config(tmp_path_factory.mktemp("patches-run"), sample_dir, backbone="vgg16")
+    config.head.kind = "logistic"
+    return make_run_dir(config)
+
+
+def test_for_class_shows_the_units_with_the_largest_head_weights(logistic_run, sample_dir, tmp_path):
+    from tl_app.models.opener import load_run_model
+
+    kernel = np.asarray(load_run_model(logistic_run).get_layer("head").get_layer("probabilities").kernel)
+    classes = json.loads((logistic_run / "run.json").read_text())["classes"]
+    column = kernel[:, classes.index("squares")]
+    summary = patches(logistic_run, sample_dir, for_class="squares", units=3, per_unit=2,
+                      out=tmp_path / "squares.png", echo=None)
+    assert summary["layer"] == "block5_conv3"
+    assert [row["unit"] for row in summary["units"]] == list(np.argsort(-column)[:3])
+    assert all(column[row["unit"]] > 0 for row in summary["units"])
+
+
+def test_report_shows_what_the_features_see_for_each_class(logistic_run):
+    from tl_app.insight.report import build_report
+
+    text = build_report(logistic_run, evaluate_missing=False, explanations=0, echo=None).read_text()
+    section = text.split('id="features-see"', 1)[1].split("</section>", 1)[0]
+    classes = json.loads((logistic_run / "run.json").read_text())["classes"]
+    assert all(f"<h3>{name}</h3>" in section for name in classes)
+    assert section.count('src="data:image/png;base64,') == len(classes)
+    assert (logistic_run / "patches" / "report" / "features.json").is_file()

@@ -2,8 +2,8 @@
 
 One streaming pass over the folder keeps, for every channel of one convolutional
 layer, the K images whose strongest activation is highest (one position per
-image) and a running variance of that strongest activation; memory does not
-grow with the folder. Each winner's receptive field (models.receptive_field) is
+image) and a running variance of that strongest activation; beyond the list of
+files, memory does not grow with the folder. Each winner's receptive field (models.receptive_field) is
 mapped back through the resize policy the model was fed with and cropped from
 the decoded original (EXIF-oriented, transparency on the run's background).
 """
@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 
 from tl_app.core.errors import ConfigError, DataError, TlAppError, unknown_choice
-from tl_app.data.images import decode_pil
-from tl_app.data.pipeline import effective_policy, resize_images
+from tl_app.data.images import EXIF_ORIENTATION, decode_pil
+from tl_app.data.pipeline import effective_policy, make_dataset
 from tl_app.data.scan import scan
 from tl_app.models.backbones import REGISTRY, BackbonePreprocess, build_base, get_spec, resolve_input_size
 from tl_app.models.opener import open_model
@@ -99,8 +99,8 @@ def _default_layer(model, name: str) -> str:
 
 
 def _call(model) -> Callable:
-    def activations(images):
-        return np.asarray(model(np.asarray(images, np.float32), training=False), np.float32)
+    def activations(images):  # predict_on_batch: one compiled function, not an eager call per batch
+        return np.asarray(model.predict_on_batch(np.asarray(images, np.float32)), np.float32)
     return activations
 
 
@@ -194,15 +194,15 @@ class TopK:
         self.mean = np.zeros(channels, np.float64)
         self.m2 = np.zeros(channels, np.float64)
 
-    def add(self, activations: np.ndarray, first_image: int) -> None:
+    def add(self, activations: np.ndarray, image_ids) -> None:
         batch, height, width, channels = activations.shape
         flat = activations.reshape(batch, height * width, channels)
         where = flat.argmax(axis=1)  # (B, C)
         peaks = np.take_along_axis(flat, where[:, None, :], axis=1)[:, 0, :]
         self._variance(peaks)
         values = np.concatenate([self.values, peaks.T], axis=1)
-        images = np.concatenate([self.images, np.broadcast_to(np.arange(first_image, first_image + batch),
-                                                              (channels, batch))], axis=1)
+        images = np.concatenate([self.images, np.broadcast_to(np.asarray(image_ids, np.int64), (channels, batch))],
+                                axis=1)
         rows = np.concatenate([self.rows, (where // width).T.astype(np.int32)], axis=1)
         cols = np.concatenate([self.cols, (where % width).T.astype(np.int32)], axis=1)
         keep = np.argsort(-values, axis=1, kind="stable")[:, :self.k]
@@ -223,47 +223,37 @@ class TopK:
     def variance(self) -> np.ndarray:
         return self.m2 / max(self.count, 1)
 
-    def held(self) -> set[int]:
-        return set(int(i) for i in np.unique(self.images) if i >= 0)
 
-
-def stream(probe: Probe, items, k: int, batch_size: int = 32, say=None) -> tuple[TopK | None, dict, list]:
-    """One pass: (top-K per channel, what is known of the images still held, skipped files)."""
-    top, held, skipped, batch, meta = None, {}, [], [], []
-    seen = 0
-
-    def flush():
-        nonlocal top, seen
-        if not batch:
-            return
-        acts = probe.activations(np.stack(batch))
+def stream(probe: Probe, records, k: int, batch_size: int = 32, say=None) -> tuple[TopK | None, list]:
+    """One pass through data.pipeline's decode and resize (parallel, the training pipeline's own):
+    (top-K per channel, skipped files). Heaps refer to images by their index in ``records``."""
+    top, seen, done = None, np.zeros(len(records), bool), 0
+    dataset = make_dataset(records, probe.input_size, probe.resize_policy, batch_size, with_index=True,
+                           background=probe.background)
+    for images, index in dataset:
+        acts = probe.activations(images.numpy())
         if acts.ndim != 4:
             raise TlAppError(f"Layer {probe.layer!r} gives {acts.ndim}-D outputs; patches need (N, H, W, C).")
         top = top or TopK(acts.shape[-1], k)
-        top.add(acts, seen)
-        for n, info in enumerate(meta):
-            held[seen + n] = info
-        seen += len(batch)
-        keep = top.held()
-        for index in [i for i in held if i not in keep]:
-            del held[index]
-        batch.clear()
-        meta.clear()
-        if say is not None and seen % (batch_size * 20) == 0:
-            say(f"  {seen} images")
+        index = index.numpy()
+        top.add(acts, index)
+        seen[index] = True
+        done += len(index)
+        if say is not None and done // batch_size % 20 == 0:
+            say(f"  {done} of {len(records)} images")
+    skipped = [{"path": records[i].path, "reason": "could not be decoded (or changed since the scan)"}
+               for i in np.flatnonzero(~seen)]
+    return top, skipped
 
-    for path, label in items:
-        try:
-            decoded = decode_pil(str(path), probe.background)
-        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the pass
-            skipped.append({"path": str(path), "reason": f"could not be read as an image: {exc}"})
-            continue
-        batch.append(resize_images(decoded, probe.input_size, probe.resize_policy).numpy())
-        meta.append((str(path), label, int(decoded.shape[0]), int(decoded.shape[1])))
-        if len(batch) == batch_size:
-            flush()
-    flush()
-    return top, held, skipped
+
+def oriented_size(path: str) -> tuple[int, int]:
+    """(height, width) of an image as decoded: EXIF orientations 5-8 swap the stored sides."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        turned = int(image.getexif().get(EXIF_ORIENTATION, 1) or 1) in (5, 6, 7, 8)
+    return (width, height) if turned else (height, width)
 
 
 # ---- which units -------------------------------------------------------------------------
@@ -305,48 +295,36 @@ def check_arguments(units: int, per_unit: int, batch_size: int) -> None:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
 
 
-def folder_items(data) -> list[tuple[str, str]]:
-    """(path, class) of every usable image of a dataset folder (all splits)."""
+def folder_records(data) -> list:
+    """Every usable image of a dataset folder (all splits), as data.scan finds them."""
     manifest = scan(data)
     if not manifest.records:
         raise DataError(f"No usable image in {str(data)!r}: expected root/<class>/*.jpg (or .png ...).")
-    return [(r.path, r.label) for r in manifest.records]
+    return manifest.records
 
 
 def patches(source, data, layer: str = "", units: int = DEFAULT_UNITS, unit_ids=None, per_unit: int = DEFAULT_PER_UNIT,
             for_class: str | None = None, out: str | Path | None = None, weights: str = "none",
             input_size: int = 0, resize_policy: str = "auto", batch_size: int = 32, echo=print,
-            probe: Probe | None = None, items=None, sheet: bool = True) -> dict:
+            probe: Probe | None = None, records=None, sheet: bool = True) -> dict:
     """Top-``per_unit`` patches of chosen channels of one layer over a folder; a contact sheet and a JSON list.
 
     ``source``: a backbone name (``weights`` says which), a run directory or exported model, or a Keras
-    model. ``items`` (path, class) pairs replace the folder scan (the report passes its own).
+    model. ``records`` (data.scan Records) replace the folder scan (the report passes the run's).
     """
     say = echo or (lambda *a, **k: None)
     check_arguments(units, per_unit, batch_size)
     probe = probe or probe_for(source, layer, weights, input_size, resize_policy)
     if for_class is not None and not unit_ids:
         class_units(probe, for_class, units)  # fail before the pass, not after it
-    items = list(items) if items is not None else folder_items(data)
+    records = list(records) if records is not None else folder_records(data)
     say(f"{probe.description}: layer {probe.layer}, receptive field {probe.field.size[0]:g} px "
-        f"(jump {probe.field.jump[0]:g}) at {probe.input_size} px; {len(items)} images")
-    top, held, skipped = stream(probe, items, per_unit, batch_size, say)
+        f"(jump {probe.field.jump[0]:g}) at {probe.input_size} px; {len(records)} images")
+    top, skipped = stream(probe, records, per_unit, batch_size, say)
     if top is None:
-        raise DataError(f"None of the {len(items)} images of {str(data)!r} could be read; see the skipped list.")
+        raise DataError(f"None of the {len(records)} images of {str(data)!r} could be read.")
     chosen, rule = choose_units(top, probe, units, unit_ids, for_class)
-    rows = []
-    for unit in chosen:
-        entries = []
-        for value, image, row, col in zip(top.values[unit], top.images[unit], top.rows[unit], top.cols[unit]):
-            if image < 0 or not np.isfinite(value):
-                continue
-            path, label, height, width = held[int(image)]
-            box_in = probe.field.box(int(row), int(col), probe.input_size, probe.input_size)
-            box = to_original(box_in, probe.input_size, height, width, probe.resize_policy)
-            entries.append({"file": path, "class": label, "unit": unit, "value": float(value),
-                            "position": [int(row), int(col)], "box": list(box),
-                            "box_input": [round(v, 2) for v in box_in]})
-        rows.append({"unit": unit, "variance": float(top.variance[unit]), "patches": entries})
+    rows = unit_rows(top, records, probe, chosen)
     summary = {"source": probe.description, "layer": probe.layer, "input_size": probe.input_size,
                "resize_policy": effective_policy(probe.resize_policy),
                "receptive_field": {"size": list(probe.field.size), "jump": list(probe.field.jump),
@@ -365,6 +343,64 @@ def patches(source, data, layer: str = "", units: int = DEFAULT_UNITS, unit_ids=
         say(f"sheet: {summary['sheet']} ({len(rows)} units x up to {per_unit} patches); list: {summary['json']}")
     for item in skipped:
         say(f"skipped {item['path']}: {item['reason']}")
+    return summary
+
+
+def unit_rows(top: TopK, records, probe: Probe, chosen: list[int]) -> list[dict]:
+    """Each chosen unit's patches: file, class, activation, position in the layer, box in the original."""
+    rows = []
+    for unit in chosen:
+        entries = []
+        for value, image, row, col in zip(top.values[unit], top.images[unit], top.rows[unit], top.cols[unit]):
+            if image < 0 or not np.isfinite(value):
+                continue
+            record = records[int(image)]
+            path, label = record.path, record.label
+            height, width = oriented_size(path)
+            box_in = probe.field.box(int(row), int(col), probe.input_size, probe.input_size)
+            box = to_original(box_in, probe.input_size, height, width, probe.resize_policy)
+            entries.append({"file": path, "class": label, "unit": unit, "value": float(value),
+                            "position": [int(row), int(col)], "box": list(box),
+                            "box_input": [round(v, 2) for v in box_in]})
+        rows.append({"unit": unit, "variance": float(top.variance[unit]), "patches": entries})
+    return rows
+
+
+# ---- the run report's "What the features see" -----------------------------------------------
+REPORT_IMAGES = 1000  # the report reads at most this many of the run's images (evenly spaced)
+
+
+def class_feature_patches(run_dir: str | Path, records, out_dir: str | Path, units: int = 4,
+                          per_unit: int = 6) -> dict:
+    """For every class, the units its head weighs most and their patches: one streaming pass, one sheet
+    per class. Kept in out_dir/features.json so a second report does not read the images again."""
+    out_dir = Path(out_dir)
+    saved = out_dir / "features.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    records = list(records)
+    if len(records) > REPORT_IMAGES:
+        records = [records[int(i)] for i in np.linspace(0, len(records) - 1, REPORT_IMAGES)]
+    probe = probe_for(str(run_dir))
+    if probe.class_weights is None:
+        raise TlAppError(f"the head gives no per-feature class weights ({probe.class_weights_note or 'no Dense head'})")
+    top, skipped = stream(probe, records, per_unit)
+    if top is None:
+        raise DataError("none of the run's images could be read")
+    classes = []
+    for name in probe.classes:
+        rows = unit_rows(top, records, probe, class_units(probe, name, units))
+        sheet = draw_sheet(rows, out_dir / f"class_{len(classes):02d}.png",
+                           f"{name}: the {len(rows)} units with the largest head weights", probe.background)
+        weights = probe.class_weights[:, probe.classes.index(name)]
+        classes.append({"class": name, "sheet": str(sheet),
+                        "units": [{"unit": r["unit"], "weight": float(weights[r["unit"]]), "patches": r["patches"]}
+                                  for r in rows]})
+    summary = {"source": probe.description, "layer": probe.layer, "images": top.count,
+               "receptive_field": probe.field.size[0], "class_weights": probe.class_weights_note,
+               "classes": classes, "skipped": skipped}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -19,11 +19,12 @@ from tl_app.training.diagnosis import DIAGNOSIS_FILE, HISTORY_FILE
 from tl_app.insight.evaluate import evaluate, informative_top_k
 from tl_app.models.opener import open_model
 from tl_app.insight.explain import GradCam, explain
+from tl_app.insight.patches import class_feature_patches
 from tl_app.models.artifacts import read_run_info
 from tl_app.data.scan import Manifest
 
 SECTIONS = ("summary", "config", "data", "curves", "diagnosis", "evaluation", "confusion-matrix", "top-losses",
-            "explanations")
+            "explanations", "features-see")
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f8fa;color:#24292f}
@@ -110,6 +111,20 @@ def ensure_explanations(run_dir: Path, metrics: dict | None, count: int) -> dict
                    loaded=loaded)
 
 
+def ensure_feature_patches(run_dir: Path) -> tuple[dict | None, str]:
+    """Per class, the units the head weighs most and the image regions that excite them (insight.patches)."""
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        return None, "no manifest.json in this run"
+    records = [r for r in Manifest.load(path).records if Path(r.path).is_file()]
+    if not records:
+        return None, "the run's images are not available"
+    try:
+        return class_feature_patches(run_dir, records, run_dir / "patches" / "report"), ""
+    except TlAppError as exc:
+        return None, str(exc)
+
+
 def build_report(run_dir: str | Path, out: str | Path | None = None, evaluate_missing: bool = True,
                  explanations: int = 3, echo=print) -> Path:
     """Write run_dir/report.html (or ``out``) and return its path."""
@@ -131,6 +146,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, evaluate_mi
         section("top-losses", "Top losses", image_tag(Path(metrics["files"]["top_losses.png"]), "top losses")
                 if metrics else '<p class="note">no evaluation</p>'),
         section("explanations", "Explanations", explanations_body(explained)),
+        section("features-see", "What the features see", features_body(*ensure_feature_patches(run_dir))),
     ]
     nav = "".join(f'<a href="#{s}">{s.replace("-", " ")}</a>' for s in SECTIONS)
     title = f"tl-app report: {run_dir.name}"
@@ -241,6 +257,21 @@ def confusion_body(metrics: dict | None) -> str:
     files = metrics["files"]
     return (image_tag(files["confusion_matrix.png"], "confusion matrix")
             + image_tag(files["confusion_matrix_normalized.png"], "normalised confusion matrix"))
+
+
+def features_body(summary: dict | None, why: str) -> str:
+    if not summary:
+        return f'<p class="note">no feature patches: {esc(why)}</p>'
+    body = (f"<p>{esc(summary['source'])}, layer {esc(summary['layer'])} (receptive field "
+            f"{summary['receptive_field']:g} px), over {summary['images']} of the run's images. For each class, "
+            f"the units with the largest positive head weights ({esc(summary['class_weights'])}), and the regions "
+            f"of the images that excite each unit most, one row per unit.</p>")
+    for item in summary["classes"]:
+        units = ", ".join(f"{u['unit']} ({u['weight']:.3g})" for u in item["units"]) or "none with a positive weight"
+        body += f"<h3>{esc(item['class'])}</h3><p>units (weight): {esc(units)}</p>"
+        if item["units"]:
+            body += image_tag(item["sheet"], f"patches of the units {item['class']} rests on")
+    return body
 
 
 def explanations_body(summary: dict | None) -> str:
