@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from tl_app.core.config import Config
 from tl_app.core.files import atomic_write_text
@@ -27,9 +28,11 @@ from tl_app.features.extract import extract_features
 from tl_app.insight.confident_learning import label_issues, out_of_fold_probabilities, reduce_features
 from tl_app.insight.doctor_page import write_page
 
-DUPLICATE_COSINE = 0.97  # centred features at least this similar: a feature-space near-duplicate
-OUTLIER_NEIGHBOURS = 5
-OUTLIER_MADS = 4.0  # k-NN distance this many median absolute deviations above the median: an outlier
+DUPLICATE_COSINE = 0.97  # standardised features at least this similar: a feature-space near-duplicate
+PHASH_CONFIRM_COSINE = 0.8  # a dHash match counts when the features agree this much (flat shapes share hashes)
+DUPLICATE_NEIGHBOURS = 5
+OUTLIER_NEIGHBOURS = 10  # more than a few: planted or real outliers often come in look-alike pairs
+OUTLIER_MADS = 3.5  # k-NN distance this many (scaled) median absolute deviations above the median
 TINY_SIDE = 32
 EXTREME_ASPECT = 4.0
 FLAT_STD = 3.0  # grey levels: a thumbnail this flat is blank
@@ -37,22 +40,27 @@ ISSUE_COLUMNS = ["path", "relpath", "kind", "action", "given_label", "suggested_
                  "group", "detail"]
 
 
-def pairwise_neighbours(x: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and cosine similarities of each row's ``k`` nearest other rows (blocked, O(N*block) memory)."""
+def pairwise_neighbours(x: np.ndarray, k: int, metric: str = "cosine",
+                        block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest other rows: indices and cosine similarities (``x`` unit rows, largest
+    first) or Euclidean distances (smallest first). Blocked: O(N * block) memory."""
     n = len(x)
     k = max(1, min(k, n - 1))
     idx = np.zeros((n, k), np.int64)
-    sims = np.zeros((n, k), np.float32)
+    values = np.zeros((n, k), np.float32)
+    squares = (x * x).sum(axis=1)
     for start in range(0, n, block):
         stop = min(n, start + block)
         s = x[start:stop] @ x.T
+        if metric == "euclidean":  # as a negated distance, so that larger is nearer in both cases
+            s = -np.sqrt(np.maximum(squares[start:stop, None] + squares[None, :] - 2 * s, 0))
         s[np.arange(stop - start), np.arange(start, stop)] = -np.inf
         part = np.argpartition(-s, k - 1, axis=1)[:, :k]
         vals = np.take_along_axis(s, part, axis=1)
         order = np.argsort(-vals, axis=1)
         idx[start:stop] = np.take_along_axis(part, order, axis=1)
-        sims[start:stop] = np.take_along_axis(vals, order, axis=1)
-    return idx, sims
+        values[start:stop] = np.take_along_axis(vals, order, axis=1)
+    return idx, (-values if metric == "euclidean" else values)
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -60,9 +68,10 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
 
 
-def duplicate_groups(records: list[Record], neighbour_idx: np.ndarray, neighbour_sim: np.ndarray,
-                     cosine: float = DUPLICATE_COSINE) -> list[dict]:
-    """Groups linked by identical bytes, a dHash match or a feature-space neighbour above ``cosine``."""
+def duplicate_groups(records: list[Record], unit: np.ndarray, neighbour_idx: np.ndarray,
+                     neighbour_sim: np.ndarray, cosine: float = DUPLICATE_COSINE) -> list[dict]:
+    """Groups linked by identical bytes, a dHash match the features confirm, or a feature-space
+    neighbour above ``cosine`` (``unit``: unit-length feature rows)."""
     pairs: list[tuple[str, str, int]] = []
     how: dict[tuple[int, int], set] = {}
 
@@ -78,7 +87,8 @@ def duplicate_groups(records: list[Record], neighbour_idx: np.ndarray, neighbour
         for other in members[1:]:
             link(members[0], other, "exact")
     for a, b, _ in near_pairs({f"{i:09d}": r.dhash for i, r in enumerate(records)}):
-        link(int(a), int(b), "phash")
+        if float(unit[int(a)] @ unit[int(b)]) >= PHASH_CONFIRM_COSINE:
+            link(int(a), int(b), "phash")
     for i in range(len(records)):
         for j, s in zip(neighbour_idx[i], neighbour_sim[i]):
             if s >= cosine:
@@ -93,8 +103,8 @@ def duplicate_groups(records: list[Record], neighbour_idx: np.ndarray, neighbour
         kinds = sorted({k for (a, b), ks in how.items() if a in members for k in ks})
         labels = sorted({records[i].label for i in members})
         splits = sorted({records[i].split for i in members})
-        best = max((float(s) for i in members for j, s in zip(neighbour_idx[i], neighbour_sim[i])
-                    if int(j) in members), default=1.0)
+        sims = unit[members] @ unit[members].T
+        best = float(sims[np.triu_indices(len(members), 1)].min())  # the least similar pair
         groups.append({"members": members, "found_by": kinds, "labels": labels, "splits": splits,
                        "crosses_splits": len(splits) > 1, "label_conflict": len(labels) > 1,
                        "score": 1.0 if "exact" in kinds else round(best, 4)})
@@ -102,9 +112,10 @@ def duplicate_groups(records: list[Record], neighbour_idx: np.ndarray, neighbour
     return groups
 
 
-def outlier_scores(neighbour_sim: np.ndarray) -> np.ndarray:
-    """Mean cosine distance to the k nearest images: large when an image is far from every class."""
-    return 1.0 - neighbour_sim.mean(axis=1)
+def outlier_scores(distances: np.ndarray) -> np.ndarray:
+    """Mean Euclidean distance (standardised features) to the k nearest images: large when an image
+    is far from every class. Cosine misses them: noise and blank frames differ in length, not angle."""
+    return distances.mean(axis=1)
 
 
 def flagged_outliers(scores: np.ndarray, mads: float = OUTLIER_MADS) -> np.ndarray:
@@ -149,29 +160,37 @@ def quality_findings(records: list[Record]) -> list[dict]:
 
 def diagnose(features: np.ndarray, records: list[Record], classes: list[str], folds: int = 5,
              seed: int = 0, cosine: float = DUPLICATE_COSINE) -> dict:
-    """Every finding, from features aligned with records (no file is changed)."""
+    """Every finding, from features aligned with records (no file is changed).
+
+    BLAS runs on one thread here: these are small factorisations, and OpenBLAS
+    threads spinning on a shared 2-core machine made a 2,000 x 138 QR take 7 s
+    instead of 0.09 s (measured).
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _diagnose(features, records, classes, folds, seed, cosine)
+
+
+def _diagnose(features: np.ndarray, records: list[Record], classes: list[str], folds: int, seed: int,
+              cosine: float) -> dict:
     timings = {}
     started = time.perf_counter()
     labels = np.array([r.label_index for r in records], np.int64)
-    probs = out_of_fold_probabilities(features, labels, len(classes), folds=folds, seed=seed)
+    reduced = reduce_features(features, seed=seed)
+    probs = out_of_fold_probabilities(features, labels, len(classes), folds=folds, seed=seed, reduced=reduced)
     issues = label_issues(probs, labels)
     timings["labels_s"] = round(time.perf_counter() - started, 3)
 
     started = time.perf_counter()
-    x = unit_rows(reduce_features(features, seed=seed))
-    idx, sims = pairwise_neighbours(x, OUTLIER_NEIGHBOURS)
-    groups = duplicate_groups(records, idx, sims, cosine)
+    unit = unit_rows(reduced)
+    idx, sims = pairwise_neighbours(unit, DUPLICATE_NEIGHBOURS)
+    groups = duplicate_groups(records, unit, idx, sims, cosine)
     timings["duplicates_s"] = round(time.perf_counter() - started, 3)
 
     started = time.perf_counter()
-    in_group = {m for g in groups for m in g["members"]}
-    scores = outlier_scores(sims)
-    # a near-duplicate's twin is its nearest neighbour: judge it by the neighbours after the group
-    for i in in_group:
-        others = [s for j, s in zip(idx[i], sims[i]) if int(j) not in in_group or s < cosine]
-        scores[i] = 1.0 - float(np.mean(others)) if others else scores[i]
+    near, distances = pairwise_neighbours(reduced, OUTLIER_NEIGHBOURS, metric="euclidean")
+    scores = outlier_scores(distances)
     outliers = [{"row": int(i), "score": round(float(scores[i]), 4),
-                 "nearest_class": classes[int(labels[idx[i, 0]])]} for i in flagged_outliers(scores)]
+                 "nearest_class": classes[int(labels[near[i, 0]])]} for i in flagged_outliers(scores)]
     outliers.sort(key=lambda f: -f["score"])
     quality = quality_findings(records)
     timings["outliers_quality_s"] = round(time.perf_counter() - started, 3)
