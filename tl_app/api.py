@@ -35,6 +35,7 @@ from tl_app.insight.curves import write_training_report
 from tl_app.insight.doctor import doctor  # noqa: F401  (tl-app datasets doctor)
 from tl_app.insight.embed import embed  # noqa: F401
 from tl_app.insight.evaluate import evaluate  # noqa: F401
+from tl_app.insight.fewshot import fewshot_report as fewshot_episodes  # noqa: F401  (evaluate --episodes)
 from tl_app.insight.explain import explain  # noqa: F401
 from tl_app.insight.patches import patches  # noqa: F401
 from tl_app.insight.report import build_report  # noqa: F401
@@ -44,6 +45,7 @@ from tl_app.models.weights import cache_path, named_weights_status, weights_stat
 from tl_app.serve.app import serve as run_server
 from tl_app.serve.model_config import read_model_config
 from tl_app.training.bottleneck import train_bottleneck
+from tl_app.training.fewshot import edit_classes
 from tl_app.training.devices import is_chief
 from tl_app.training.finetune import resume_finetune, train_finetune
 
@@ -120,3 +122,27 @@ def serve(config: Config, root: str | Path | None = None, log_level: str = "warn
         raise ConfigError(f"Model root {str(root)!r} is not a folder. Export a model first "
                           f"(tl-app export RUN_DIR --root {root}) or pass the folder that holds them.")
     run_server(root, host=settings.host, port=settings.port, settings=settings, log_level=log_level, echo=echo)
+
+
+def classes_add(model, name: str, folder, runs_dir=None, echo=print) -> dict:
+    """Add class ``name`` (images in ``folder``) to a k-NN/prototype run or exported model; an export gets a new
+    version published atomically (a running server picks it up), a run gets a new run folder."""
+    return publish_edit(edit_classes(model, add=(name, folder), runs_dir=runs_dir, echo=echo), echo)
+
+
+def classes_remove(model, name: str, runs_dir=None, echo=print) -> dict:
+    """Remove class ``name`` from a k-NN/prototype run or exported model (published as classes_add is)."""
+    return publish_edit(edit_classes(model, remove=name, runs_dir=runs_dir, echo=echo), echo)
+
+
+def publish_edit(edited: dict, echo=print) -> dict:
+    """An edited export becomes the next version of the same model, with its formats and the parity gate."""
+    source = edited.pop("source")
+    result = {**edited, "published": None}
+    if source["kind"] == "export":
+        card = source["card"]
+        model_dir = Path(source["model_dir"])
+        result["published"] = export_run(edited["run_dir"], root=model_dir.parent, name=model_dir.name,
+                                         formats=card.get("formats") or ("savedmodel", "keras"),
+                                         quantize=bool(card.get("quantized")), echo=echo)
+    return result

@@ -10,8 +10,8 @@ import click
 
 from tl_app import __version__
 from tl_app.cli import common
-from tl_app.cli import (augment_preview, backbones, datasets, doctor, embed, evaluate, explain, export, extract,
-                        patches, predict, quickstart, report, runs, serve, similar, train, weights)
+from tl_app.cli import (augment_preview, backbones, classes, datasets, doctor, embed, evaluate, explain, export,
+                        extract, patches, predict, quickstart, report, runs, serve, similar, train, weights)
 
 common.quiet_tensorflow()
 datasets.datasets.add_command(doctor.doctor)  # tl-app datasets doctor
@@ -35,6 +35,6 @@ def main(verbose):
 
 
 for module in (backbones, weights, datasets, quickstart, train, extract, augment_preview, export, predict, serve,
-               evaluate, explain, patches, embed, similar, report, runs):
+               evaluate, explain, patches, embed, similar, report, runs, classes):
     for command in module.COMMANDS:
         main.add_command(command)

@@ -16,7 +16,13 @@ from tl_app.cli.common import echo_json, load_api
 @click.option("--top-losses", type=int, default=16, show_default=True, help="Images on the top-losses sheet.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")
-def evaluate(model, data, split, out_dir, top_k, top_losses, batch_size, as_json):
+@click.option("--episodes", type=int, default=None,
+              help="Few-shot mode: N-way K-shot episodes on the model's backbone features (e.g. 600).")
+@click.option("--way", type=int, default=5, show_default=True, help="Few-shot mode: classes per episode.")
+@click.option("--shot", "shots", default="1,5,10", show_default=True,
+              help="Few-shot mode: support images per class, comma-separated.")
+@click.option("--queries", type=int, default=15, show_default=True, help="Few-shot mode: query images per class.")
+def evaluate(model, data, split, out_dir, top_k, top_losses, batch_size, as_json, episodes, way, shots, queries):
     """Accuracy, per-class metrics, confusion matrix and top losses of a model on a folder.
 
     \b
@@ -29,8 +35,15 @@ def evaluate(model, data, split, out_dir, top_k, top_losses, batch_size, as_json
     Examples:
       tl-app evaluate runs/flowers
       tl-app evaluate saved_models/flowers holdout/ --split all --out eval/
+      tl-app evaluate runs/flowers --episodes 600 --way 5 --shot 1,5,10
     """
     api = load_api()
+    if episodes is not None:
+        report = api.fewshot_episodes(model, data, episodes=episodes, way=way, shots=shots, queries=queries,
+                                      echo=None if as_json else click.echo)
+        if as_json:
+            echo_json(report)
+        return
 
     metrics = api.evaluate(model, data, split=split, out_dir=out_dir, top_k=top_k, batch_size=batch_size,
                              top_losses=top_losses, echo=None if as_json else click.echo)
