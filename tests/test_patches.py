@@ -88,7 +88,7 @@ def test_cli_writes_sheet_and_json_for_a_backbone(square_folder, tmp_path):
     out = tmp_path / "sheet.png"
     result = CliRunner().invoke(main, ["patches", "vgg16", str(square_folder), "--layer", "block1_conv2",
                                        "--input-size", "32", "--units", "2", "--per-unit", "3",
-                                       "--out", str(out), "--json"])
+                                       "--out", str(out), "--json", "--no-cache"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert len(summary["units"]) == 2 and all(len(u["patches"]) == 3 for u in summary["units"])
@@ -137,3 +137,14 @@ def test_report_shows_what_the_features_see_for_each_class(logistic_run):
     assert all(f"<h3>{name}</h3>" in section for name in classes)
     assert section.count('src="data:image/png;base64,') == len(classes)
     assert (logistic_run / "patches" / "report" / "features.json").is_file()
+
+
+def test_a_second_pass_comes_from_the_cache_unless_the_layer_or_k_changes(square_folder, tmp_path):
+    cache = tmp_path / "cache"
+    common = dict(input_size=32, units=2, out=tmp_path / "s.png", echo=None, cache_dir=cache)
+    first = patches("vgg16", square_folder, layer="block1_conv2", per_unit=4, **common)
+    again = patches("vgg16", square_folder, layer="block1_conv2", per_unit=3, **common)
+    assert not first["cached"] and again["cached"] and len(list(cache.iterdir())) == 1
+    assert again["units"][0]["patches"] == first["units"][0]["patches"][:3]
+    assert not patches("vgg16", square_folder, layer="block1_conv1", per_unit=3, **common)["cached"]
+    assert not patches("vgg16", square_folder, layer="block1_conv2", per_unit=5, **common)["cached"]

@@ -25,9 +25,12 @@ from tl_app.cli.common import echo_json, load_api, require_data_folder, require_
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default="patches.png", show_default=True,
               help="Contact sheet PNG; the list goes next to it as .json.")
+@click.option("--cache-dir", default=".cache/patches", show_default=True,
+              help="Keep the pass (every unit's top-K) here: other --unit/--units/--for-class need no new pass.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the pass cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print (file, unit, value, box) of every patch as JSON.")
 def patches(source, data, layer, units, unit_ids, for_class, per_unit, weights, input_size, resize_policy,
-            batch_size, out, as_json):
+            batch_size, out, cache_dir, no_cache, as_json):
     """Maximal-activation patches: for each unit of a layer, the K image regions of DATA that excite it most.
 
     MODEL_OR_BACKBONE is a run directory, an exported model, or a backbone name (vgg16, resnet50, ...).
@@ -47,7 +50,8 @@ def patches(source, data, layer, units, unit_ids, for_class, per_unit, weights, 
     api = load_api()
     summary = api.patches(source, data, layer=layer, units=units, unit_ids=list(unit_ids), per_unit=per_unit,
                           for_class=for_class, out=out, weights=weights, input_size=input_size,
-                          resize_policy=resize_policy, batch_size=batch_size, echo=None if as_json else click.echo)
+                          resize_policy=resize_policy, batch_size=batch_size, echo=None if as_json else click.echo,
+                          cache_dir=None if no_cache else cache_dir)
     if as_json:
         echo_json(summary)
     require_some_used("images", summary["images"], summary["skipped"])

@@ -10,6 +10,8 @@ the decoded original (EXIF-oriented, transparency on the run's background).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from tl_app.core.files import atomic_write_bytes
 from tl_app.core.errors import ConfigError, DataError, TlAppError, unknown_choice
 from tl_app.data.images import EXIF_ORIENTATION, decode_pil
 from tl_app.data.pipeline import effective_policy, make_dataset
@@ -76,6 +79,7 @@ class Probe:
     classes: list[str] = field(default_factory=list)  # a trained model's classes
     class_weights: np.ndarray | None = field(default=None, repr=False)  # (channels, classes) head weights
     class_weights_note: str = ""
+    identity: str = ""  # what makes two passes the same (model files, weights, layer, size, policy); "" = no cache
 
 
 def _layer_model(model, layer: str):
@@ -147,8 +151,12 @@ def probe_for(source, layer: str = "", weights: str = "none", input_size: int = 
         inner = _layer_model(base, layer)
         inputs = keras.Input((size, size, 3), name="image")
         model = keras.Model(inputs, inner(BackbonePreprocess(spec.preprocess, name="preprocess")(inputs)))
+        weight_file = Path(weights) if weights and Path(weights).is_file() else None
+        identity = json.dumps([spec.name, weights, file_stamp(weight_file) if weight_file else None, layer, size,
+                               effective_policy(resize_policy)])
         return Probe(_call(model), layer, receptive_field(base, layer), size, resize_policy,
-                     f"{spec.name} ({labelled(weights) if weights not in ('', 'none') else 'random weights'})")
+                     f"{spec.name} ({labelled(weights) if weights not in ('', 'none') else 'random weights'})",
+                     identity=identity)
     loaded = open_model(name, keras=True)
     model = loaded.model
     spec = REGISTRY.get(loaded.backbone)
@@ -177,7 +185,18 @@ def probe_for(source, layer: str = "", weights: str = "none", input_size: int = 
     trained = labelled(loaded.config.backbone.weights) if loaded.config is not None else ""
     return Probe(_call(probe_model), layer, receptive_field(backbone, layer), loaded.input_size,
                  loaded.resize_policy, f"{loaded.label} ({spec.name}{', ' + trained if trained else ''})",
-                 tuple(loaded.background), list(loaded.classes), class_weights, note)
+                 tuple(loaded.background), list(loaded.classes), class_weights, note,
+                 identity=json.dumps([str(Path(loaded.source).resolve()), folder_stamp(loaded.source), layer]))
+
+
+def file_stamp(path: Path) -> list:
+    stat = path.stat()
+    return [path.name, stat.st_size, stat.st_mtime_ns]
+
+
+def folder_stamp(folder: Path) -> list:
+    """Size and time of a model folder's own files: a retrained or re-exported model is another pass."""
+    return [file_stamp(p) for p in sorted(Path(folder).iterdir()) if p.is_file()]
 
 
 # ---- the streaming pass ------------------------------------------------------------------
@@ -256,6 +275,44 @@ def oriented_size(path: str) -> tuple[int, int]:
     return (width, height) if turned else (height, width)
 
 
+# ---- the pass cache ----------------------------------------------------------------------
+def cache_file(probe: Probe, records, cache_dir) -> Path | None:
+    """One file per (model, layer, size, policy, the images in order and their content); None: no cache."""
+    if not cache_dir or not probe.identity:
+        return None
+    digest = hashlib.sha256(probe.identity.encode())
+    for record in records:
+        digest.update(f"\0{record.path}\0{record.sha256}".encode())
+    return Path(cache_dir) / f"pass-{digest.hexdigest()[:24]}.npz"
+
+
+def cached_pass(path: Path | None, k: int) -> tuple[TopK | None, list]:
+    """The heaps of an earlier pass with at least ``k`` patches per unit (cut to ``k``), or None."""
+    if path is None or not path.is_file():
+        return None, []
+    try:
+        with np.load(path) as data:
+            if int(data["k"]) < k:
+                return None, []
+            top = TopK(data["values"].shape[0], k)
+            for name in ("values", "images", "rows", "cols"):
+                setattr(top, name, np.array(data[name][:, :k]))
+            top.count, top.mean, top.m2 = int(data["count"]), np.array(data["mean"]), np.array(data["m2"])
+            return top, json.loads(str(data["skipped"]))
+    except (OSError, ValueError, KeyError):  # a damaged cache file is a miss, never an error
+        return None, []
+
+
+def save_pass(path: Path | None, top: TopK, skipped: list) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, values=top.values, images=top.images, rows=top.rows, cols=top.cols, count=top.count,
+             mean=top.mean, m2=top.m2, k=top.k, skipped=json.dumps(skipped))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 # ---- which units -------------------------------------------------------------------------
 def choose_units(top: TopK, probe: Probe, units: int = DEFAULT_UNITS, unit_ids=None,
                  for_class: str | None = None) -> tuple[list[int], str]:
@@ -306,11 +363,14 @@ def folder_records(data) -> list:
 def patches(source, data, layer: str = "", units: int = DEFAULT_UNITS, unit_ids=None, per_unit: int = DEFAULT_PER_UNIT,
             for_class: str | None = None, out: str | Path | None = None, weights: str = "none",
             input_size: int = 0, resize_policy: str = "auto", batch_size: int = 32, echo=print,
-            probe: Probe | None = None, records=None, sheet: bool = True) -> dict:
+            probe: Probe | None = None, records=None, sheet: bool = True, cache_dir: str | Path | None = None
+            ) -> dict:
     """Top-``per_unit`` patches of chosen channels of one layer over a folder; a contact sheet and a JSON list.
 
     ``source``: a backbone name (``weights`` says which), a run directory or exported model, or a Keras
     model. ``records`` (data.scan Records) replace the folder scan (the report passes the run's).
+    With ``cache_dir``, the pass (top-K heaps of every unit, variances) is kept there, keyed by the model's
+    files, layer, size, policy and the images' content: other units, rules or a smaller K need no new pass.
     """
     say = echo or (lambda *a, **k: None)
     check_arguments(units, per_unit, batch_size)
@@ -320,7 +380,15 @@ def patches(source, data, layer: str = "", units: int = DEFAULT_UNITS, unit_ids=
     records = list(records) if records is not None else folder_records(data)
     say(f"{probe.description}: layer {probe.layer}, receptive field {probe.field.size[0]:g} px "
         f"(jump {probe.field.jump[0]:g}) at {probe.input_size} px; {len(records)} images")
-    top, skipped = stream(probe, records, per_unit, batch_size, say)
+    cache = cache_file(probe, records, cache_dir)
+    top, skipped = cached_pass(cache, per_unit)
+    cached = top is not None
+    if cached:
+        say(f"  activations from the cache: {cache}")
+    else:
+        top, skipped = stream(probe, records, per_unit, batch_size, say)
+        if top is not None:
+            save_pass(cache, top, skipped)
     if top is None:
         raise DataError(f"None of the {len(records)} images of {str(data)!r} could be read.")
     chosen, rule = choose_units(top, probe, units, unit_ids, for_class)
@@ -329,7 +397,7 @@ def patches(source, data, layer: str = "", units: int = DEFAULT_UNITS, unit_ids=
                "resize_policy": effective_policy(probe.resize_policy),
                "receptive_field": {"size": list(probe.field.size), "jump": list(probe.field.jump),
                                    "start": list(probe.field.start)},
-               "images": top.count, "units_rule": rule, "units": rows, "skipped": skipped,
+               "images": top.count, "cached": cached, "units_rule": rule, "units": rows, "skipped": skipped,
                "patches": [e for r in rows for e in r["patches"]]}
     if for_class is not None:
         summary["for_class"] = for_class
