@@ -181,7 +181,7 @@ def _diagnose(features: np.ndarray, records: list[Record], classes: list[str], f
     timings["labels_s"] = round(time.perf_counter() - started, 3)
 
     started = time.perf_counter()
-    unit = unit_rows(reduced)
+    unit = unit_rows(reduce_features(features, seed=seed, standardise=True))
     idx, sims = pairwise_neighbours(unit, DUPLICATE_NEIGHBOURS)
     groups = duplicate_groups(records, unit, idx, sims, cosine)
     timings["duplicates_s"] = round(time.perf_counter() - started, 3)
