@@ -55,14 +55,16 @@ def serve(root, log_level, pipeline, sets, **flags):
     """Serve every model under ROOT (default saved_models/) over HTTP, TF Serving style.
 
     \b
-    Endpoints: POST /v1/models/NAME[/versions/V]:predict, GET /v1/models/NAME[/metadata],
-    POST /api/models/NAME/predict (multipart upload), GET / (upload page), /healthz, /metrics.
+    Endpoints: POST /v1/models/NAME[/versions/V|/labels/L]:predict and :classify, GET /v1/models/NAME[/metadata],
+    POST /api/models/NAME/predict (multipart upload), GET / (upload page), /healthz, /metrics;
+    TF Serving's gRPC PredictionService and ModelService on --grpc-port (8500).
 
     \b
     Examples:
       tl-app serve saved_models/
       tl-app serve saved_models/ --port 9000 --max-batch-size 64 --batch-timeout-ms 2 --token s3cret
       tl-app serve -p pipelines/quickstart.toml --set serve.workers=2
+      tl-app serve --model-config-file models.config --grpc-port 8500
     """
     for name in ("max_batch_size", "max_images", "max_body_bytes"):
         if flags[name] is not None and flags[name] < 1:  # said in the flag's words; the config checks the rest

@@ -118,8 +118,7 @@ def create_app(root: str | Path | None, settings: ServeConfig | None = None, ech
                     check_host(request, hosts)
                     if not public:
                         check_token(request, settings.token)
-                    body = await read_limited(request, settings.max_body_bytes, settings.body_timeout_s) \
-                        if read_body else b""
+                    body = await read_body_counted(request) if read_body else b""
                     response = await handler(request, body)
                 except ClientDisconnect:  # the client's doing: one line, its own status
                     log.info("client disconnected during %s %s", request.method, route)
@@ -144,6 +143,14 @@ def create_app(root: str | Path | None, settings: ServeConfig | None = None, ech
             return run
 
         return wrap
+
+    async def read_body_counted(request: Request) -> bytes:
+        """The body; while it arrives the batchers count the request as on its way (a batch waits for it)."""
+        service.incoming += 1
+        try:
+            return await read_limited(request, settings.max_body_bytes, settings.body_timeout_s)
+        finally:
+            service.incoming -= 1
 
     # ---- simple pages --------------------------------------------------------------
     @endpoint("/", public=True)

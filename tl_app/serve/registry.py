@@ -126,10 +126,12 @@ class ModelVersion:
                            f"available: {', '.join(sorted(self.signatures))}")
         return self.signatures[key]
 
-    def runner(self, signature: Signature, inputs: dict, settings, executor: Executor, metrics):
+    def runner(self, signature: Signature, inputs: dict, settings, executor: Executor, metrics,
+               incoming=lambda: 0):
         """The runner for this signature and input shape: a batcher (at most MAX_BATCHERS kept) or a direct call.
 
         Call it on the event loop and submit before the next ``await``: an idle batcher may be closed here.
+        ``incoming()`` counts requests whose bodies are still being read: the batcher waits for them too.
         """
         on_batch = (lambda size, s=signature.name: metrics.batch(self.name, s, size))
         batching = settings.batching and signature.batchable
@@ -149,7 +151,7 @@ class ModelVersion:
                 return DirectRunner(signature, executor, on_batch)  # every batcher busy: no new one
             runner = self.runners[key] = DynamicBatcher(
                 signature, executor, settings.max_batch_size, settings.batch_timeout_ms, on_batch,
-                arriving=lambda: self.arriving)
+                arriving=lambda: self.arriving + incoming())
             return runner
 
     def _close_idle_runner(self) -> bool:

@@ -28,6 +28,7 @@ class Service:
         self.executor = executor
         self.metrics = metrics
         self.budget = PixelBudget(settings.inflight_pixels)
+        self.incoming = 0  # predict requests whose bodies are being read (event-loop thread only)
 
     # ---- models --------------------------------------------------------------------
     async def lookup(self, name: str, version: int | None = None, label: str | None = None) -> ModelVersion:
@@ -66,7 +67,8 @@ class Service:
             # base64, image headers and any Pillow decode in one worker-thread hop, off the event loop
             inputs, extra, pixels = await run_in_threadpool(self.parse_and_prepare, model, signature, parse)
             try:
-                runner = model.runner(signature, inputs, self.settings, self.executor, self.metrics)
+                runner = model.runner(signature, inputs, self.settings, self.executor, self.metrics,
+                                      incoming=lambda: self.incoming)
             except BaseException:
                 self.budget.release(pixels)
                 raise
