@@ -306,8 +306,9 @@ MEMO_FILE = "weights-fingerprints.json"
 def fingerprint(spec, weights: str, seed: int = 0, memo_dir: str | Path | None = None) -> str:
     """Identifies the weights for cache keys and model cards.
 
-    With ``memo_dir`` the digest is remembered there by (path, size, mtime), so
-    a re-run hashes no 100 MB file; a changed file is hashed again.
+    With ``memo_dir`` the digest is remembered there by (path, size, mtime, inode,
+    ctime), so a re-run hashes no 100 MB file; a changed file is hashed again, even
+    one rewritten in place with its size and mtime restored (its ctime moves).
     """
     path = resolve_weights(spec, weights)
     if path is None:
@@ -315,15 +316,15 @@ def fingerprint(spec, weights: str, seed: int = 0, memo_dir: str | Path | None =
     if memo_dir is None:
         return "sha256:" + file_digest(path)
     stat = Path(path).stat()
-    key, stamp = str(Path(path).resolve()), [stat.st_size, stat.st_mtime_ns]
+    key, stamp = str(Path(path).resolve()), [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
     memo_path = Path(memo_dir) / MEMO_FILE
     try:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
         memo = {}
     hit = memo.get(key)
-    if isinstance(hit, list) and hit[:2] == stamp:
-        return hit[2]
+    if isinstance(hit, list) and hit[:-1] == stamp:
+        return hit[-1]
     value = "sha256:" + file_digest(path)
     memo[key] = stamp + [value]
     try:
