@@ -138,3 +138,16 @@ def test_ray_train_runs_the_same_fine_tuning_on_two_workers(tiny_config, tmp_pat
     losses = [e["loss"] for e in json.loads((run_dir / "history.json").read_text())["epochs"]]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert "val_accuracy" in summary["metrics"]
+
+
+def test_ray_workers_get_absolute_paths_but_weight_names_stay_names(tiny_config, tmp_path, monkeypatch):
+    from tl_app.engines.distributed import ray_worker_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.weights.h5").write_bytes(b"x")
+    for weights, expected in (("hed-vgg16", "hed-vgg16"), ("imagenet", "imagenet"), ("none", "none"),
+                              ("mine.weights.h5", str(tmp_path / "mine.weights.h5"))):
+        worker = ray_worker_config(tiny_config.with_overrides({"backbone.weights": weights, "train.runs_dir": "r"}))
+        assert worker.backbone.weights == expected
+        assert worker.train.runs_dir == str(tmp_path / "r") and worker.train.distribute == "multi-worker"
+        assert worker.engine.name == "local"

@@ -82,6 +82,21 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     ray_train.report({})
 
 
+def ray_worker_config(config: Config) -> Config:
+    """The configuration every Ray Train worker runs: local engine, multi-worker, and every local path
+    absolute (workers start elsewhere). Named weights (hed-vgg16) and imagenet stay names."""
+    worker = config.with_overrides({"engine.name": "local", "train.distribute": "multi-worker"})
+    worker.train.runs_dir = os.path.abspath(config.train.runs_dir)
+    for section, key in (("data", "root"), ("features", "cache_dir"), ("export", "root")):
+        part = getattr(worker, section)
+        value = getattr(part, key)
+        if value and "://" not in value:
+            setattr(part, key, os.path.abspath(value))
+    if os.path.exists(worker.backbone.weights):  # a local weight file, not a name
+        worker.backbone.weights = os.path.abspath(worker.backbone.weights)
+    return worker
+
+
 def train_on_ray(config: Config, chief: Callable, echo: Callable | None = print) -> dict:
     """Fine-tune with N workers started by Ray Train's TensorflowTrainer; the chief's summary comes back.
 
@@ -95,19 +110,11 @@ def train_on_ray(config: Config, chief: Callable, echo: Callable | None = print)
     except ImportError as exc:
         raise TlAppError(f"--engine ray training needs Ray Train ({exc}). Install it with: {RAY_EXTRA}") from None
     engine = config.engine
-    worker_config = config.with_overrides({"engine.name": "local", "train.distribute": "multi-worker"})
+    worker_config = ray_worker_config(config)
+    runs_dir = worker_config.train.runs_dir
     resources = {"CPU": float(engine.cpus_per_worker)}
     if engine.gpus_per_worker:
         resources["GPU"] = float(engine.gpus_per_worker)
-    runs_dir = os.path.abspath(config.train.runs_dir)
-    worker_config.train.runs_dir = runs_dir
-    for section, key in (("data", "root"), ("features", "cache_dir"), ("export", "root")):
-        part = getattr(worker_config, section)
-        value = getattr(part, key)
-        if value and "://" not in value:
-            setattr(part, key, os.path.abspath(value))
-    if worker_config.backbone.weights not in ("imagenet", "none"):  # a local weight file
-        worker_config.backbone.weights = os.path.abspath(worker_config.backbone.weights)
     trainer = TensorflowTrainer(
         _train_loop_per_worker,
         train_loop_config={"config": worker_config.to_dict(), "verbose": echo is not None, "chief": chief},
