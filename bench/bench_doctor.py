@@ -38,7 +38,7 @@ from plant import plant
 from tl_app import api
 from tl_app.core.config import Config
 from tl_app.data.sample import write_sample_dataset
-from tl_app.data.scan import Record
+from tl_app.data.manifest import Record
 from tl_app.insight.doctor import diagnose
 
 

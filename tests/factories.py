@@ -74,7 +74,7 @@ def shared_export(tmp_path_factory, sample_dir) -> dict:
 
 def reference_pixels(run_dir: Path, split: str = "all"):
     """The training pipeline's own pixels (tf.data decode + resize) and the files they came from."""
-    from tl_app.data.scan import Manifest
+    from tl_app.data.manifest import Manifest
     from tl_app.data.pipeline import make_dataset
 
     info = json.loads((run_dir / "run.json").read_text())

@@ -155,7 +155,7 @@ def test_a_rerun_reads_the_feature_cache(doctor_run):
 
 
 def test_exclude_and_relabel_change_only_the_runs_manifest(doctor_run, tmp_path, dirty):
-    from tl_app.data.scan import Manifest
+    from tl_app.data.manifest import Manifest
     from tl_app.training.runs import prepare_run
 
     config, _, out = doctor_run

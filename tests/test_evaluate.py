@@ -93,7 +93,7 @@ def test_evaluate_writes_every_artifact_and_agrees_with_scikit_learn(run_dir, tm
 
 
 def test_default_split_is_validation_for_the_training_folder(run_dir, tmp_path):
-    from tl_app.data.scan import Manifest
+    from tl_app.data.manifest import Manifest
 
     metrics = evaluate(run_dir, out_dir=tmp_path / "e", echo=None)
     val = Manifest.load(run_dir / "manifest.json").split("val")

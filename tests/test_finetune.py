@@ -35,7 +35,7 @@ def compiled(model, config):
 
 
 def val_dataset(run_dir, config):
-    from tl_app.data.scan import Manifest
+    from tl_app.data.manifest import Manifest
     from tl_app.data.pipeline import make_dataset
 
     manifest = Manifest.load(run_dir / "manifest.json")

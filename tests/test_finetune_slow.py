@@ -32,7 +32,7 @@ def finetune_config(config, **train):
 
 
 def evaluate_val(model, run_dir, config):
-    from tl_app.data.scan import Manifest
+    from tl_app.data.manifest import Manifest
     from tl_app.training.losses import make_loss
     from tl_app.data.pipeline import make_dataset
 
@@ -93,7 +93,7 @@ def write_imbalanced(root: Path) -> Path:
 
 
 def test_class_weights_raise_minority_recall(tiny_config, tmp_path):
-    from tl_app.data.scan import Manifest
+    from tl_app.data.manifest import Manifest
     from tl_app.training.finetune import train_finetune
     from tl_app.data.pipeline import load_images
     from tl_app.models.opener import load_run_model

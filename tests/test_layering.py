@@ -167,7 +167,8 @@ def test_an_upward_import_is_refused_with_its_line(tmp_path):
 
 
 def test_a_late_import_and_a_circle_are_refused(tmp_path):
-    copy = package_copy_with(tmp_path, "data/scan.py", "\n\ndef late():\n    from tl_app.data.pipeline import load_images\n")
+    copy = package_copy_with(tmp_path, "data/manifest.py", "\n\ndef late():\n    from tl_app.data.scan import walk\n")
     problems = layering_problems(copy)
-    assert any("tl_app/data/scan.py:" in p and "inside a function" in p for p in problems), problems
-    assert any(p.startswith("circle of imports:") and "tl_app.data.scan" in p for p in problems), problems
+    assert any("tl_app/data/manifest.py:" in p and "inside a function" in p for p in problems), problems
+    assert any(p.startswith("circle of imports:") and "tl_app.data.manifest" in p and "tl_app.data.scan" in p
+               for p in problems), problems

@@ -39,7 +39,7 @@ def run_on_a_copy(tmp_path_factory, sample_dir):
 
 
 def test_evaluate_uses_the_runs_split_and_reports_how_the_folder_changed(run_on_a_copy, tmp_path):
-    from tl_app.data.scan import Manifest
+    from tl_app.data.manifest import Manifest
 
     run_dir, data = run_on_a_copy
     trained = Manifest.load(run_dir / "manifest.json")

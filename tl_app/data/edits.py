@@ -15,7 +15,7 @@ import csv
 from pathlib import Path
 
 from tl_app.core.errors import DataError
-from tl_app.data.scan import Manifest, Skipped
+from tl_app.data.manifest import Manifest, Skipped
 
 
 def read_issue_rows(path: str | Path) -> list[dict]:

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from tl_app.data.scan import Record
+from tl_app.data.manifest import Record
 from tl_app.data.images import decode_pil
 from tl_app.data.decode import decode_bytes
 

@@ -10,7 +10,7 @@ from tl_app.core.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only: scan calls assign_splits
     from tl_app.data.ledger import SplitLedger
-    from tl_app.data.scan import Manifest, Record
+    from tl_app.data.manifest import Manifest, Record
 
 
 def split_score(key: str, seed: int) -> float:

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from tl_app.core.config import Config
-from tl_app.data.scan import Record
+from tl_app.data.manifest import Record
 from tl_app.engines import check_resources, connect, require_ray
 from tl_app.core.errors import TlAppError
 from tl_app.features.extract import Extractor, UniqueImages

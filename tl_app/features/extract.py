@@ -52,7 +52,7 @@ from typing import Callable
 import numpy as np
 
 from tl_app.core.config import Config
-from tl_app.data.scan import Manifest, Record, Skipped
+from tl_app.data.manifest import Manifest, Record, Skipped
 from tl_app.core.errors import ConfigError
 from tl_app.core.files import remove_stale_temporaries
 from tl_app.core.progress import Progress

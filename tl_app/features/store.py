@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 import numpy as np
-from tl_app.data.scan import Manifest, Record, Skipped
+from tl_app.data.manifest import Manifest, Record, Skipped
 from tl_app.core.errors import TlAppError
 from tl_app.core.files import atomic_write_bytes, atomic_write_text, temporary_sibling
 from tl_app.features.recipe import FORMAT_VERSION

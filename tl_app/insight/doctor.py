@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from tl_app.core.config import Config
 from tl_app.core.files import atomic_write_text
 from tl_app.data.duplicates import components, near_pairs
-from tl_app.data.scan import Record
+from tl_app.data.manifest import Record
 from tl_app.features.extract import extract_features
 from tl_app.insight.confident_learning import label_issues, out_of_fold_probabilities, reduce_features
 from tl_app.insight.doctor_page import write_page

@@ -18,7 +18,8 @@ from tl_app.core.errors import DataError, TlAppError
 from tl_app.models.opener import Predictor, open_model
 from tl_app.data.pipeline import make_dataset
 from tl_app.core.config import DataConfig
-from tl_app.data.scan import Manifest, scan
+from tl_app.data.manifest import Manifest
+from tl_app.data.scan import scan
 from tl_app.insight.plots import BAD, GOOD, Tile, confusion_matrix_plot, contact_sheet, grid_rows
 
 

@@ -21,7 +21,7 @@ from tl_app.models.opener import open_model
 from tl_app.insight.explain import GradCam, explain
 from tl_app.insight.patches import class_feature_patches
 from tl_app.models.artifacts import read_run_info
-from tl_app.data.scan import Manifest
+from tl_app.data.manifest import Manifest
 
 SECTIONS = ("summary", "config", "data", "curves", "diagnosis", "evaluation", "confusion-matrix", "top-losses",
             "explanations", "features-see")

@@ -16,7 +16,7 @@ import tl_app.serve.codec as codec
 from tl_app.serve.batching import Unavailable
 from tl_app.serve.codec import BadRequest, TooLarge
 from tl_app.serve.limits import PixelBudget
-from tl_app.serve.registry import ModelVersion, NotFound, Registry, short
+from tl_app.serve.registry import ModelVersion, Registry, short
 
 LATEST_RETRIES = 3  # a request for the latest version retries on the next newest when its version is removed
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tl_app.core.config import Config, FEWSHOT_HEADS
+from tl_app.core.config import Config
 from tl_app.core.errors import ConfigError, DataError, TlAppError
 from tl_app.core.files import slug, write_json
 from tl_app.data.images import probe_file
-from tl_app.data.scan import Manifest, Record, Skipped, walk
+from tl_app.data.manifest import Manifest, Record, Skipped
+from tl_app.data.scan import walk
 from tl_app.features.extract import extract_features
 from tl_app.models.artifacts import (CARD_FILE, KERAS_FILE, MODEL_FILE, RUN_FILE, read_card, read_run_info,
                                      resolve_version_dir)

@@ -38,7 +38,7 @@ from tl_app.training.optim import make_optimizer, make_schedule
 from tl_app.models.artifacts import MODEL_FILE, read_run_info
 from tl_app.core.files import write_json
 from tl_app.models.backbones import get_spec, resolve_input_size
-from tl_app.data.scan import Manifest
+from tl_app.data.manifest import Manifest
 from tl_app.data.splits import class_weights
 from tl_app.models.weights import fingerprint
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from tl_app.core.config import Config
 from dataclasses import dataclass
 from tl_app.models.backbones import BackboneSpec, get_spec, resolve_input_size
-from tl_app.data.scan import Manifest, print_report
+from tl_app.data.manifest import Manifest
+from tl_app.data.scan import print_report
 from tl_app.data.splits import class_weights
 from tl_app.data.pipeline import effective_policy
 from tl_app.models.weights import fingerprint
