@@ -9,6 +9,8 @@ every exported format agrees with Keras.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -25,7 +27,7 @@ def test_a_fine_tuned_resnet_exports_with_parity_in_every_format(tiny_config, tm
     config = tiny_config.with_overrides({
         "backbone.name": "resnet50", "backbone.input_size": 128, "train.name": "resnet-bn", "train.epochs": 1,
         "train.finetune_epochs": 1, "train.unfreeze_blocks": 1, "train.strategy": "finetune"})
-    run_dir = train_finetune(config, echo=None)["run_dir"]
+    run_dir = Path(train_finetune(config, echo=None)["run_dir"])
     result = export_run(run_dir, root=tmp_path / "models", name="resnet", formats="savedmodel,keras,tflite,onnx",
                         echo=None)
     version = result["path"]
