@@ -16,19 +16,14 @@ from PIL import Image
 
 from tl_app.core.files import atomic_write_text
 from tl_app.insight.plots import load_thumbnail
+from tl_app.insight.report import PAGE_STYLE
 
 KINDS = ("labels", "duplicates", "outliers", "quality")
 TITLES = {"labels": "Label issues", "duplicates": "Duplicates and near-duplicates", "outliers": "Outliers",
           "quality": "Image quality"}
 MAX_PER_KIND = 200  # the JSON and CSV hold every finding; the page shows the strongest
 
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f8fa;color:#24292f}
-header{background:#24292f;color:#fff;padding:18px 32px}header h1{margin:0;font-size:22px}
-header p{margin:4px 0 0;color:#c9d1d9;font-size:13px}
-nav{padding:8px 32px;background:#fff;border-bottom:1px solid #d0d7de;font-size:13px}
-nav a{margin-right:14px;color:#0969da;text-decoration:none}
-main{padding:8px 32px 40px;max-width:1200px}
+STYLE = PAGE_STYLE + """main{padding:8px 32px 40px;max-width:1200px}
 section{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:14px 20px;margin:16px 0}
 h2{font-size:18px;margin:0 0 10px}.note{color:#57606a;font-size:13px}
 .tiles{display:flex;flex-wrap:wrap;gap:10px}.group{border:1px solid #d0d7de;border-radius:6px;padding:6px;

@@ -26,13 +26,15 @@ from tl_app.data.manifest import Manifest
 SECTIONS = ("summary", "config", "data", "curves", "diagnosis", "evaluation", "confusion-matrix", "top-losses",
             "explanations", "features-see")
 
-STYLE = """
+PAGE_STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f8fa;color:#24292f}
 header{background:#24292f;color:#fff;padding:18px 32px}header h1{margin:0;font-size:22px}
 header p{margin:4px 0 0;color:#c9d1d9;font-size:13px}
 nav{padding:8px 32px;background:#fff;border-bottom:1px solid #d0d7de;font-size:13px}
 nav a{margin-right:14px;color:#0969da;text-decoration:none}
-main{padding:8px 32px 40px;max-width:1150px}
+"""  # the frame every tl-app HTML page shares (report, doctor)
+
+STYLE = PAGE_STYLE + """main{padding:8px 32px 40px;max-width:1150px}
 section{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:14px 20px;margin:16px 0}
 h2{font-size:18px;margin:0 0 10px}table{border-collapse:collapse;font-size:13px;margin:6px 0}
 th,td{border:1px solid #d0d7de;padding:4px 10px;text-align:right}th{background:#f6f8fa}
