@@ -26,6 +26,7 @@ FEWSHOT_HEADS = ("knn", "prototype")  # no gradient training; classes can be add
 PRECISIONS = ("none", "float16", "bfloat16")
 DISTRIBUTE = ("none", "mirrored", "multi-worker")
 ENGINES = ("local", "ray")
+CALIBRATIONS = ("none", "temperature")  # temperature: fitted on validation, applied inside every export
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold: the default pixel limit everywhere
 
 
@@ -133,6 +134,7 @@ class TrainConfig:
     distribute: str = "none"
     seed: int = 0
     deterministic: bool = False
+    calibration: str = "temperature"  # none | temperature (see CALIBRATIONS)
 
 
 @dataclass
@@ -333,6 +335,7 @@ def validate(config: Config) -> None:
                           f"{config.head.neighbors}, {config.head.shrinkage}, {config.head.temperature}.")
     check_choice(config.train.mixed_precision, PRECISIONS, "train.mixed_precision")
     check_choice(config.train.distribute, DISTRIBUTE, "train.distribute")
+    check_choice(config.train.calibration, CALIBRATIONS, "train.calibration")
     check_choice(config.features.dtype, ("float32", "float16"), "features.dtype")
     check_choice(config.engine.name, ENGINES, "engine.name")
     if config.engine.num_workers < 1:
