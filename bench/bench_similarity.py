@@ -1,7 +1,7 @@
 """Similarity-index query latency at 10k and 100k vectors (width 2048).
 
 Compares, in one run, on the same random vectors:
-  index      normalised float32 matrix, one matrix product + argpartition (tl_app.similarity)
+  index      normalised float32 matrix, one matrix product + argpartition (tl_app.insight.similarity)
   index16    float16 kept in memory (half the memory), converted block by block per query
              (on load, tl-app upcasts float16 files to float32 unless asked not to)
   batch32    32 queries in one call, latency per query

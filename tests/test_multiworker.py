@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = textwrap.dedent("""
     import json, sys
     import keras, numpy as np
-    import tl_app.finetune
+    import tl_app.api
     from tl_app.cli import main
 
     out = sys.argv[1]
@@ -38,8 +38,8 @@ WORKER = textwrap.dedent("""
         def on_train_end(self, logs=None):
             np.savez(out + "/weights.npz", *[np.asarray(w) for w in self.model.get_weights()])
 
-    train_finetune = tl_app.finetune.train_finetune
-    tl_app.finetune.train_finetune = lambda config, echo=print, callbacks=None: train_finetune(
+    train_finetune = tl_app.api.train_finetune
+    tl_app.api.train_finetune = lambda config, echo=print, callbacks=None: train_finetune(
         config, echo=echo, callbacks=[Record()])
     main(sys.argv[2:])
 """)
