@@ -169,7 +169,8 @@ def test_grpc_model_status_and_errors(tfs, stub):
     request.model_spec.name = "nothere"
     with pytest.raises(grpc.RpcError) as caught:
         stub.Predict(request, 30, metadata=METADATA)
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # and says what is served, how to fix the request
+    assert "Models served: shapes;" in caught.value.details() and "model_spec.name" in caught.value.details()
     request.model_spec.name = "shapes"
     with pytest.raises(grpc.RpcError) as caught:
         stub.Predict(request, 30, metadata=METADATA)  # no inputs

@@ -278,6 +278,21 @@ def test_head_works_where_get_does(limited):
         assert code == 200 and body == b"", path
 
 
+def test_an_unknown_model_error_lists_the_models_served_and_how_to_fix_it(client, sample_dir):
+    """REST status, metadata, :predict and the upload endpoint; an unknown version lists the versions."""
+    image = sorted(sample_dir.glob("*/*.jpg"))[0].read_bytes()
+    replies = [client.get("/v1/models/shapez"), client.get("/v1/models/shapez/metadata"),
+               client.post("/v1/models/shapez:predict", json=predict_body(image)),
+               client.post("/api/models/shapez/predict", files={"file": ("a.jpg", image)})]
+    for response in replies:
+        error = response.json()["error"]
+        assert response.status_code == 404, error
+        assert error.startswith("Servable not found for request: Latest(shapez)"), error  # TF Serving's words
+        assert "Models served: shapes, tiny;" in error and "/v1/models/NAME" in error, error
+    error = client.get("/v1/models/shapes/versions/7").json()["error"]
+    assert "Specific(shapes, 7)" in error and "Versions of shapes served: 1, 2" in error, error
+
+
 def test_echoed_names_are_cut_to_a_sane_length(client):
     long = "x" * 100_000
     response = client.post("/v1/models/shapes:predict", json={"signature_name": long, "instances": []})

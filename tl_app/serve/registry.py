@@ -46,6 +46,13 @@ def short(name) -> str:
     return text if len(text) <= NAME_ECHO else text[:NAME_ECHO] + "..."
 
 
+def listing(items, most: int = 20) -> str:
+    """At most ``most`` items, comma-separated, and how many more there are."""
+    items = [str(i) for i in items]
+    more = f" ... and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
 @dataclass
 class Source:
     """Where one model's versions live, which of them to serve and its version labels (a models config entry)."""
@@ -382,6 +389,8 @@ class Registry:
             return list(self.on_disk.get(name, []))
 
     def resolve_label(self, name: str, label: str) -> int:
+        if name not in self.names():
+            raise self.not_found(name)
         labels = self.labels(name)
         if label not in labels:
             raise NotFound(f"Unrecognized servable version label: {short(label)} (model {short(name)}; labels are "
@@ -391,8 +400,7 @@ class Registry:
     def status(self, name: str, version: int | None = None) -> list[dict]:
         """TF Serving's model_version_status entries."""
         if not valid_model_name(name) or name not in self.names():
-            raise NotFound(f"Servable not found for request: Latest({short(name)})" if version is None
-                           else f"Servable not found for request: Specific({short(name)}, {version})")
+            raise self.not_found(name, version)
         if version is not None:
             self.get(name, version)
         with self.lock:
@@ -424,7 +432,7 @@ class Registry:
     def get(self, name: str, version: int | None = None) -> ModelVersion:
         """The newest available version, or a specific one (loaded on demand); NotFound otherwise."""
         if not valid_model_name(name):
-            raise NotFound(f"Servable not found for request: Latest({short(name)})")
+            raise self.not_found(name, version)
         with self.lock:
             on_disk = list(self.on_disk.get(name, []))
             loaded = {v: m for v, m in self.loaded.get(name, {}).items() if not m.closed and v in on_disk}
@@ -443,9 +451,9 @@ class Registry:
                     model = self._load(name, candidate)
                     if model is not None:
                         return model
-            raise NotFound(f"Servable not found for request: Latest({name})")
+            raise self.not_found(name, version)
         if version not in on_disk:
-            raise NotFound(f"Servable not found for request: Specific({name}, {version})")
+            raise self.not_found(name, version)
         model = self._load(name, version) if self._may_load(name, version) else None
         if model is None:
             with self.lock:
@@ -453,6 +461,21 @@ class Registry:
             raise NotFound(f"Servable not found for request: Specific({name}, {version}) "
                            f"(it failed to load: {failure.message if failure else ''})")
         return model
+
+    def not_found(self, name: str, version: int | None = None) -> NotFound:
+        """TF Serving's 'Servable not found' message, then what is served here and how to fix the request."""
+        request = f"Latest({short(name)})" if version is None else f"Specific({short(name)}, {version})"
+        head = f"Servable not found for request: {request}. "
+        names = self.names()
+        if name in names:
+            versions = self.versions(name)
+            return NotFound(head + f"Versions of {name} served: {listing(versions)}; ask for one of those, "
+                                   f"or leave the version out for the newest.")
+        if not names:
+            return NotFound(head + "No models are served yet: export one into the server's model root "
+                                   "(tl-app export RUN --name NAME), it is picked up without a restart.")
+        return NotFound(head + f"Models served: {listing(names)}; put one of those names in the request "
+                               f"(/v1/models/NAME:predict, or model_spec.name over gRPC).")
 
     def models(self) -> list[dict]:
         """A summary of every model for the web page and /api/models."""
