@@ -175,3 +175,28 @@ def test_upload_page_shows_the_top1_label_for_a_sample_image(server, chromium, s
     assert labels == [p["label"] for p in expected]
     assert all(w.endswith("%") and abs(float(w[:-1]) - 100 * p["probability"]) <= 0.051
                for w, p in zip(widths, expected))
+
+
+def test_upload_page_before_an_upload_shows_no_empty_top1_fits_top_k_and_previews_the_image(server, chromium,
+                                                                                             sample_dir):
+    """Issue 21: no empty 'Top-1:' before any upload, top-k at most the class count, a preview of the image."""
+    chromium.call("Page.enable")
+    chromium.call("Page.navigate", url=server.url + "/")
+    chromium.wait_for("document.body && document.body.dataset.models === '1'")
+    visible = "(id) => { const e = document.getElementById(id); return !!e && e.getClientRects().length > 0; }"
+    assert chromium.evaluate(f"({visible})('top1row')") is False
+    assert chromium.evaluate("document.body.innerText").count("Top-1") == 0
+    assert chromium.evaluate("[document.getElementById('topk').value, document.getElementById('topk').max]") == \
+        ["3", "3"]  # the model has 3 classes: the default of 5 is cut to 3
+    assert chromium.evaluate(f"({visible})('preview')") is False
+    image = sorted(sample_dir.glob("squares/*.png"))[0]
+    root = chromium.call("DOM.getDocument")["root"]["nodeId"]
+    node = chromium.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+    chromium.call("DOM.setFileInputFiles", files=[str(image)], nodeId=node)
+    size = chromium.wait_for("(() => { const p = document.getElementById('preview');"
+                             " return p.complete && p.naturalWidth > 0 && [p.naturalWidth, p.naturalHeight]; })()")
+    from PIL import Image
+
+    assert tuple(size) == Image.open(image).size  # the chosen file itself, decoded by the browser
+    assert chromium.evaluate(f"({visible})('preview')") is True
+    assert chromium.evaluate(f"({visible})('top1row')") is False  # still nothing classified

@@ -23,6 +23,7 @@ PAGE = """<!doctype html>
   .prob { text-align: right; font-variant-numeric: tabular-nums; }
   #preview { max-width: 12rem; max-height: 12rem; display: block; margin-top: 1rem; }
   #top1 { font-weight: bold; }
+  [hidden] { display: none !important; }
 </style>
 </head>
 <body>
@@ -33,15 +34,15 @@ PAGE = """<!doctype html>
   <label for="file">Image</label>
   <input id="file" name="file" type="file" accept="image/*" required>
   <label for="topk">Top-k</label>
-  <input id="topk" name="topk" type="number" min="1" max="100" value="5">
+  <input id="topk" name="topk" type="number" min="1" max="5" value="5">
   <label for="token">Token</label>
   <input id="token" name="token" type="password" placeholder="only if the server needs one" autocomplete="off">
   <button id="submit" type="submit">Classify</button>
 </form>
 <div id="status"></div>
-<div>Top-1: <span id="top1"></span></div>
+<img id="preview" alt="the image to classify" hidden>
+<div id="top1row" hidden>Top-1: <span id="top1"></span></div>
 <div id="results"></div>
-<img id="preview" alt="">
 <script>
 const $ = (id) => document.getElementById(id);
 function headers() {
@@ -64,13 +65,38 @@ async function loadModels() {
       const o = document.createElement("option");
       o.value = m.name;
       o.textContent = m.name + " (version " + m.version + ", " + m.classes.length + " classes)";
+      o.dataset.classes = String(m.classes.length);
       select.appendChild(o);
     }
     if (current) select.value = current;
+    fitTopK();
     document.body.dataset.models = String(body.models.length);
     if (!body.models.length) status("No models under the server's root yet.", true);
     else status("Ready.");
   } catch (e) { status("Could not list models: " + e, true); }
+}
+function fitTopK() {
+  // top-k never above the chosen model's class count; the default is 5 or all classes when fewer
+  const option = $("model").selectedOptions[0];
+  const classes = option ? Number(option.dataset.classes) || 1 : 1;
+  const topk = $("topk");
+  const wanted = Number(topk.value) || 5;
+  topk.max = String(classes);
+  topk.value = String(Math.min(Math.max(wanted, 1), classes));
+}
+function clearResult() {
+  $("results").innerHTML = "";
+  $("top1").textContent = "";
+  $("top1row").hidden = true;
+}
+let previewUrl = null;
+function preview() {
+  const file = $("file").files[0];
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = file ? URL.createObjectURL(file) : null;
+  $("preview").hidden = !file;
+  if (file) $("preview").src = previewUrl; else $("preview").removeAttribute("src");
+  clearResult();
 }
 function show(result) {
   const box = $("results");
@@ -94,13 +120,13 @@ function show(result) {
     box.appendChild(row);
   }
   $("top1").textContent = result.top_k.length ? result.top_k[0].label : "";
+  $("top1row").hidden = !result.top_k.length;
 }
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const file = $("file").files[0];
   const model = $("model").value;
   if (!file || !model) { status("Pick a model and an image.", true); return; }
-  $("preview").src = URL.createObjectURL(file);
   const data = new FormData();
   data.append("file", file, file.name);
   status("Classifying " + file.name + " ...");
@@ -116,6 +142,8 @@ $("form").addEventListener("submit", async (event) => {
   } catch (e) { status("Request failed: " + e, true); document.body.dataset.state = "error"; }
 });
 $("token").addEventListener("change", loadModels);
+$("model").addEventListener("change", () => { fitTopK(); clearResult(); });
+$("file").addEventListener("change", preview);
 loadModels();
 </script>
 </body>
