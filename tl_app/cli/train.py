@@ -39,12 +39,15 @@ from tl_app.cli.common import require_data_folder, build_config, echo_json, engi
               help="issues.csv from 'tl-app datasets doctor': leave out the files whose action is exclude.")
 @click.option("--relabel", type=click.Path(dir_okay=False), default=None,
               help="issues.csv: give the files whose action is relabel their suggested_label.")
+@click.option("--calibration", type=click.Choice(["none", "temperature"]), default=None,
+              help="temperature (default): fit a temperature on the validation split so that confidences match "
+                   "accuracy; every export applies it. none: the model's raw probabilities.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @engine_options
 @pipeline_options
 def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs, unfreeze_blocks, batch_size,
           learning_rate, optimizer, schedule, head_kind, class_weights, augment_views, mixed_precision,
-          jit_compile, distribute, seed, name, runs_dir, resume, exclude, relabel, as_json, pipeline, sets, **engine):
+          jit_compile, distribute, seed, name, runs_dir, resume, exclude, relabel, calibration, as_json, pipeline, sets, **engine):
     """Train a classifier on an image folder and write a run directory.
 
     \b
@@ -65,7 +68,7 @@ def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs
         "head.kind": head_kind, "data.class_weights": class_weights, "features.augment_views": augment_views,
         "train.mixed_precision": mixed_precision, "train.jit_compile": jit_compile,
         "train.distribute": distribute, "train.seed": seed, "train.name": name, "train.runs_dir": runs_dir,
-        "data.exclude": exclude, "data.relabel": relabel,
+        "data.exclude": exclude, "data.relabel": relabel, "train.calibration": calibration,
     }
     if resume:
         extendable = ("train.epochs", "train.finetune_epochs")  # raised epoch counts continue a run

@@ -68,6 +68,7 @@ def model_card(run_dir: Path, info: dict, name: str, version: int, formats: list
         "preprocessing": {"mode": preprocess, "description": PREPROCESS_TEXT.get(preprocess, preprocess)},
         "strategy": info.get("strategy"),
         "metrics": info.get("metrics", {}),
+        "calibration": info.get("calibration") or {"method": "none"},
         "dataset_fingerprint": info.get("dataset_fingerprint"),
         "data_root": info.get("data_root"),
         "run_dir": str(run_dir.resolve()),

@@ -37,6 +37,7 @@ from tl_app.models.artifacts import BYTES_SIGNATURE, CARD_FILE, KERAS_FILE, ONNX
 from tl_app.models.artifacts import MODEL_FILE, read_run_info
 from tl_app.models.opener import load_run_model, run_background
 from tl_app.core.files import slug
+from tl_app.models.calibration import recorded_temperature, with_temperature
 
 
 # ---- the entry point ---------------------------------------------------------------
@@ -52,6 +53,9 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
     if not (run_dir / MODEL_FILE).is_file():
         raise ModelNotFoundError(f"{run_dir / MODEL_FILE} does not exist: the run did not finish training.")
     model = load_run_model(run_dir)
+    temperature = recorded_temperature(info)
+    if temperature is not None:  # calibration in the graph: every format below returns calibrated probabilities
+        model = with_temperature(model, temperature)
     classes = list(info["classes"])
     size = int(info["input_size"])
     policy = info.get("resize_policy") or "center_crop"
@@ -78,7 +82,10 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
             save_savedmodel(module, temp)
             files += [SAVED_MODEL_FILE, "variables/"]
         if "keras" in formats:
-            shutil.copy2(run_dir / MODEL_FILE, temp / KERAS_FILE)
+            if temperature is None:
+                shutil.copy2(run_dir / MODEL_FILE, temp / KERAS_FILE)
+            else:
+                model.save(temp / KERAS_FILE)
             files.append(KERAS_FILE)
         if "tflite" in formats:
             say("[export] TFLite" + (" (dynamic-range quantised)" if quantize else " (float32)"))

@@ -16,6 +16,7 @@ import numpy as np
 import tl_app.data.augment  # noqa: F401  (registers tl-app's custom Keras layers for loading)
 import tl_app.models.backbones  # noqa: F401  (same)
 import tl_app.models.fewshot_heads  # noqa: F401  (same: the k-NN and prototype heads)
+from tl_app.models.calibration import recorded_temperature, with_temperature  # (registers TemperatureScaling too)
 from tl_app.core.config import Config
 from tl_app.core.errors import ModelNotFoundError
 from tl_app.models.artifacts import (CARD_FILE, KERAS_FILE, MODEL_FILE, PIXELS_SIGNATURE, RUN_FILE, SAVED_MODEL_FILE,
@@ -180,6 +181,9 @@ def _open(info: ModelInfo, target: Path) -> Predictor:
         predict_fn, kind = savedmodel_function(signature), "savedmodel"
     elif target.is_file():
         model = load_model_file(target)
+        temperature = recorded_temperature(info.card) if run_dir is not None else None
+        if temperature is not None:  # a run answers as its export will: with training's calibration
+            model = with_temperature(model, temperature)
         predict_fn, kind = keras_function(model, info.input_size), "keras"
     else:
         raise ModelNotFoundError(

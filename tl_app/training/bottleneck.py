@@ -26,6 +26,7 @@ from tl_app.core.files import write_json
 from tl_app.models.backbones import build_feature_model
 from tl_app.core.config import FEWSHOT_HEADS
 from tl_app.training.fewshot import train_fewshot_head
+from tl_app.training.calibration import calibration_record, record_text
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -136,13 +137,18 @@ def train_head(config: Config, prepared, echo=print) -> dict:
                                             b.pooling)
     model = assemble(feature_model, head)
     model.save(run_dir / MODEL_FILE)
+    # the head's probabilities on the cached features are the assembled model's on the images
+    val_probs = head.predict(validation[0], verbose=0, batch_size=256) if has_val else np.zeros((0, num_classes))
+    calibration = calibration_record(config.train.calibration, val_probs, labels[val_rows])
     write_run_info(run_dir, status="finished", metrics=metrics, head={"kind": config.head.kind, "units": list(config.head.units)},
+                   calibration=calibration,
                    features={k: feature_set.stats.get(k) for k in
                              ("used", "computed", "cached", "views_per_image", "dim")})
     say(f"head: val_accuracy {fmt(metrics['val_accuracy'])}, val_loss {fmt(metrics['val_loss'])} "
         f"(best epoch {metrics['best_epoch']} of {metrics['epochs_trained']})")
+    say(record_text(calibration))
     say(f"model: {run_dir / MODEL_FILE}")
-    return {"run_dir": str(run_dir), "strategy": "bottleneck", "metrics": metrics,
+    return {"run_dir": str(run_dir), "strategy": "bottleneck", "metrics": metrics, "calibration": calibration,
             "features": dict(feature_set.stats), "model": str(run_dir / MODEL_FILE)}
 
 

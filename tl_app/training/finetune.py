@@ -34,6 +34,7 @@ from tl_app.data.pipeline import load_image, make_dataset
 from tl_app.training.callbacks import CheckpointStore, EarlyStopping, assign_in_order, EpochRecorder, interactive, StopOnNaN, TrainingCheckpoint, TrainingDivergedError, write_history
 from tl_app.training.losses import class_weight_table, make_loss
 from tl_app.training.runs import write_run_info, fmt, prepare_run, PreparedRun, recording_failure
+from tl_app.training.calibration import calibration_record, dataset_probabilities, record_text
 from tl_app.training.optim import make_optimizer, make_schedule
 from tl_app.models.artifacts import MODEL_FILE, read_run_info
 from tl_app.core.files import write_json
@@ -379,6 +380,7 @@ class FineTuneRun:
         model = build_classifier(self.config, self.prepared.spec, self.prepared.input_size, self.num_classes,
                                  weights="none")
         model.set_weights(self.model.get_weights())
+        saved = model
         path = self.run_dir / MODEL_FILE
         if self.chief:
             tmp = temporary_sibling(path)  # ends in .keras, as Keras requires
@@ -388,13 +390,15 @@ class FineTuneRun:
             model.compile(loss=make_loss(self.config.train), metrics=["accuracy"])
         else:  # the same weights, and its evaluation step is already compiled
             model = self.model
+        calibration = calibration_record(self.config.train.calibration,
+                                         *dataset_probabilities(saved, self.val_ds, self.num_classes))
         metrics = self.final_metrics(model)
         if not self.chief:
             return {"run_dir": str(self.run_dir), "strategy": "finetune", "metrics": metrics}
         write_json(self.run_dir / "metrics.json", metrics)
         write_history(self.run_dir, self.history)
         t = self.config.train
-        write_run_info(self.run_dir, status="finished", metrics=metrics,
+        write_run_info(self.run_dir, status="finished", metrics=metrics, calibration=calibration,
                        head={"kind": self.config.head.kind, "units": list(self.config.head.units)},
                        finetune={"epochs": t.epochs, "finetune_epochs": t.finetune_epochs,
                                  "unfreeze_blocks": t.unfreeze_blocks, "unfreeze_layers": t.unfreeze_layers,
@@ -404,8 +408,10 @@ class FineTuneRun:
                                  "seed": t.seed})
         self.say(f"fine-tuned: val_accuracy {fmt(metrics['val_accuracy'])}, val_loss {fmt(metrics['val_loss'])} "
                  f"(best epoch {metrics['best_epoch']} of {metrics['epochs_trained']})")
+        self.say(record_text(calibration))
         self.say(f"model: {path}")
-        return {"run_dir": str(self.run_dir), "strategy": "finetune", "metrics": metrics, "model": str(path)}
+        return {"run_dir": str(self.run_dir), "strategy": "finetune", "metrics": metrics, "calibration": calibration,
+                "model": str(path)}
 
     def final_metrics(self, model) -> dict:
         """Validation metrics of the saved (best) weights, measured again with ``evaluate``."""

@@ -1,0 +1,144 @@
+"""Temperature calibration: fitted on validation, lowers held-out NLL/ECE, lives in every exported format."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tl_app.models.calibration import scale_probabilities
+from tl_app.training.calibration import calibration_figures, calibration_record, fit_temperature
+
+
+def overconfident_model_and_data(seed: int = 0):
+    """A real Keras softmax classifier on overlapping Gaussian classes whose logits are multiplied by 4.
+
+    Its arg max is that of a well-fitted logistic model, but its confidences are far too high: the
+    deliberately over-confident model a temperature must fix without changing any prediction.
+    """
+    import keras
+
+    rng = np.random.default_rng(seed)
+    classes, dim, n = 3, 4, 1200
+    centres = rng.normal(0, 1.0, (classes, dim))
+    labels = rng.integers(0, classes, n)
+    x = (centres[labels] + rng.normal(0, 1.0, (n, dim))).astype(np.float32)
+    # the Bayes logits of equal-covariance Gaussians, scaled by 4: right arg max, over-confident
+    w = centres.T.astype(np.float32)
+    b = (-0.5 * np.sum(centres ** 2, axis=1)).astype(np.float32)
+    inputs = keras.Input((dim,))
+    dense = keras.layers.Dense(classes, name="logits")
+    outputs = keras.layers.Softmax()(keras.layers.Rescaling(4.0)(dense(inputs)))
+    model = keras.Model(inputs, outputs)
+    dense.set_weights([w, b])
+    return model, x, labels
+
+
+def test_temperature_fitted_on_validation_lowers_held_out_nll_and_ece_with_the_same_arg_max():
+    from tl_app.models.calibration import temperature_of, with_temperature, without_temperature
+
+    model, x, labels = overconfident_model_and_data()
+    probs = model.predict(x, verbose=0)
+    val, test = slice(0, 400), slice(400, None)
+    record = calibration_record("temperature", probs[val], labels[val])
+    temperature = record["temperature"]
+    assert 2.5 < temperature < 6.0  # the logits were scaled by 4
+    assert record["after"]["nll"] < record["before"]["nll"]
+
+    calibrated = with_temperature(model, temperature)
+    assert temperature_of(calibrated) == pytest.approx(temperature) and temperature_of(model) is None
+    after = calibrated.predict(x[test], verbose=0)
+    np.testing.assert_allclose(after, scale_probabilities(probs[test], temperature), atol=1e-5)
+    before_fig, after_fig = calibration_figures(probs[test], labels[test]), calibration_figures(after, labels[test])
+    assert after_fig["nll"] < before_fig["nll"] - 0.05
+    assert after_fig["ece"] < before_fig["ece"] / 2
+    assert after_fig["brier"] < before_fig["brier"]
+    np.testing.assert_array_equal(after.argmax(1), probs[test].argmax(1))
+    # a second wrap replaces the temperature; the inner model is the original
+    assert temperature_of(with_temperature(calibrated, 2.0)) == 2.0
+    np.testing.assert_array_equal(without_temperature(calibrated).predict(x[:8], verbose=0),
+                                  model.predict(x[:8], verbose=0))
+
+
+def test_a_calibrated_model_keeps_temperature_one_and_figures_are_right_on_a_hand_example():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 1.5, (3000, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(3, p=p) for p in probs])  # labels drawn from the probabilities: calibrated
+    assert fit_temperature(probs, labels) == pytest.approx(1.0, abs=0.1)
+    # two images, confidence 0.9 (right) and 0.6 (wrong): ECE = (0.1 + 0.6) / 2, MCE = 0.6
+    figures = calibration_figures(np.array([[0.9, 0.1], [0.6, 0.4]]), np.array([0, 1]))
+    assert figures["ece"] == pytest.approx(0.35) and figures["mce"] == pytest.approx(0.6)
+    assert figures["brier"] == pytest.approx((0.02 + 0.72) / 2)
+    assert calibration_record("temperature", probs[:1], labels[:1])["method"] == "none"  # too few to fit
+
+
+@pytest.mark.slow
+def test_trained_run_records_its_temperature_and_every_export_format_returns_calibrated_probabilities(
+        tiny_config, tmp_path):
+    """Both parts through real files: fine-tuning writes the record, export puts it in each graph."""
+    from tl_app.export.converters import onnx_available, run_onnx, run_tflite
+    from tl_app.export.exporter import export_run
+    from tl_app.models.artifacts import read_card, read_run_info
+    from tl_app.models.opener import load_run_model, open_model, savedmodel_function, open_savedmodel
+    from tl_app.training.finetune import train_finetune
+    from factories import reference_pixels
+
+    tiny_config.backbone.name = "vgg16"
+    tiny_config.train.epochs = tiny_config.train.finetune_epochs = 1
+    run_dir = Path(train_finetune(tiny_config, echo=None)["run_dir"])
+    record = read_run_info(run_dir)["calibration"]
+    assert record["method"] == "temperature" and record["fitted_on"] == "val" and record["images"] > 0
+    assert record["after"]["nll"] <= record["before"]["nll"]
+    # a temperature far from 1 makes "applied" and "not applied" impossible to confuse
+    info = read_run_info(run_dir)
+    info["calibration"]["temperature"] = temperature = 3.0
+    (run_dir / "run.json").write_text(json.dumps(info))
+
+    pixels, _ = reference_pixels(run_dir)
+    raw = load_run_model(run_dir).predict(pixels, verbose=0)
+    expected = scale_probabilities(raw, temperature)
+    assert np.max(np.abs(expected - raw)) > 1e-2
+    np.testing.assert_allclose(open_model(run_dir).predict(pixels), expected, atol=1e-5)  # a run answers calibrated
+
+    formats = "savedmodel,keras,tflite" + (",onnx" if onnx_available() else "")
+    result = export_run(run_dir, root=tmp_path / "models", name="calibrated", formats=formats, echo=None)
+    version = result["path"]
+    assert read_card(version)["calibration"]["temperature"] == temperature
+    outputs = {
+        "savedmodel": savedmodel_function(open_savedmodel(version)[1]["predict_pixels"])(pixels),
+        "keras": open_model(version, keras=True).predict(pixels),
+        "tflite": run_tflite(version / "model.tflite", pixels),
+    }
+    if onnx_available():
+        outputs["onnx"] = run_onnx(version / "model.onnx", pixels)
+    for name, out in outputs.items():
+        assert np.max(np.abs(out - expected)) <= 1e-4, name
+    assert set(result["parity"]) >= set(outputs)  # the parity gate ran on every format and passed
+
+
+def test_calibration_none_leaves_the_model_and_its_export_exactly_as_before(tiny_config, cli, tmp_path):
+    from tl_app.export.exporter import export_run
+    from tl_app.models.artifacts import read_card, read_run_info
+    from tl_app.models.opener import load_run_model, open_model
+    from factories import reference_pixels
+
+    result = cli("train", tiny_config.data.root, "--backbone", "vgg16", "--weights", "none", "--input-size", 32,
+                 "--epochs", 1, "--batch-size", 8, "--runs-dir", tmp_path / "runs", "--name", "raw",
+                 "--calibration", "none", "--set", f"features.cache_dir={tmp_path / 'cache'}", "--set",
+                 "head.units=[16]")
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "raw"
+    assert read_run_info(run_dir)["calibration"] == {"method": "none"}
+    pixels, _ = reference_pixels(run_dir)
+    raw = load_run_model(run_dir).predict(pixels, verbose=0)
+    np.testing.assert_array_equal(open_model(run_dir, keras=True).model.predict(pixels, verbose=0), raw)
+    version = export_run(run_dir, root=tmp_path / "models", name="raw", formats="keras", echo=None)["path"]
+    assert (version / "model.keras").read_bytes() == (run_dir / "model.keras").read_bytes()
+    assert read_card(version)["calibration"] == {"method": "none"}
+
+    bad = cli("train", tiny_config.data.root, "--calibration", "platt")
+    assert bad.exit_code != 0 and "temperature" in bad.output and "Traceback" not in bad.output

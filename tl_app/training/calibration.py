@@ -1,0 +1,129 @@
+"""Fitting a temperature on held-out probabilities, and the calibration figures (ECE, MCE, NLL, Brier).
+
+Training ends with ``calibration_record``: the temperature that minimises the
+validation negative log-likelihood (golden-section search on log T), with the
+figures before and after, stored in run.json; export applies it in the graph
+(models.calibration.TemperatureScaling). Evaluation reuses the figures.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tl_app.models.calibration import scale_probabilities
+
+from tl_app.core.config import CALIBRATIONS  # noqa: F401  (the choices live with the defaults)
+ECE_BINS = 15
+LOG_T_RANGE = (math.log(0.05), math.log(20.0))  # T from 0.05 (sharpen) to 20 (soften)
+MIN_IMAGES = 2  # fewer validation images than this cannot say anything about confidence
+
+
+# ---- figures -------------------------------------------------------------------------
+def nll(probabilities, labels) -> float:
+    p = np.asarray(probabilities, np.float64)
+    labels = np.asarray(labels, int)
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1.0)))) if len(labels) else 0.0
+
+
+def brier(probabilities, labels) -> float:
+    """Mean over images of the squared distance to the one-hot label (summed over classes)."""
+    p = np.asarray(probabilities, np.float64)
+    labels = np.asarray(labels, int)
+    if not len(labels):
+        return 0.0
+    onehot = np.zeros_like(p)
+    onehot[np.arange(len(labels)), labels] = 1.0
+    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
+def reliability_bins(probabilities, labels, bins: int = ECE_BINS) -> list[dict]:
+    """Equal-width confidence bins (lower edge open, upper closed): count, mean confidence, accuracy."""
+    p = np.asarray(probabilities, np.float64)
+    labels = np.asarray(labels, int)
+    confidence = p.max(axis=1) if len(p) else np.zeros(0)
+    correct = (p.argmax(axis=1) == labels) if len(p) else np.zeros(0, bool)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    out = []
+    for b in range(bins):
+        mask = which == b
+        n = int(mask.sum())
+        out.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": n,
+                    "confidence": float(confidence[mask].mean()) if n else None,
+                    "accuracy": float(correct[mask].mean()) if n else None})
+    return out
+
+
+def calibration_figures(probabilities, labels, bins: int = ECE_BINS) -> dict:
+    """ECE (count-weighted |accuracy - confidence| over equal-width bins), MCE (the largest gap), NLL, Brier."""
+    table = reliability_bins(probabilities, labels, bins)
+    total = sum(b["count"] for b in table)
+    gaps = [abs(b["accuracy"] - b["confidence"]) for b in table if b["count"]]
+    ece = sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in table if b["count"]) / total if total else 0.0
+    p = np.asarray(probabilities, np.float64)
+    accuracy = float(np.mean(p.argmax(axis=1) == np.asarray(labels, int))) if total else 0.0
+    return {"ece": float(ece), "mce": float(max(gaps)) if gaps else 0.0, "nll": nll(p, labels),
+            "brier": brier(p, labels), "accuracy": accuracy, "images": int(total), "bins": bins}
+
+
+# ---- fitting ----------------------------------------------------------------------------
+def fit_temperature(probabilities, labels, tolerance: float = 1e-4) -> float:
+    """The T that minimises the NLL of softmax(log(p) / T): golden-section search on log T (NLL is convex in 1/T)."""
+    p = np.asarray(probabilities, np.float64)
+    labels = np.asarray(labels, int)
+
+    def loss(log_t: float) -> float:
+        return nll(scale_probabilities(p, math.exp(log_t)), labels)
+
+    low, high = LOG_T_RANGE
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = loss(a), loss(b)
+    while high - low > tolerance:
+        if fa <= fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = loss(a)
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = loss(b)
+    best = (low + high) / 2.0
+    # a flat or increasing loss (already calibrated): keep T = 1 unless the search found a real improvement
+    return math.exp(best) if loss(best) < loss(0.0) else 1.0
+
+
+def calibration_record(method: str, probabilities, labels) -> dict:
+    """run.json's ``calibration``: the method, the temperature and the validation figures before and after."""
+    labels = np.asarray(labels, int)
+    if method == "none":
+        return {"method": "none"}
+    if len(labels) < MIN_IMAGES:
+        return {"method": "none", "requested": method,
+                "reason": f"{len(labels)} validation image(s): at least {MIN_IMAGES} are needed to fit a temperature"}
+    temperature = fit_temperature(probabilities, labels)
+    return {"method": "temperature", "temperature": temperature, "fitted_on": "val", "images": int(len(labels)),
+            "before": calibration_figures(probabilities, labels),
+            "after": calibration_figures(scale_probabilities(probabilities, temperature), labels)}
+
+
+def record_text(record: dict) -> str:
+    """One console line for the end of training."""
+    if record.get("method") != "temperature":
+        return "calibration: none" + (f" ({record['reason']})" if record.get("reason") else "")
+    b, a = record["before"], record["after"]
+    return (f"calibration: temperature {record['temperature']:.3f} on {record['images']} validation images "
+            f"(ECE {b['ece']:.4f} -> {a['ece']:.4f}, NLL {b['nll']:.4f} -> {a['nll']:.4f})")
+
+
+def dataset_probabilities(model, dataset, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) of a model over batches of (images, one-hot labels); empty without a dataset."""
+    probs, labels = [], []
+    for images, onehot in (dataset if dataset is not None else []):
+        probs.append(np.asarray(model.predict_on_batch(images), np.float32))
+        labels.append(np.argmax(np.asarray(onehot), axis=1))
+    if not probs:
+        return np.zeros((0, num_classes), np.float32), np.zeros(0, int)
+    return np.concatenate(probs), np.concatenate(labels)
