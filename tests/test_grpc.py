@@ -7,10 +7,14 @@ One server in a subprocess, started from a TF Serving models config file
 from __future__ import annotations
 
 import base64
+import collections
 import json
+import os
 import re
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +28,7 @@ from test_server import AUTH, TOKEN, Server, free_port, raw_request  # noqa: E40
 CLASSES = ["circles", "squares", "triangles"]
 
 
-@pytest.fixture(scope="module")
-def tfs(exported, tmp_path_factory):
-    base = tmp_path_factory.mktemp("tfs")
-    models = base / "elsewhere" / "shapes"
-    for version in ("1", "2", "3"):
-        shutil.copytree(exported["version_dir"], models / version, ignore=shutil.ignore_patterns("*.tflite"))
-    config = base / "models.config"
-    config.write_text("""
+MODELS_CONFIG = """
 model_config_list {
   config {
     name: "shapes"
@@ -42,11 +39,21 @@ model_config_list {
     version_labels { key: "canary" value: 2 }
   }
 }
-""")
+"""
+
+
+@pytest.fixture(scope="module")
+def tfs(exported, tmp_path_factory):
+    base = tmp_path_factory.mktemp("tfs")
+    models = base / "elsewhere" / "shapes"
+    for version in ("1", "2", "3"):
+        shutil.copytree(exported["version_dir"], models / version, ignore=shutil.ignore_patterns("*.tflite"))
+    config = base / "models.config"
+    config.write_text(MODELS_CONFIG)
     grpc_port = free_port()
     server = Server(base / "unused", "--model-config-file", str(config), "--grpc-port", str(grpc_port),
                     "--token", TOKEN, "--poll-seconds", "0.3", log=base / "server.log")
-    server.grpc_port = grpc_port
+    server.grpc_port, server.config = grpc_port, config
     yield server
     server.stop()
 
@@ -218,3 +225,65 @@ def test_rest_malformed_urls_and_wrong_methods_are_400_as_in_tf_serving(tfs):
                          ("GET", "/v1/models/shapes/bogus"), ("GET", "/v1/oops")):
         status, body = raw_request(tfs, method, path)
         assert status == 400 and "error" in json.loads(body), (method, path, body)
+
+
+def write_config(path: Path, text: str) -> None:
+    """As an editor or a deployment would: the new file replaces the old one whole."""
+    temporary = path.with_suffix(".new")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def wait_until(check, what: str, timeout: float = 60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def test_the_models_config_is_reloaded_without_a_restart_and_a_broken_one_keeps_the_last(tfs, rest, sample_dir):
+    """Added models appear, removed ones go, a file that does not parse is reported and the old config kept;
+    requests to the models that stay never fail meanwhile."""
+    body = {"instances": [{"b64": base64.b64encode(images(sample_dir, 1)[0]).decode()}]}
+    statuses, stop = [], threading.Event()
+
+    def load():
+        with httpx.Client(base_url=tfs.url, headers=AUTH, timeout=60) as client:
+            while not stop.is_set():
+                for path in ("/v1/models/shapes:predict", "/v1/models/shapes/labels/stable:predict"):
+                    statuses.append(client.post(path, json=body).status_code)
+
+    def status(name):
+        return rest.get(f"/v1/models/{name}").status_code
+
+    def health():
+        return httpx.get(tfs.url + "/healthz", timeout=30).json()
+
+    more = '  config { name: "more" base_path: "elsewhere/shapes" model_version_policy { latest { } } }\n}\n'
+    added = MODELS_CONFIG.rstrip()[:-1] + more
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        write_config(tfs.config, added)
+        wait_until(lambda: status("more") == 200, "the added model is served")
+        assert rest.post("/v1/models/more:predict", json=body).status_code == 200
+        assert rest.get("/v1/models/more").json()["model_version_status"][0]["version"] == "3"
+
+        write_config(tfs.config, added.replace("model_config_list {", "model_config_list {{", 1))
+        wait_until(lambda: health().get("model_config", "ok") != "ok", "the broken config is reported")
+        assert "previous models config is still served" in health()["model_config"]
+        assert "models config not reloaded" in Path(tfs.log).read_text()
+        assert re.search(r"(?m)^tlapp_model_config_ok 0$", rest.get("/metrics").text)
+        assert status("more") == 200 and status("shapes") == 200  # the last good config still served
+
+        write_config(tfs.config, MODELS_CONFIG)
+        wait_until(lambda: status("more") == 404, "the removed model goes away")
+        assert health()["model_config"] == "ok" and health()["models"] == ["shapes"]
+        assert "Models served: shapes;" in rest.get("/v1/models/more").json()["error"]
+    finally:
+        stop.set()
+        worker.join(60)
+        write_config(tfs.config, MODELS_CONFIG)
+    assert len(statuses) >= 4 and set(statuses) == {200}, collections.Counter(statuses)

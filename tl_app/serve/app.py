@@ -50,6 +50,7 @@ from tl_app.serve.codec import BadRequest, TooLarge
 from tl_app.serve.grpc_server import start_grpc
 from tl_app.serve.limits import Busy, allowed_hosts, host_name, timed_protocol
 from tl_app.serve.metrics import Metrics
+from tl_app.serve.model_config import ConfigWatcher
 from tl_app.serve.page import PAGE
 from tl_app.serve.registry import NotFound, Registry, short
 from tl_app.serve.service import Service
@@ -103,9 +104,16 @@ def create_app(root: str | Path | None, settings: ServeConfig | None = None, ech
     settings = settings or ServeConfig()
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=max(1, settings.workers), thread_name_prefix="tl-app-infer")
-    registry = Registry(root, settings, executor, metrics, poll_seconds=settings.poll_seconds, sources=sources)
+    watcher = ConfigWatcher(settings.model_config_file, echo=echo) \
+        if sources is not None and settings.model_config_file else None  # re-read at each poll
+    registry = Registry(root, settings, executor, metrics, poll_seconds=settings.poll_seconds, sources=sources,
+                        reload=watcher.check if watcher else None)
     service = Service(registry, settings, executor, metrics)
     metrics.gauges["tlapp_models_loaded"] = registry.loaded_count
+    if watcher:
+        metrics.gauges["tlapp_model_config_reloads"] = lambda: watcher.reloads
+        metrics.gauges["tlapp_model_config_reload_failures"] = lambda: watcher.failures
+        metrics.gauges["tlapp_model_config_ok"] = lambda: int(not watcher.error)
 
     def endpoint(route: str, public: bool = False, read_body: bool = False):
         """Host check, auth, body limit and timeout, error mapping and metrics around one handler."""
@@ -159,7 +167,11 @@ def create_app(root: str | Path | None, settings: ServeConfig | None = None, ech
 
     @endpoint("/healthz", public=True)
     async def healthz(request, body):
-        return JSONResponse({"status": "ok", "models": registry.names(), "loaded": registry.loaded_count()})
+        health = {"status": "ok", "models": registry.names(), "loaded": registry.loaded_count()}
+        if watcher:  # no path or message here (public): the server log has them
+            health["model_config"] = "ok" if not watcher.error else \
+                "not reloaded: the file does not parse; the previous models config is still served (see the log)"
+        return JSONResponse(health)
 
     @endpoint("/metrics")
     async def metrics_page(request, body):

@@ -13,16 +13,24 @@ The text format TF Serving reads, parsed with its own proto::
       }
     }
 
-Relative base paths are taken from the config file's folder.
+Relative base paths are taken from the config file's folder. The server
+re-reads the file at every poll of its models (``--poll-seconds``, as TF
+Serving's ``--model_config_file_poll_wait_seconds``): models added appear,
+removed ones are unloaded, and a config that does not parse is reported and
+the one before it kept.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
 
 from tl_app.core.errors import ConfigError
 from tl_app.models.artifacts import valid_model_name
 from tl_app.serve.registry import Source
+
+log = logging.getLogger("tl_app.serve")
 
 
 def read_model_config(path: str | Path) -> dict[str, Source]:
@@ -72,3 +80,41 @@ def read_model_config(path: str | Path) -> dict[str, Source]:
             raise ConfigError(f"{where}: labels {bad} name versions outside its version policy {list(source.versions)}.")
         sources[entry.name] = source
     return sources
+
+
+class ConfigWatcher:
+    """The models config file re-read when its content changes: new sources, or None (unchanged or broken)."""
+
+    def __init__(self, path: str | Path, echo=None):
+        self.path = Path(path)
+        self.echo = echo
+        self.digest = self._digest()  # the content the server started with
+        self.error = ""  # why the current file was not taken ("" when it was)
+        self.reloads = 0
+        self.failures = 0
+
+    def _digest(self) -> str | None:
+        try:
+            return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        except OSError:
+            return None
+
+    def check(self) -> dict[str, Source] | None:
+        digest = self._digest()
+        if digest == self.digest:
+            return None
+        self.digest = digest  # a broken file is reported once, and read again when it changes
+        try:
+            sources = read_model_config(self.path)
+        except ConfigError as exc:
+            self.error, self.failures = str(exc), self.failures + 1
+            self._say(f"[serve] models config not reloaded, the previous one is still served: {exc}", logging.ERROR)
+            return None
+        self.error, self.reloads = "", self.reloads + 1
+        self._say(f"[serve] models config reloaded: {', '.join(sorted(sources))}", logging.INFO)
+        return sources
+
+    def _say(self, message: str, level: int) -> None:
+        log.log(level, message)
+        if self.echo:
+            self.echo(message)

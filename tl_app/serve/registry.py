@@ -218,10 +218,11 @@ class Registry:
     """Scan, load, look up and poll; thread-safe."""
 
     def __init__(self, root: str | Path | None, settings, executor: Executor, metrics, poll_seconds: float = 2.0,
-                 idle_unload_seconds: float = 120.0, sources: dict | None = None):
+                 idle_unload_seconds: float = 120.0, sources: dict | None = None, reload=None):
         self.root = Path(root) if root is not None else None
         self.real_root = self.root.resolve() if self.root is not None else None
         self.sources = sources  # name -> Source (a models config file), or None: every model folder under root
+        self.reload = reload  # () -> new sources or None, called at each poll (the models config file re-read)
         self.settings = settings
         self.executor = executor
         self.metrics = metrics
@@ -503,9 +504,17 @@ class Registry:
     def _poll(self) -> None:
         while not self.stop.wait(self.poll_seconds):
             try:
+                sources = self.reload() if self.reload is not None else None
+                if sources is not None:
+                    self.swap_sources(sources)
                 self.refresh()
             except Exception:  # a bad folder must not stop the poll
                 log.exception("model poll failed")
+
+    def swap_sources(self, sources: dict) -> None:
+        """A new models config: models still listed stay loaded (no request fails); refresh loads and unloads."""
+        with self.lock:
+            self.sources = sources
 
     def close(self) -> None:
         self.stop.set()
