@@ -37,7 +37,8 @@ SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "batching": "serve.ba
 @click.option("--grpc-port", type=int, default=None,
               help="TF Serving gRPC port (PredictionService, ModelService; default 8500, 0 turns it off).")
 @click.option("--model-config-file", default=None, type=click.Path(),
-              help="TF Serving models config (text format): names, base paths, version policy, labels.")
+              help="TF Serving models config (text format): names, base paths, version policy, labels; "
+                   "re-read at each poll (models added or removed without a restart).")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,
               help="Host header to accept (repeatable; default: loopback names when bound to loopback, else any).")
 @click.option("--header-timeout", type=float, default=None, help="Seconds to send the request headers (default 10).")
@@ -47,7 +48,7 @@ SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "batching": "serve.ba
 @click.option("--workers", type=int, default=None, help="Threads that run model calls (default 4).")
 @click.option("--token", default=None, help="Require 'Authorization: Bearer TOKEN' (or set TL_APP_TOKEN).")
 @click.option("--poll-seconds", type=float, default=None,
-              help="How often the root is checked for new versions (default 2).")
+              help="How often the root (and the models config file) is checked for changes (default 2).")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @pipeline_options
