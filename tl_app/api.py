@@ -27,7 +27,7 @@ from tl_app.data.splits import class_weights  # noqa: F401
 from tl_app.engines.distributed import train_on_ray
 from tl_app.engines.ray_engine import RayExtractor, predict_paths_ray
 from tl_app.export.exporter import export_run
-from tl_app.features.extract import default_out_dir, extract_features
+from tl_app.features.extract import Extractor, default_out_dir, extract_features
 from tl_app.features.store import FeatureSet, export_paths  # noqa: F401
 from tl_app.inference import predict_paths
 from tl_app.insight.augment_preview import augment_preview  # noqa: F401
@@ -88,8 +88,13 @@ def finish_run(summary: dict, echo=print) -> dict:
 def extract(config: Config, out_dir: str | Path | None = None, echo: Callable | None = print) -> FeatureSet:
     """Bottleneck features of config.data.root, cached, exported to ``out_dir`` (default: default_out_dir)."""
     out = Path(out_dir) if out_dir is not None else default_out_dir(config)
-    extractor = RayExtractor if config.engine.name == "ray" else None
-    return extract_features(config, out_dir=out, echo=echo, extractor_class=extractor)
+    return extract_features(config, out_dir=out, echo=echo, extractor_class=backbone_extractor(config))
+
+
+def backbone_extractor(config: Config):
+    """The class that runs the backbone for extraction: Ray actors or this process. The CLI asks for it only
+    once an image is missing from the cache (a fully cached run never imports TensorFlow)."""
+    return RayExtractor if config.engine.name == "ray" else Extractor
 
 
 def export(config: Config, run_dir: str | Path, name: str | None = None, echo=print) -> dict:
