@@ -180,6 +180,7 @@ class PredictConfig:
     top_k: int = 5
     batch_size: int = 32
     progress: bool = True
+    max_pixels: int = 0  # per image; 0: the model card's (or run's) data.max_pixels, else 89478485
 
 
 @dataclass
@@ -376,6 +377,7 @@ def validate(config: Config) -> None:
                    "predict.batch_size", "serve.image_pixels", "serve.inflight_pixels", "serve.max_connections"):
         check_range(config, dotted, 1, None)
     check_range(config, "serve.max_pixels", 0, None)
+    check_range(config, "predict.max_pixels", 0, None)
     check_range(config, "serve.grpc_port", 0, 65535)
     check_range(config, "serve.header_timeout_s", 0.0, None, low_open=True)
     check_range(config, "serve.body_timeout_s", 0.0, None, low_open=True)
