@@ -117,6 +117,7 @@ class TrainConfig:
     unfreeze_layers: int = 0  # >0: unfreeze this many top layers instead of blocks
     batch_size: int = 32
     learning_rate: float = 1e-3
+    lr_find: bool = False  # true: run the learning-rate range test first and train at its suggestion
     finetune_lr_factor: float = 0.1
     optimizer: str = "adam"
     momentum: float = 0.9
