@@ -48,6 +48,9 @@ from tl_app.training.bottleneck import train_bottleneck
 from tl_app.training.fewshot import edit_classes
 from tl_app.training.devices import is_chief
 from tl_app.training.finetune import resume_finetune, train_finetune
+from tl_app.training.lr_finder import lr_range_test
+from tl_app.training.runs import write_run_info
+from tl_app.insight.lr_range import plot_lr_range
 
 
 def train(config: Config, resume: str | Path | None = None, echo=print, more_epochs: dict | None = None) -> dict:
@@ -60,15 +63,44 @@ def train(config: Config, resume: str | Path | None = None, echo=print, more_epo
         summary = resume_finetune(resume, echo=echo, **{k: v for k, v in (more_epochs or {}).items() if v is not None})
     else:
         get_spec(config.backbone.name)  # an unknown name fails before any work
+        found = None
+        if config.train.lr_find:  # the range test first (on the cached features the run then reuses)
+            found = lr_find(config, out=None, echo=echo)
+            if found["suggested"]:
+                config = config.with_overrides({"train.learning_rate": found["suggested"]})
+            elif echo:
+                echo(f"lr-find: keeping train.learning_rate = {config.train.learning_rate:g}")
         if config.train.strategy == "bottleneck":
             summary = train_bottleneck(config, echo=echo)
         elif config.engine.name == "ray":  # Ray Train runs the workers; the chief finishes the run
             return train_on_ray(config, chief=train, echo=echo)
         else:
             summary = train_finetune(config, echo=echo)
+        if found is not None:
+            summary["lr_find"] = record_lr_find(summary["run_dir"], found, config.train.learning_rate)
     if not is_chief():  # a multi-worker run's other workers keep no history: the chief reports
         return summary
     return finish_run(summary, echo)
+
+
+def lr_find(config: Config, out: str | Path | None = None, echo=print) -> dict:
+    """The learning-rate range test on config's data (tl-app lr-find); the plot goes to ``out`` when given."""
+    result = lr_range_test(config, echo=echo)
+    if out is not None:
+        result["plot"] = str(plot_lr_range(result, out))
+        if echo:
+            echo(f"plot: {result['plot']}")
+    return result
+
+
+def record_lr_find(run_dir: str | Path, found: dict, used: float) -> dict:
+    """The range test's plot and outcome kept with the run (run.json "lr_find"), for the report."""
+    plot = plot_lr_range(found, Path(run_dir) / "lr_find.png")
+    record = {"suggested": found["suggested"], "used": used, "steps": found["steps"], "plot": plot.name,
+              "why": ("steepest fall of the smoothed training loss in the range test" if found["suggested"]
+                      else "the range test's loss never fell, so the configured rate was kept")}
+    write_run_info(run_dir, lr_find=record)
+    return record
 
 
 def finish_run(summary: dict, echo=print) -> dict:

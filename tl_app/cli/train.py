@@ -9,6 +9,26 @@ from tl_app.core.errors import ConfigError
 from tl_app.cli.common import require_data_folder, build_config, echo_json, engine_options, engine_overrides, load_api, pipeline_options
 
 
+class LearningRateType(click.ParamType):
+    """A positive number, or "auto" (the range test chooses)."""
+
+    name = "RATE|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto" or isinstance(value, float):
+            return value
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = None
+        if rate is None or not rate > 0:
+            self.fail(f"expected a positive number such as 1e-3, or auto; got {value!r}", param, ctx)
+        return rate
+
+
+LEARNING_RATE = LearningRateType()
+
+
 @click.command()
 @click.argument("data", required=False, type=click.Path())
 @click.option("--strategy", type=click.Choice(["bottleneck", "finetune"]), default=None,
@@ -20,7 +40,9 @@ from tl_app.cli.common import require_data_folder, build_config, echo_json, engi
 @click.option("--finetune-epochs", type=int, default=None, help="Phase 2 epochs (finetune).")
 @click.option("--unfreeze-blocks", type=int, default=None, help="Top backbone blocks to unfreeze in phase 2.")
 @click.option("--batch-size", type=int, default=None)
-@click.option("--learning-rate", "--lr", type=float, default=None)
+@click.option("--learning-rate", "--lr", type=LEARNING_RATE, default=None,
+              help="A rate such as 3e-4, or auto: run the learning-rate range test first (tl-app lr-find) and "
+                   "train at its suggestion.")
 @click.option("--optimizer", default=None, help="sgd rmsprop adagrad adadelta adam adamw nadam")
 @click.option("--schedule", default=None, help="constant cosine step plateau")
 @click.option("--head", "head_kind", default=None, help="dense | logistic | knn | prototype (knn/prototype: no gradient training, classes can be added later)")
@@ -60,11 +82,13 @@ def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs
       TF_CONFIG=... tl-app train photos/ --strategy finetune --distribute multi-worker   (on every worker)
       tl-app train photos/ --strategy finetune --engine ray --address auto --num-workers 4
     """
+    find_lr = learning_rate == "auto"
     settings = {
+        "train.lr_find": True if find_lr else None, "train.learning_rate": None if find_lr else learning_rate,
         "data.root": data, "train.strategy": strategy, "backbone.name": backbone, "backbone.weights": weights,
         "backbone.input_size": input_size, "train.epochs": epochs, "train.finetune_epochs": finetune_epochs,
         "train.unfreeze_blocks": unfreeze_blocks, "train.batch_size": batch_size,
-        "train.learning_rate": learning_rate, "train.optimizer": optimizer, "train.schedule": schedule,
+        "train.optimizer": optimizer, "train.schedule": schedule,
         "head.kind": head_kind, "data.class_weights": class_weights, "features.augment_views": augment_views,
         "train.mixed_precision": mixed_precision, "train.jit_compile": jit_compile,
         "train.distribute": distribute, "train.seed": seed, "train.name": name, "train.runs_dir": runs_dir,
