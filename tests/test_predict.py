@@ -293,3 +293,30 @@ print(s['predicted'], (psutil.Process().memory_info().rss - small) / 1e6)
     print(f"predict memory: RSS growth {float(growth):.1f} MB from 200 to 2000 images")
     assert int(count) == 2000
     assert float(growth) < 150, f"RSS grew by {growth} MB"
+
+
+def test_the_pixel_limit_is_the_model_cards_data_max_pixels_unless_max_pixels_is_given(exported, sample_dir,
+                                                                                       tmp_path, cli):
+    version = tmp_path / "models" / "tiny" / "1"
+    shutil.copytree(exported["version_dir"], version, ignore=shutil.ignore_patterns("*.tflite", "*.onnx"))
+    card = json.loads((version / "model_card.json").read_text())
+    card.setdefault("config", {}).setdefault("data", {})["max_pixels"] = 10_000  # as trained with that limit
+    (version / "model_card.json").write_text(json.dumps(card))
+    big = tmp_path / "big.png"
+    Image.new("RGB", (200, 200), (200, 30, 30)).save(big)  # 40,000 pixels
+    small = tmp_path / "small.png"
+    Image.open(sorted(sample_dir.glob("*/*.png"))[0]).convert("RGB").resize((64, 64)).save(small)  # 4,096 pixels
+
+    out = tmp_path / "card.csv"
+    result = cli("predict", version.parent, big, small, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = {Path(r["path"]).name: r for r in read_csv(out)}
+    assert "200x200 > 10000" in rows["big.png"]["error"], rows["big.png"]
+    assert rows[small.name]["label_1"] and not rows[small.name]["error"]
+
+    out = tmp_path / "given.csv"
+    result = cli("predict", version.parent, big, small, "--out", out, "--quiet", "--max-pixels", "50000")
+    assert result.exit_code == 0, result.output
+    assert all(r["label_1"] and not r["error"] for r in read_csv(out))
+    result = cli("predict", version.parent, big, "--max-pixels", "-1")
+    assert result.exit_code != 0 and "max_pixels" in result.output and "Traceback" not in result.output

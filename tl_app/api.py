@@ -141,9 +141,10 @@ def predict(config: Config, model, inputs, out: str | Path | None = None, echo=p
     settings = config.predict
     if config.engine.name == "ray":  # Ray Data actors, one model each (docs/scale-out.md)
         return predict_paths_ray(model, inputs, config, out=out, top_k=settings.top_k,
-                                 batch_size=settings.batch_size, echo=echo, progress=settings.progress)
+                                 batch_size=settings.batch_size, echo=echo, progress=settings.progress,
+                                 max_pixels=settings.max_pixels)
     return predict_paths(model, inputs, out=out, top_k=settings.top_k, batch_size=settings.batch_size, echo=echo,
-                         progress=settings.progress)
+                         progress=settings.progress, max_pixels=settings.max_pixels)
 
 
 def serve(config: Config, root: str | Path | None = None, log_level: str = "warning", echo=print) -> None:

@@ -67,10 +67,19 @@ def header_probe(path: str, max_pixels: int = MAX_PIXELS) -> tuple[bool, str]:
     return probe.fast, probe.reason
 
 
-def decode_failure_reason(path: str) -> str:
+def pixel_limit(predictor, override: int = 0) -> int:
+    """Pixels per image: ``override`` (predict.max_pixels) if set, else the data.max_pixels the model was
+    trained with (its card's or run's configuration), else Pillow's decompression-bomb threshold."""
+    if override:
+        return int(override)
+    config = getattr(predictor, "config", None)
+    return int(config.data.max_pixels) if config is not None else MAX_PIXELS
+
+
+def decode_failure_reason(path: str, max_pixels: int = MAX_PIXELS) -> str:
 
     try:
-        reason = probe_file(path, MAX_PIXELS).reason
+        reason = probe_file(path, max_pixels).reason
     except Exception as exc:
         reason = f"undecodable image: {str(exc)[:200]}"
     return reason or "could not be decoded"
@@ -173,11 +182,12 @@ class Tally:
 
 # ---- the entry point -------------------------------------------------------------------
 def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, batch_size: int = 32,
-                  echo=print, progress: bool | None = None) -> dict:
+                  echo=print, progress: bool | None = None, max_pixels: int = 0) -> dict:
     """Predict every image among ``inputs``; rows go to ``out`` (CSV/JSONL) or stdout, in input order.
 
     ``model`` is a path (see tl_app.models.opener.open_model) or a loaded Predictor. Returns a
-    summary: predicted, bad, total, seconds, images_per_second, bad_files.
+    summary: predicted, bad, total, seconds, images_per_second, bad_files. An image over ``pixel_limit``
+    (the model's data.max_pixels unless ``max_pixels``) is a bad row.
     """
     import tensorflow as tf
 
@@ -185,6 +195,7 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
     inputs = check_request(inputs, top_k, batch_size)
     predictor = model if isinstance(model, Predictor) else open_model(model)
     size, policy, background = predictor.input_size, predictor.resize_policy, predictor.background
+    limit = pixel_limit(predictor, max_pixels)
     total = sum(1 for _ in iter_inputs(inputs))
     tally = Tally(RowWriter(out, min(top_k, len(predictor.classes))), predictor.classes)
     # (index, path, problem) of every input the reader has passed, in input order, until its row is written;
@@ -195,7 +206,7 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
         for index, (path, problem) in enumerate(iter_inputs(inputs)):
             fast = False
             if not problem:
-                fast, problem = header_probe(path)
+                fast, problem = header_probe(path, limit)
             pending.append((index, path, problem))
             if not problem:
                 yield os.fsencode(path), fast, index
@@ -210,7 +221,7 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
         """Rows for the inputs before ``before`` that never reached the model (all of them when None)."""
         while pending and (before is None or pending[0][0] < before):
             _, path, problem = pending.popleft()
-            tally.failure(path, problem or decode_failure_reason(path))
+            tally.failure(path, problem or decode_failure_reason(path, limit))
 
     bar = Progress(total, "predict", enabled=progress if progress is not None else echo is not None)
     started = time.perf_counter()

@@ -12,11 +12,13 @@ from tl_app.cli.common import build_config, engine_options, engine_overrides, lo
 @click.option("--out", "-o", default=None, help="preds.csv or preds.jsonl (default: CSV on stdout).")
 @click.option("--top-k", "-k", type=int, default=None, help="Classes per image (default 5).")
 @click.option("--batch-size", "-b", type=int, default=None, help="Images per model call (default 32).")
+@click.option("--max-pixels", type=int, default=None,
+              help="Pixels per image beyond which a file is refused (default: the model's data.max_pixels).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (on stderr).")
 @engine_options
 @pipeline_options
-def predict(model, inputs, out, top_k, batch_size, quiet, as_json, pipeline, sets, **engine):
+def predict(model, inputs, out, top_k, batch_size, max_pixels, quiet, as_json, pipeline, sets, **engine):
     """Classify images: files, folders (recursive) and globs; bad files are reported, not fatal.
 
     MODEL is saved_models/<name> (its newest version), a version folder or a run directory.
@@ -28,6 +30,7 @@ def predict(model, inputs, out, top_k, batch_size, quiet, as_json, pipeline, set
       tl-app predict saved_models/flowers /data/photos --out preds.csv --engine ray --address auto
     """
     config = build_config(pipeline, sets, **{"predict.top_k": top_k, "predict.batch_size": batch_size,
+                                             "predict.max_pixels": max_pixels,
                                              "predict.progress": False if quiet else None},
                           **engine_overrides(engine))
     api = load_api()

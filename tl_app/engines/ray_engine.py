@@ -28,7 +28,8 @@ from tl_app.engines import check_resources, connect, require_ray
 from tl_app.core.errors import TlAppError
 from tl_app.features.extract import Extractor, UniqueImages
 from tl_app.models.opener import Predictor, open_model, read_model_info
-from tl_app.inference import decode_failure_reason, header_probe, RowWriter, Tally, check_request, iter_inputs
+from tl_app.inference import (decode_failure_reason, header_probe, pixel_limit, RowWriter, Tally, check_request,
+                              iter_inputs)
 from tl_app.data.pipeline import load_image
 from tl_app.core.errors import ConfigError
 from tl_app.core.progress import Progress
@@ -222,17 +223,18 @@ class RayExtractor:
 class PredictActor:
     """One loaded classifier per Ray actor; each call predicts a few batches of files."""
 
-    def __init__(self, model_path: str, batch_size: int, cpus: float = 0.0):
+    def __init__(self, model_path: str, batch_size: int, cpus: float = 0.0, max_pixels: int = 0):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         limit_threads(cpus)
         self.predictor = open_model(model_path)
+        self.max_pixels = pixel_limit(self.predictor, max_pixels)
         self.batch_size = int(batch_size)
 
     def __call__(self, batch: dict) -> dict:
 
         indices = np.asarray(batch["index"], np.int64)
         paths = [str(p) for p in batch["path"]]
-        checked = [header_probe(path) for path in paths]  # (fast, problem)
+        checked = [header_probe(path, self.max_pixels) for path in paths]  # (fast, problem)
         reasons = [problem for _, problem in checked]
         good = [i for i in range(len(paths)) if not reasons[i]]
         probs = np.zeros((len(paths), len(self.predictor.classes)), np.float32)
@@ -244,7 +246,7 @@ class PredictActor:
                 ok[rows] = True
         for i in good:
             if not ok[i]:
-                reasons[i] = decode_failure_reason(paths[i])
+                reasons[i] = decode_failure_reason(paths[i], self.max_pixels)
         return {"index": indices, "ok": ok, "probabilities": probs, "reason": np.array(reasons, dtype=object)}
 
     def _images(self, paths: list[str], fast: list[bool], rows: list[int]):
@@ -261,7 +263,7 @@ class PredictActor:
 
 
 def predict_paths_ray(model, inputs, config: Config, out=None, top_k: int = 5, batch_size: int = 32,
-                      echo=print, progress: bool | None = None) -> dict:
+                      echo=print, progress: bool | None = None, max_pixels: int = 0) -> dict:
     """tl_app.inference.predict_paths on Ray actors: same rows, same order, same summary.
 
     Inputs are listed on the driver; header checks, decoding and the model run
@@ -307,7 +309,7 @@ def predict_paths_ray(model, inputs, config: Config, out=None, top_k: int = 5, b
         flush()
         if items:
             constructor = {"model_path": model_path, "batch_size": batch_size,
-                           "cpus": float(config.engine.cpus_per_worker)}
+                           "cpus": float(config.engine.cpus_per_worker), "max_pixels": max_pixels}
             with closing(run_actors(config, PredictActor, items, constructor, batch_size)) as batches:
                 for batch in batches:
                     rows = zip(batch["index"].tolist(), batch["ok"].tolist(), np.asarray(batch["probabilities"]),
