@@ -172,6 +172,7 @@ class ServeConfig:
     header_timeout_s: float = 10.0  # a connection must send its request headers within this
     body_timeout_s: float = 30.0  # and its body within this (408 otherwise)
     max_connections: int = 256  # open connections and requests; more get 503
+    allowed_batch_sizes: list = field(default_factory=list)  # pad batches up to these (TF Serving); [] = no padding
 
 
 @dataclass
@@ -385,6 +386,12 @@ def validate(config: Config) -> None:
     check_range(config, "serve.batch_timeout_ms", 0.0, None)
     check_range(config, "serve.poll_seconds", 0.0, None, low_open=True)
     check_range(config, "serve.port", 0, 65535)
+    sizes = config.serve.allowed_batch_sizes
+    if sizes and (not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)
+                  or list(sizes) != sorted(set(sizes)) or sizes[-1] != config.serve.max_batch_size):
+        raise ConfigError(f"serve.allowed_batch_sizes must be increasing positive integers ending at "
+                          f"serve.max_batch_size ({config.serve.max_batch_size}), as in TF Serving's batching "
+                          f"config, e.g. [1, 2, 4, 8, 16, {config.serve.max_batch_size}]; got {list(sizes)!r}.")
     if any(v < 1 for v in config.head.units) or not all(isinstance(v, int) for v in config.head.units):
         raise ConfigError(f"head.units must be a list of positive integers (e.g. [256]), got {config.head.units!r}.")
     background = config.data.background
