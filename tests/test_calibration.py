@@ -142,3 +142,37 @@ def test_calibration_none_leaves_the_model_and_its_export_exactly_as_before(tiny
 
     bad = cli("train", tiny_config.data.root, "--calibration", "platt")
     assert bad.exit_code != 0 and "temperature" in bad.output and "Traceback" not in bad.output
+
+
+def test_evaluate_reports_ece_mce_nll_brier_before_and_after_and_the_report_shows_the_diagram(tmp_path, sample_dir):
+    from factories import make_run_dir, reference_pixels, small_config
+    from tl_app.insight.evaluate import calibration_section, evaluate
+    from tl_app.insight.report import calibration_body
+    from tl_app.models.opener import load_run_model
+    from tl_app.training.runs import write_run_info
+
+    config = small_config(tmp_path, sample_dir, backbone="vgg16")
+    run_dir = make_run_dir(config)
+    pixels, records = reference_pixels(run_dir)
+    classes = json.loads((run_dir / "run.json").read_text())["classes"]
+    labels = np.array([classes.index(r.label) for r in records])
+    raw = load_run_model(run_dir).predict(pixels, verbose=0)
+
+    plain, curves = calibration_section(raw, labels, None)  # a model without temperature: one curve
+    assert plain["method"] == "none" and plain["after"] is None and len(curves) == 1
+
+    write_run_info(run_dir, calibration={"method": "temperature", "temperature": 0.25})  # sharpen: ECE moves
+    metrics = evaluate(run_dir, split="all", out_dir=tmp_path / "calibrated", top_losses=2, echo=None)
+    calibration = metrics["calibration"]
+    expected_before = calibration_figures(raw, labels)
+    expected_after = calibration_figures(scale_probabilities(raw, 0.25), labels)
+    for key in ("ece", "mce", "nll", "brier", "accuracy"):
+        assert calibration["before"][key] == pytest.approx(expected_before[key], abs=1e-4), key
+        assert calibration["after"][key] == pytest.approx(expected_after[key], abs=1e-4), key
+    assert calibration["after"]["nll"] != pytest.approx(calibration["before"]["nll"], abs=1e-3)
+    assert calibration["after"]["accuracy"] == calibration["before"]["accuracy"]
+    diagram = Path(metrics["files"]["reliability_diagram.png"])
+    assert diagram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = calibration_body(metrics)
+    assert "data:image/png;base64," in html and f"{calibration['after']['ece']:.4f}" in html
+    assert f"{calibration['before']['ece']:.4f}" in html and "0.250" in html

@@ -20,7 +20,9 @@ from tl_app.data.pipeline import make_dataset
 from tl_app.core.config import DataConfig
 from tl_app.data.manifest import Manifest
 from tl_app.data.scan import scan
-from tl_app.insight.plots import BAD, GOOD, Tile, confusion_matrix_plot, contact_sheet, grid_rows
+from tl_app.insight.plots import BAD, GOOD, Tile, confusion_matrix_plot, contact_sheet, grid_rows, reliability_diagram
+from tl_app.models.calibration import scale_probabilities, temperature_of
+from tl_app.training.calibration import calibration_figures, reliability_bins
 
 
 # ---- metrics -----------------------------------------------------------------
@@ -97,6 +99,23 @@ def most_confused(matrix: np.ndarray, classes: list[str], limit: int = 10) -> li
     ]
     pairs.sort(key=lambda p: (-p["count"], -p["fraction_of_true"], p["true"], p["predicted"]))
     return pairs[:limit]
+
+
+def calibration_section(probs: np.ndarray, y_true: np.ndarray, temperature: float | None) -> tuple[dict, list]:
+    """Figures (ECE, MCE, NLL, Brier) before and after the model's temperature, and the diagram's curves.
+
+    A calibrated model outputs softmax(log(p) / T); its uncalibrated probabilities are recovered
+    exactly (up to the layer's 1e-12 floor) as softmax(T * log(p_calibrated)), so one pass suffices.
+    """
+    if temperature is None:
+        figures = calibration_figures(probs, y_true)
+        return ({"method": "none", "temperature": None, "before": figures, "after": None},
+                [("uncalibrated", reliability_bins(probs, y_true), figures["ece"])])
+    raw = scale_probabilities(probs, 1.0 / temperature)
+    before, after = calibration_figures(raw, y_true), calibration_figures(probs, y_true)
+    return ({"method": "temperature", "temperature": float(temperature), "before": before, "after": after},
+            [("before (T = 1)", reliability_bins(raw, y_true), before["ece"]),
+             (f"after (T = {temperature:.3f})", reliability_bins(probs, y_true), after["ece"])])
 
 
 # ---- evaluation --------------------------------------------------------------
@@ -258,9 +277,13 @@ def evaluate(model_path: str | Path, data: str | Path | None = None, split: str 
          "confidence": float(probs[i, y_pred[i]]), "loss": float(losses[i])} for i in order
     ]
     contact_sheet(grid_rows(tiles, 4), out / "top_losses.png", title=f"top {len(tiles)} losses ({split})")
+    metrics["calibration"], curves = calibration_section(probs, y_true, temperature_of(loaded.model))
+    reliability_diagram(curves, out / "reliability_diagram.png",
+                        title=f"reliability ({split}, n={len(used)}, {len(curves[0][1])} bins)")
     files = {name: str(out / name) for name in (
         "metrics.json", "confusion_matrix.csv", "confusion_matrix_normalized.csv", "confusion_matrix.png",
-        "confusion_matrix_normalized.png", "top_losses.png", "predictions.csv", "skipped.csv")}
+        "confusion_matrix_normalized.png", "top_losses.png", "reliability_diagram.png", "predictions.csv",
+        "skipped.csv")}
     metrics["files"] = files
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     say(summary_text(metrics))
@@ -296,6 +319,7 @@ def summary_text(metrics: dict) -> str:
     for name, row in metrics["per_class"].items():
         lines.append(f"{name.ljust(width)}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:5.3f}  "
                      f"{row['support']:7d}")
+    lines.append(calibration_text(metrics.get("calibration")))
     if metrics["most_confused"]:
         lines.append("most confused: " + "; ".join(
             f"{p['true']} -> {p['predicted']} ({p['count']})" for p in metrics["most_confused"][:5]))
@@ -303,3 +327,16 @@ def summary_text(metrics: dict) -> str:
         lines.append(f"skipped {metrics['skipped_count']} file(s); see skipped.csv")
     lines.append(f"written to {Path(metrics['files']['metrics.json']).parent}")
     return "\n".join(lines)
+
+
+def calibration_text(calibration: dict | None) -> str:
+    """ECE/MCE/NLL/Brier before and after the temperature, in one line."""
+    if not calibration:
+        return "calibration: not measured"
+    b, a = calibration["before"], calibration.get("after")
+    if a is None:
+        return (f"calibration: none (ECE {b['ece']:.4f}, MCE {b['mce']:.4f}, NLL {b['nll']:.4f}, "
+                f"Brier {b['brier']:.4f})")
+    return (f"calibration: temperature {calibration['temperature']:.3f}  ECE {b['ece']:.4f} -> {a['ece']:.4f}  "
+            f"MCE {b['mce']:.4f} -> {a['mce']:.4f}  NLL {b['nll']:.4f} -> {a['nll']:.4f}  "
+            f"Brier {b['brier']:.4f} -> {a['brier']:.4f}")

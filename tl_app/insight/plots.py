@@ -162,3 +162,36 @@ def scatter_2d(points: np.ndarray, labels: Sequence[int], classes: Sequence[str]
     fig.tight_layout()
     return save_figure(fig, path)
 
+
+
+def reliability_diagram(curves: Sequence[tuple[str, Sequence[dict], float]], path: str | Path, title: str = "") -> Path:
+    """Accuracy against confidence per equal-width bin, one panel per (label, bins, ECE); the diagonal is perfect.
+
+    Bars are each bin's accuracy; the red part is the gap to the bin's mean confidence; the
+    lower strip shows how many images fall in each bin (a big gap in an empty bin means little).
+    """
+    fig, axes = plt.subplots(2, len(curves), figsize=(4.2 * len(curves), 5.2), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    for column, (label, bins, ece) in enumerate(curves):
+        ax, counts = axes[0][column], axes[1][column]
+        width = bins[0]["high"] - bins[0]["low"] if bins else 1.0
+        centres = [(b["low"] + b["high"]) / 2 for b in bins]
+        accuracy = [b["accuracy"] if b["count"] else 0.0 for b in bins]
+        confidence = [b["confidence"] if b["count"] else c for b, c in zip(bins, centres)]
+        ax.bar(centres, accuracy, width=width * 0.95, color="#0969da", edgecolor="white", label="accuracy")
+        ax.bar(centres, [c - a if b["count"] else 0.0 for c, a, b in zip(confidence, accuracy, bins)],
+               bottom=accuracy, width=width * 0.95, color=BAD, alpha=0.35, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "--", color=NEUTRAL, linewidth=1, label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{label}: ECE {ece:.4f}")
+        if column == 0:
+            ax.legend(loc="upper left", fontsize=8)
+        counts.bar(centres, [b["count"] for b in bins], width=width * 0.95, color="#8c959f")
+        counts.set_xlabel("confidence (top-1 probability)")
+        counts.set_ylabel("images")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)

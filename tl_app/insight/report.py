@@ -23,7 +23,8 @@ from tl_app.insight.patches import class_feature_patches
 from tl_app.models.artifacts import read_run_info
 from tl_app.data.manifest import Manifest
 
-SECTIONS = ("summary", "config", "data", "curves", "diagnosis", "evaluation", "confusion-matrix", "top-losses",
+SECTIONS = ("summary", "config", "data", "curves", "diagnosis", "evaluation", "calibration", "confusion-matrix",
+            "top-losses",
             "explanations", "features-see")
 
 PAGE_STYLE = """
@@ -144,6 +145,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, evaluate_mi
                 if diagnosis else '<p class="note">no training history (history.json) in this run</p>'),
         section("diagnosis", "Diagnosis", diagnosis_body(diagnosis)),
         section("evaluation", "Evaluation", evaluation_body(metrics, why_no_eval)),
+        section("calibration", "Calibration", calibration_body(metrics)),
         section("confusion-matrix", "Confusion matrix", confusion_body(metrics)),
         section("top-losses", "Top losses", image_tag(Path(metrics["files"]["top_losses.png"]), "top losses")
                 if metrics else '<p class="note">no evaluation</p>'),
@@ -250,6 +252,31 @@ def evaluation_body(metrics: dict | None, why: str) -> str:
             [[p["true"], p["predicted"], p["count"], f"{p['fraction_of_true']:.2f}"] for p in metrics["most_confused"]])
     if metrics.get("skipped_count"):
         body += f'<p class="note">{metrics["skipped_count"]} file(s) skipped (see skipped.csv)</p>'
+    return body
+
+
+def calibration_body(metrics: dict | None) -> str:
+    """ECE, MCE, NLL and Brier before and after the temperature, and the reliability diagram."""
+    calibration = (metrics or {}).get("calibration")
+    if not calibration:
+        return '<p class="note">no calibration figures (evaluate the run again with this version)</p>'
+    before, after = calibration["before"], calibration.get("after")
+    if after is None:
+        body = ('<p>The model applies no temperature (trained with <code>--calibration none</code>, or before '
+                'calibration existed): its probabilities are the raw softmax.</p>')
+    else:
+        body = (f"<p>Temperature <b>{calibration['temperature']:.3f}</b>, fitted on the validation split when "
+                f"training ended and applied inside every exported format. ECE uses {before['bins']} equal-width "
+                f"confidence bins.</p>")
+    columns = [before] + ([after] if after else [])
+    header = ["figure", "before (T = 1)"] + (["after"] if after else [])
+    rows = [[label, *[f"{c[key]:.4f}" for c in columns]] for label, key in (
+        ("expected calibration error (ECE)", "ece"), ("maximum calibration error (MCE)", "mce"),
+        ("negative log-likelihood", "nll"), ("Brier score", "brier"), ("accuracy", "accuracy"))]
+    body += table(header, rows)
+    diagram = (metrics.get("files") or {}).get("reliability_diagram.png")
+    if diagram and Path(diagram).is_file():
+        body += image_tag(diagram, "reliability diagram")
     return body
 
 

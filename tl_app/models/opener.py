@@ -154,7 +154,8 @@ def open_model(path: str | Path, keras: bool = False) -> Predictor:
         stamp = target.stat().st_mtime_ns
     except OSError:
         stamp = None
-    key = (str(source.resolve()), target.name, stamp)
+    # a run's temperature lives in run.json, not in model.keras: a new one must not reuse the cached model
+    key = (str(source.resolve()), target.name, stamp, recorded_temperature(info.card) if is_run else None)
     if stamp is not None and key in _OPENED:
         return _OPENED[key]
     opened = _open(info, target)
