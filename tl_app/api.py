@@ -51,6 +51,7 @@ from tl_app.training.finetune import resume_finetune, train_finetune
 from tl_app.training.lr_finder import lr_range_test
 from tl_app.training.runs import write_run_info
 from tl_app.insight.lr_range import plot_lr_range
+from tl_app.insight.select import select_backbone, table_text
 
 
 def train(config: Config, resume: str | Path | None = None, echo=print, more_epochs: dict | None = None) -> dict:
@@ -62,6 +63,10 @@ def train(config: Config, resume: str | Path | None = None, echo=print, more_epo
     if resume is not None:
         summary = resume_finetune(resume, echo=echo, **{k: v for k, v in (more_epochs or {}).items() if v is not None})
     else:
+        selection = None
+        if config.backbone.name == "auto":  # compare the candidates by a linear probe, train the winner
+            selection = select(config, config.backbone.candidates or None, config.backbone.select_budget, echo=echo)
+            config = config.with_overrides({"backbone.name": selection["recommended"]})
         get_spec(config.backbone.name)  # an unknown name fails before any work
         found = None
         if config.train.lr_find:  # the range test first (on the cached features the run then reuses)
@@ -78,9 +83,20 @@ def train(config: Config, resume: str | Path | None = None, echo=print, more_epo
             summary = train_finetune(config, echo=echo)
         if found is not None:
             summary["lr_find"] = record_lr_find(summary["run_dir"], found, config.train.learning_rate)
+        if selection is not None:
+            write_run_info(summary["run_dir"], backbone_selection=selection)
+            summary["backbone_selection"] = {k: selection[k] for k in ("recommended", "why")}
     if not is_chief():  # a multi-worker run's other workers keep no history: the chief reports
         return summary
     return finish_run(summary, echo)
+
+
+def select(config: Config, candidates=None, budget="10m", folds: int = 5, echo=print) -> dict:
+    """tl-app select: a K-fold logistic probe per candidate backbone (cached features); the table and the pick."""
+    selection = select_backbone(config, candidates, budget, folds, echo=echo)
+    if echo:
+        echo(table_text(selection))
+    return selection
 
 
 def lr_find(config: Config, out: str | Path | None = None, echo=print) -> dict:

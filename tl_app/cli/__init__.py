@@ -11,7 +11,7 @@ import click
 from tl_app import __version__
 from tl_app.cli import common
 from tl_app.cli import (augment_preview, backbones, classes, datasets, doctor, embed, evaluate, explain, export,
-                        extract, lr_find, patches, predict, quickstart, report, runs, serve, similar, train, weights)
+                        extract, lr_find, patches, predict, quickstart, report, runs, select, serve, similar, train, weights)
 
 common.quiet_tensorflow()
 datasets.datasets.add_command(doctor.doctor)  # tl-app datasets doctor
@@ -34,7 +34,7 @@ def main(verbose):
         common.verbose_tensorflow()
 
 
-for module in (backbones, weights, datasets, quickstart, train, lr_find, extract, augment_preview, export, predict, serve,
+for module in (backbones, weights, datasets, quickstart, select, train, lr_find, extract, augment_preview, export, predict, serve,
                evaluate, explain, patches, embed, similar, report, runs, classes):
     for command in module.COMMANDS:
         main.add_command(command)

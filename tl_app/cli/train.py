@@ -33,7 +33,7 @@ LEARNING_RATE = LearningRateType()
 @click.argument("data", required=False, type=click.Path())
 @click.option("--strategy", type=click.Choice(["bottleneck", "finetune"]), default=None,
               help="bottleneck: head on cached features (fast). finetune: two-phase fine-tuning.")
-@click.option("--backbone", "-b", default=None, help="See 'tl-app backbones'.")
+@click.option("--backbone", "-b", default=None, help="See 'tl-app backbones'; auto: compare candidates by a linear probe (tl-app select) and train the winner.")
 @click.option("--weights", default=None, help="imagenet | none | PATH to a weight file.")
 @click.option("--input-size", type=int, default=None, help="Square input size (default: the backbone's).")
 @click.option("--epochs", type=int, default=None, help="Head epochs (phase 1).")

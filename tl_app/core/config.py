@@ -53,8 +53,10 @@ class DataConfig:
 class BackboneConfig:
     """Which pretrained network, which weights, which features."""
 
-    name: str = "resnet50"
+    name: str = "resnet50"  # or "auto": a K-fold logistic probe per candidate chooses (tl-app select)
     weights: str = "imagenet"  # imagenet | none | path to a weight file
+    candidates: list = field(default_factory=list)  # name = "auto": the backbones to compare; empty: all
+    select_budget: str = "10m"  # name = "auto": time for the comparison (90s, 10m, 1h)
     input_size: int = 0  # 0: the backbone's default
     seed: int = 0  # initialises weights when weights = "none"
     layer: str = ""  # empty: the last convolutional block

@@ -27,25 +27,37 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_clas
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
 
     x = reduced if reduced is not None else reduce_features(features, max_dim, seed)
     labels = np.asarray(labels, np.int64)
-    counts = np.bincount(labels, minlength=num_classes)
-    present = counts[counts > 0]
-    k = int(max(2, min(folds, present.min() if len(present) else 2)))
     probs = np.zeros((len(labels), num_classes), np.float64)
-    if len(present) < 2 or len(labels) < 2 * k:
+    splits = stratified_folds(labels, num_classes, folds, seed)
+    if not splits:
         probs[np.arange(len(labels)), labels] = 1.0  # nothing to learn from: no candidates
         return probs
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    for train, test in splitter.split(x, labels):
+    for train, test in splits:
         head = LogisticRegression(max_iter=200, tol=1e-3, C=1.0)
         with warnings.catch_warnings():  # the 200-step cap is for speed; bench_doctor measures the ranking it gives
             warnings.simplefilter("ignore", ConvergenceWarning)
             head.fit(x[train], labels[train])
         probs[np.ix_(test, head.classes_)] = head.predict_proba(x[test])
     return probs
+
+
+def stratified_folds(labels: np.ndarray, num_classes: int, folds: int = 5, seed: int = 0) -> list:
+    """(train, test) index pairs of a shuffled stratified K-fold, K lowered to the smallest class (at least 2).
+
+    Empty when there is nothing to learn from: fewer than two classes, or too few images for two folds.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels, np.int64)
+    counts = np.bincount(labels, minlength=num_classes)
+    present = counts[counts > 0]
+    k = int(max(2, min(folds, present.min() if len(present) else 2)))
+    if len(present) < 2 or len(labels) < 2 * k:
+        return []
+    return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
 
 
 def reduce_features(features: np.ndarray, max_dim: int = 128, seed: int = 0, standardise: bool = False) -> np.ndarray:
