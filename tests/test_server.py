@@ -95,7 +95,7 @@ def served(exported, tmp_path_factory):
     shutil.copytree(exported["version_dir"], root / "shapes" / "1", ignore=shutil.ignore_patterns("*.tflite"))
     server = start(root, "--token", TOKEN, "--max-body-bytes", "1000000", "--max-images", "8",
                    "--max-batch-size", "8", "--batch-timeout-ms", "5", "--poll-seconds", "0.3",
-                   log=base / "server.log")
+                   "--allowed-batch-sizes", "2,4,8", log=base / "server.log")
     server.root = root
     server.base = base
     yield server
@@ -247,6 +247,21 @@ def test_metrics_are_prometheus_text(client):
     assert 'tlapp_http_request_duration_seconds_bucket{route="/v1/models/{name}",le="+Inf"}' in text
     assert "# TYPE tlapp_batch_size histogram" in text and "tlapp_batch_size_count" in text
     assert "tlapp_models_loaded 1" in text
+
+
+def test_metrics_break_serving_time_into_stages_and_count_batch_padding(client, sample_dir):
+    """decode and queue per request, handoff and model per call, encode per response; a 1-image batch is padded
+    to 2 (--allowed-batch-sizes 2,4,8)."""
+    import re
+
+    image = sorted(sample_dir.glob("*/*.jpg"))[0]
+    assert client.post("/v1/models/shapes:predict", json={"instances": [b64(image)]}).status_code == 200
+    text = client.get("/metrics").text
+    for stage in ("decode", "queue", "handoff", "model", "encode"):
+        count = re.search(rf'(?m)^tlapp_stage_seconds_count{{model="shapes",stage="{stage}"}} (\d+)$', text)
+        assert count and int(count[1]) >= 1, stage
+    padded = re.search(r'(?m)^tlapp_batch_padding_images_total{model="shapes"} (\d+)$', text)
+    assert padded and int(padded[1]) >= 1
 
 
 # ---- errors -----------------------------------------------------------------------------
@@ -597,6 +612,36 @@ def test_a_failed_batch_counts_only_the_model_calls_that_succeed(local_root, sam
         counted.clear()
         ok, failed = run_batch(DirectRunner(signature, executor, counted.append), [good, bad])
         assert isinstance(ok, dict) and isinstance(failed, InferenceError) and counted == [1]
+
+
+def test_batches_are_padded_to_allowed_sizes_and_the_padding_is_cut_from_the_outputs(local_root, sample_dir):
+    """Three 1-image requests become one call of 4 rows (allowed sizes 4, 8); each gets its own row back,
+    equal to the model on that image alone; batching off or not, one image alone is padded to 4 as well."""
+    from tl_app.serve.batching import DirectRunner, DynamicBatcher
+    from tl_app.serve.registry import load_version
+
+    signature = load_version("shapes", 2, local_root / "shapes" / "2").signature(None)
+    rows_seen, counted, stages = [], [], []
+
+    def recording(inputs):
+        rows_seen.append(len(inputs["image_bytes"]))
+        return signature(inputs)
+
+    requests = [{"image_bytes": np.array([path.read_bytes()], dtype=object)}
+                for path in sorted(sample_dir.glob("*/*.jpg"))[:3]]
+    alone = [signature(r)["probabilities"] for r in requests]
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        batcher = DynamicBatcher(recording, executor, 8, 50, counted.append, allowed_sizes=(4, 8),
+                                 on_stage=lambda stage, value: stages.append((stage, value)))
+        results = run_batch(batcher, requests)
+        assert rows_seen == [4] and counted == [3] and ("padding", 1) in stages
+        for result, expected in zip(results, alone):
+            assert result["probabilities"].shape == (1, 3)
+            assert np.allclose(result["probabilities"], expected, atol=1e-6)
+        assert sorted(stage for stage, _ in stages if stage != "padding") == ["handoff", "model"] + ["queue"] * 3
+        rows_seen.clear()
+        (result,) = run_batch(DirectRunner(recording, executor, counted.append, (4, 8)), requests[:1])
+        assert rows_seen == [4] and np.allclose(result["probabilities"], alone[0], atol=1e-6)
 
 
 def test_a_server_fault_in_the_model_call_is_not_blamed_on_the_request():

@@ -16,7 +16,7 @@ SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "batching": "serve.ba
                "model_config_file": "serve.model_config_file", "allowed_hosts": "serve.allowed_hosts",
                "image_pixels": "serve.image_pixels", "inflight_pixels": "serve.inflight_pixels",
                "header_timeout": "serve.header_timeout_s", "body_timeout": "serve.body_timeout_s",
-               "max_connections": "serve.max_connections"}
+               "max_connections": "serve.max_connections", "allowed_batch_sizes": "serve.allowed_batch_sizes"}
 
 
 @click.command()
@@ -26,6 +26,9 @@ SERVE_FLAGS = {"host": "serve.host", "port": "serve.port", "batching": "serve.ba
 @click.option("--max-batch-size", type=int, default=None, help="Images per model call (default 32).")
 @click.option("--batch-timeout-ms", type=float, default=None, help="Longest wait for a batch to fill (default 5).")
 @click.option("--batching/--no-batching", default=None, help="Dynamic batching (on by default).")
+@click.option("--allowed-batch-sizes", default=None, metavar="N,N,...",
+              help="Pad each batch up to the next of these sizes, the last being --max-batch-size "
+                   "(TF Serving's allowed_batch_sizes), e.g. 1,2,4,8,16,32.")
 @click.option("--max-body-bytes", type=int, default=None, help="Largest request body (default 20 MiB).")
 @click.option("--max-images", type=int, default=None, help="Most images in one request (default 64).")
 @click.option("--max-pixels", type=int, default=None,
@@ -72,6 +75,12 @@ def serve(root, log_level, pipeline, sets, **flags):
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {flags[name]}; "
                               f"leave it out for the default.")
     flags["allowed_hosts"] = list(flags["allowed_hosts"]) or None
+    if flags["allowed_batch_sizes"] is not None:
+        parts = [part.strip() for part in flags["allowed_batch_sizes"].split(",") if part.strip()]
+        if not parts or not all(part.isascii() and part.isdigit() for part in parts):
+            raise ConfigError(f"--allowed-batch-sizes must be sizes separated by commas, e.g. 1,2,4,8,16,32; "
+                              f"got {flags['allowed_batch_sizes']!r}.")
+        flags["allowed_batch_sizes"] = [int(part) for part in parts]
     overrides = {SERVE_FLAGS[name]: value for name, value in flags.items()}
     if flags["token"] is None and os.environ.get("TL_APP_TOKEN"):
         overrides["serve.token"] = os.environ["TL_APP_TOKEN"]

@@ -239,7 +239,10 @@ def create_app(root: str | Path | None, settings: ServeConfig | None = None, ech
             return codec.request_inputs(request, signature, settings.max_images)
 
         model, outputs, row = await service.predict(name, version, label, signature_name, parse)
-        return codec.format_response(outputs, row)
+        started = time.perf_counter()
+        response = codec.format_response(outputs, row)
+        metrics.stage(model.name, "encode", time.perf_counter() - started)
+        return response
 
     async def classify(name, version, label, body: bytes) -> dict:
         request = await parse_body(body)

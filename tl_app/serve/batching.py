@@ -12,12 +12,21 @@ graph), each of its requests is retried alone, so only the bad request gets
 the error (a 400). Any other failure (out of memory, an internal error) is the
 server's: every request of the batch gets it as it is, and the app answers 500.
 Only model calls that succeed are counted in the metrics.
+
+With ``allowed_sizes`` (TF Serving's allowed_batch_sizes) a batch is padded
+up to the next allowed size with copies of its first row, so the model only
+ever sees a few batch shapes; the padding is cut from the outputs. Where the
+time goes is reported per stage (``on_stage(stage, seconds)``): ``queue``
+(submitted until its batch starts), ``handoff`` (until a worker thread runs
+it) and ``model``; ``on_stage("padding", images)`` counts the rows added.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import threading
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Callable
@@ -60,19 +69,39 @@ def short_error(exc: BaseException) -> str:
 class Pending:
     inputs: dict  # input name -> array with the batch dimension first
     future: asyncio.Future
+    queued: float = 0.0  # time.perf_counter() at submit
 
     @property
     def size(self) -> int:
         return len(next(iter(self.inputs.values())))
 
 
-def run_and_split(fn: Callable, items: list[Pending]) -> list[dict]:
-    """Concatenate, call once, split the outputs back per request."""
+def padded_size(size: int, allowed: tuple) -> int:
+    """The smallest allowed batch size that holds ``size`` images (``size`` itself when none is set or fits)."""
+    at = bisect.bisect_left(allowed, size)
+    return allowed[at] if at < len(allowed) else size
+
+
+def run_and_split(fn: Callable, items: list[Pending], allowed: tuple = (), on_stage=None,
+                  handed: float | None = None) -> list[dict]:
+    """Concatenate, pad to an allowed size, call once, split the outputs back per request."""
+    started = time.perf_counter()
+    if on_stage and handed is not None:
+        on_stage("handoff", started - handed)
     if len(items) == 1:
         inputs = items[0].inputs
     else:
         inputs = {k: np.concatenate([p.inputs[k] for p in items], axis=0) for k in items[0].inputs}
+    size = sum(p.size for p in items)
+    target = padded_size(size, allowed)
+    if target > size:  # copies of the first row, as TF Serving pads
+        inputs = {k: np.concatenate([v, np.repeat(v[:1], target - size, axis=0)], axis=0) for k, v in inputs.items()}
+    called = time.perf_counter()
     outputs = {k: np.asarray(v) for k, v in fn(inputs).items()}
+    if on_stage:
+        on_stage("model", time.perf_counter() - called)
+    if target > size:
+        outputs = {k: v[:size] for k, v in outputs.items()}
     if len(items) == 1:
         return [outputs]
     parts, start = [], 0
@@ -87,8 +116,10 @@ class DynamicBatcher:
 
     def __init__(self, fn: Callable, executor: Executor, max_batch_size: int = 32, timeout_ms: float = 5.0,
                  on_batch: Callable[[int], None] | None = None, arriving: Callable[[], int] | None = None,
-                 concurrent_batches: int = 1):
+                 concurrent_batches: int = 1, allowed_sizes=(), on_stage: Callable[[str, float], None] | None = None):
         self.fn = fn
+        self.allowed = tuple(sorted(allowed_sizes))
+        self.on_stage = on_stage
         self.executor = executor
         self.arriving = arriving or (lambda: 0)
         self.concurrent_batches = max(1, int(concurrent_batches))
@@ -119,7 +150,7 @@ class DynamicBatcher:
         future = loop.create_future()
         self.pending += 1
         try:
-            await self.queue.put(Pending(inputs, future))
+            await self.queue.put(Pending(inputs, future, time.perf_counter()))
             return await future
         finally:
             self.pending -= 1
@@ -197,8 +228,13 @@ class DynamicBatcher:
             self.slots.release()
 
     async def _run(self, batch: list[Pending]) -> None:
+        handed = time.perf_counter()
+        if self.on_stage:
+            for item in batch:
+                self.on_stage("queue", handed - item.queued)
         try:
-            parts = await self.loop.run_in_executor(self.executor, run_and_split, self.fn, batch)
+            parts = await self.loop.run_in_executor(self.executor, run_and_split, self.fn, batch, self.allowed,
+                                                    self.on_stage, handed)
         except Exception as exc:
             if len(batch) > 1 and is_input_error(exc):
                 for item in batch:  # find the request that broke the batch; the others still succeed
@@ -207,7 +243,10 @@ class DynamicBatcher:
             for item in batch:
                 _resolve(item.future, exc=classify(exc))
             return
-        self.on_batch(sum(p.size for p in batch))
+        size = sum(p.size for p in batch)
+        self.on_batch(size)
+        if self.on_stage and padded_size(size, self.allowed) > size:
+            self.on_stage("padding", padded_size(size, self.allowed) - size)
         for item, part in zip(batch, parts):
             _resolve(item.future, result=part)
 
@@ -217,22 +256,28 @@ class DirectRunner:
 
     idle = True  # no task or queue of its own: closing it never loses a request
 
-    def __init__(self, fn: Callable, executor: Executor, on_batch: Callable[[int], None] | None = None):
+    def __init__(self, fn: Callable, executor: Executor, on_batch: Callable[[int], None] | None = None,
+                 allowed_sizes=(), on_stage: Callable[[str, float], None] | None = None):
         self.fn = fn
         self.executor = executor
         self.on_batch = on_batch or (lambda size: None)
+        self.allowed = tuple(sorted(allowed_sizes))
+        self.on_stage = on_stage
 
     async def submit(self, inputs: dict) -> dict:
         item = Pending(inputs, None)
         loop = asyncio.get_running_loop()
         try:
-            outputs = (await loop.run_in_executor(self.executor, run_and_split, self.fn, [item]))[0]
+            outputs = (await loop.run_in_executor(self.executor, run_and_split, self.fn, [item], self.allowed,
+                                                  self.on_stage, time.perf_counter()))[0]
         except Exception as exc:
             error = classify(exc)
             if error is exc:
                 raise
             raise error from None
         self.on_batch(item.size)
+        if self.on_stage and padded_size(item.size, self.allowed) > item.size:
+            self.on_stage("padding", padded_size(item.size, self.allowed) - item.size)
         return outputs
 
     def close(self) -> None:

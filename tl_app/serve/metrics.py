@@ -50,6 +50,19 @@ class Metrics:
         self.images: dict[tuple, int] = defaultdict(int)
         self.in_flight = 0
         self.gauges: dict[str, callable] = {}
+        self.stages: dict[tuple, Histogram] = {}  # where a request's time goes: decode, queue, handoff, model
+        self.padding: dict[tuple, int] = defaultdict(int)
+
+    def stage(self, model: str, stage: str, value: float) -> None:
+        """Seconds one request (queue, decode) or batch (handoff, model) spent in a stage; 'padding' counts rows."""
+        with self.lock:
+            if stage == "padding":
+                self.padding[(("model", model),)] += int(value)
+                return
+            key = (("model", model), ("stage", stage))
+            if key not in self.stages:
+                self.stages[key] = Histogram(LATENCY_BUCKETS)
+            self.stages[key].observe(value)
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         with self.lock:
@@ -83,6 +96,14 @@ class Metrics:
                 lines += _histogram("tlapp_batch_size", key, hist)
             lines += ["# HELP tlapp_images_total Images classified.", "# TYPE tlapp_images_total counter"]
             lines += [f"tlapp_images_total{_labels(k)} {v}" for k, v in sorted(self.images.items())]
+            lines += ["# HELP tlapp_stage_seconds Where serving time goes: decode and queue (per request), "
+                      "handoff to a worker thread and model (per model call).",
+                      "# TYPE tlapp_stage_seconds histogram"]
+            for key, hist in sorted(self.stages.items()):
+                lines += _histogram("tlapp_stage_seconds", key, hist)
+            lines += ["# HELP tlapp_batch_padding_images_total Rows added to pad batches to allowed sizes.",
+                      "# TYPE tlapp_batch_padding_images_total counter"]
+            lines += [f"tlapp_batch_padding_images_total{_labels(k)} {v}" for k, v in sorted(self.padding.items())]
             lines += ["# HELP tlapp_in_flight_requests Requests being handled now.",
                       "# TYPE tlapp_in_flight_requests gauge", f"tlapp_in_flight_requests {self.in_flight}"]
         for name, read in sorted(self.gauges.items()):

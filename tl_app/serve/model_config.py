@@ -115,6 +115,7 @@ class ConfigWatcher:
         return sources
 
     def _say(self, message: str, level: int) -> None:
-        log.log(level, message)
-        if self.echo:
+        if self.echo:  # the server's console (tl-app serve), else the log
             self.echo(message)
+        else:
+            log.log(level, message)

@@ -141,6 +141,8 @@ class ModelVersion:
         ``incoming()`` counts requests whose bodies are still being read: the batcher waits for them too.
         """
         on_batch = (lambda size, s=signature.name: metrics.batch(self.name, s, size))
+        on_stage = (lambda stage, value: metrics.stage(self.name, stage, value))
+        allowed = tuple(getattr(settings, "allowed_batch_sizes", ()) or ())
         batching = settings.batching and signature.batchable
         key = (signature.name,) + (tuple((k, np.shape(v)[1:]) for k, v in sorted(inputs.items())) if batching else ())
         with self.lock:
@@ -152,13 +154,13 @@ class ModelVersion:
                 self.runners.move_to_end(key)
                 return runner
             if not batching:
-                runner = self.runners[key] = DirectRunner(signature, executor, on_batch)
+                runner = self.runners[key] = DirectRunner(signature, executor, on_batch, (), on_stage)  # no padding
                 return runner
             if len(self.runners) >= MAX_BATCHERS and not self._close_idle_runner():
-                return DirectRunner(signature, executor, on_batch)  # every batcher busy: no new one
+                return DirectRunner(signature, executor, on_batch, allowed, on_stage)  # every batcher busy
             runner = self.runners[key] = DynamicBatcher(
                 signature, executor, settings.max_batch_size, settings.batch_timeout_ms, on_batch,
-                arriving=lambda: self.arriving + incoming())
+                arriving=lambda: self.arriving + incoming(), allowed_sizes=allowed, on_stage=on_stage)
             return runner
 
     def _close_idle_runner(self) -> bool:

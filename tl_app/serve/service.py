@@ -6,6 +6,7 @@ models, batching, limits and metrics are one set for both.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Executor
 
 import numpy as np
@@ -65,7 +66,9 @@ class Service:
         try:
             signature = model.signature(signature_name)
             # base64, image headers and any Pillow decode in one worker-thread hop, off the event loop
+            started = time.perf_counter()
             inputs, extra, pixels = await run_in_threadpool(self.parse_and_prepare, model, signature, parse)
+            self.metrics.stage(model.name, "decode", time.perf_counter() - started)
             try:
                 runner = model.runner(signature, inputs, self.settings, self.executor, self.metrics,
                                       incoming=lambda: self.incoming)
