@@ -65,6 +65,10 @@ def test_train_with_lr_auto_trains_at_the_suggestion_and_says_why(tiny_config, c
     assert (run_dir / record["plot"]).is_file()
     saved = json.loads((run_dir / "config.json").read_text())["train"]
     assert saved["lr_find"] is True and saved["learning_rate"] == record["suggested"]
+    from tl_app.insight.report import build_report
+
+    page = build_report(run_dir, evaluate_missing=False, echo=None).read_text()
+    assert "steepest fall of the smoothed training loss" in page and 'alt="learning-rate range test"' in page
 
 
 def test_a_bad_learning_rate_is_a_clear_error(tiny_config, cli):

@@ -55,6 +55,10 @@ def test_select_ranks_backbones_and_train_auto_trains_the_winner(tiny_config, cl
     assert run["backbone"] == run["backbone_selection"]["recommended"] == selection["recommended"]
     assert all(row["features"]["computed"] == 0 for row in run["backbone_selection"]["table"])
     assert "recommended" in result.output and "probe accuracy" in result.output
+    from tl_app.insight.report import build_report
+
+    page = build_report(Path(config.train.runs_dir) / "auto", evaluate_missing=False, echo=None).read_text()
+    assert f"Backbone <b>{selection['recommended']}</b>: " in page and "(chosen)" in page
 
 
 def test_a_budget_spent_leaves_the_rest_untried_and_says_so(tiny_config, cli):

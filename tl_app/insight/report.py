@@ -23,7 +23,7 @@ from tl_app.insight.patches import class_feature_patches
 from tl_app.models.artifacts import read_run_info
 from tl_app.data.manifest import Manifest
 
-SECTIONS = ("summary", "config", "data", "curves", "diagnosis", "evaluation", "calibration", "confusion-matrix",
+SECTIONS = ("summary", "choices", "config", "data", "curves", "diagnosis", "evaluation", "calibration", "confusion-matrix",
             "top-losses",
             "explanations", "features-see")
 
@@ -139,6 +139,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, evaluate_mi
     explained = ensure_explanations(run_dir, metrics, explanations) if metrics else None
     parts = [
         section("summary", "Summary", summary_body(run_dir, info, metrics, diagnosis)),
+        section("choices", "Backbone and learning rate", choices_body(run_dir, info)),
         section("config", "Configuration", config_body(run_dir)),
         section("data", "Data", data_body(run_dir)),
         section("curves", "Training curves", image_tag(run_dir / "curves.png", "training curves")
@@ -187,6 +188,30 @@ def summary_body(run_dir: Path, info: dict, metrics: dict | None, diagnosis: dic
                                                  "pooling", "created", "data_root")]
     rows.append(["classes", ", ".join(info.get("classes", []))])
     return boxes + table(["run", str(run_dir.name)], rows)
+
+
+def choices_body(run_dir: Path, info: dict) -> str:
+    """What train --backbone auto and --lr auto chose, and why (run.json); else that they were configured."""
+    parts = []
+    selection = info.get("backbone_selection")
+    if selection:
+        rows = [[row["backbone"] + (" (chosen)" if row["backbone"] == selection["recommended"] else ""),
+                 f"{row['probe_accuracy']:.3f} ± {row['probe_accuracy_sd']:.3f}", f"{row['macro_f1']:.3f}",
+                 f"{row['images_per_second']:.1f}", f"{row['params']:,}"] if row["status"] == "probed"
+                else [row["backbone"], row["status"], "", "", ""] for row in selection["table"]]
+        parts.append(f"<p>Backbone <b>{esc(selection['recommended'])}</b>: {esc(selection['why'])}.</p>"
+                     + table(["backbone", "probe accuracy", "macro-F1", "images/s", "parameters"], rows))
+    else:
+        parts.append(f"<p>Backbone <b>{esc(info.get('backbone', ''))}</b>, as configured.</p>")
+    found = info.get("lr_find")
+    if found:
+        rate = f"{found['used']:.2e}"
+        parts.append(f"<p>Learning rate <b>{esc(rate)}</b>: {esc(found['why'])} "
+                     f"({found['steps']} steps of the range test).</p>"
+                     + image_tag(run_dir / found["plot"], "learning-rate range test"))
+    else:
+        parts.append('<p class="note">Learning rate as configured (train --lr auto runs the range test).</p>')
+    return "".join(parts)
 
 
 SPLIT_SETTINGS = ("val_fraction", "test_fraction", "split_seed")
