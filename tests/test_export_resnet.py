@@ -4,11 +4,13 @@ The shared export fixture is an untrained VGG head at 32 px: a model that ignore
 its input would pass its parity checks. Here the model has been fine-tuned (so its
 BatchNorm statistics and weights differ from initialisation), runs at 128 px, and
 the test asserts that its outputs differ from image to image before trusting that
-every exported format agrees with Keras.
+every exported format agrees with Keras. It is also the gate's test on a network with
+BatchNorm: the card must record parity for every format and the refused golden inputs.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +48,11 @@ def test_a_fine_tuned_resnet_exports_with_parity_in_every_format(tiny_config, tm
     np.testing.assert_allclose(run_onnx(version / "model.onnx", images), keras_probs, atol=1e-4)
     for fmt in ("savedmodel", "tflite", "onnx"):
         assert result["parity"][fmt]["max_abs_diff"] <= 1e-4, (fmt, result["parity"][fmt])
+
+    # The card records the gate: every format, the byte signature included, within tolerance
+    # on the golden images, and the inputs the graph cannot decode like Pillow refused by name.
+    card = json.loads((version / "model_card.json").read_text())
+    for fmt in ("savedmodel_bytes", "savedmodel", "keras", "tflite", "onnx"):
+        assert card["parity"][fmt]["max_abs_diff"] <= 1e-4, (fmt, card["parity"][fmt])
+    assert card["parity"]["refused_inputs"] == ["0-jpeg-cmyk", "0-gif-transparent", "1-jpeg-cmyk",
+                                                "1-gif-transparent"]
