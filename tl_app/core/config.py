@@ -104,6 +104,7 @@ class FeaturesConfig:
     dtype: str = "float32"
     augment_views: int = 0
     out: str = ""  # extract writes here; empty: runs/<name>/features
+    runtime: str = "keras"  # keras | onnxruntime (converted once, used only if it matches Keras within 1e-4)
 
 
 @dataclass
@@ -342,6 +343,7 @@ def validate(config: Config) -> None:
     check_choice(config.train.distribute, DISTRIBUTE, "train.distribute")
     check_choice(config.train.calibration, CALIBRATIONS, "train.calibration")
     check_choice(config.features.dtype, ("float32", "float16"), "features.dtype")
+    check_choice(config.features.runtime, ("keras", "onnxruntime"), "features.runtime")
     check_choice(config.engine.name, ENGINES, "engine.name")
     if config.engine.num_workers < 1:
         raise ConfigError(f"engine.num_workers must be at least 1, got {config.engine.num_workers}.")
