@@ -13,6 +13,7 @@ import click
 
 from tl_app.core.config import Config, load_config
 from tl_app.core.errors import ConfigError, DataError, TlAppError
+from tl_app.models.registry import get_info
 
 
 def quiet_tensorflow() -> None:
@@ -80,7 +81,10 @@ def build_config(pipeline: str | None, sets: tuple[str, ...] = (), **flags) -> C
     """Defaults < pipeline TOML < --set < explicit flags (dotted keys, None = not given)."""
     overrides = parse_sets(sets)
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    return load_config(pipeline, overrides)
+    config = load_config(pipeline, overrides)
+    if config.backbone.name != "auto":  # auto: train compares the candidates (tl-app select)
+        get_info(config.backbone.name)  # a mistyped backbone is refused before TensorFlow loads (seconds sooner)
+    return config
 
 
 def require_data_folder(root) -> None:

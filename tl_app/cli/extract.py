@@ -67,15 +67,24 @@ def extract(data, backbone, weights, input_size, layer, pooling, resize_policy, 
         **engine_overrides(engine),
     })
     require_data_folder(config.data.root)
-    api = load_api()
-    out = api.default_out_dir(config)
-    result = api.extract(config, out_dir=out, echo=None if as_json else click.echo)
+    # TensorFlow loads (through the api, in backbone_extractor) only when an image is missing from the cache
+    from tl_app.features.gather import default_out_dir, extract_features  # lazy: numpy only
+    from tl_app.features.store import export_paths  # lazy: numpy only
+
+    out = default_out_dir(config)
+    result = extract_features(config, out_dir=out, echo=None if as_json else click.echo,
+                              extractor_class=backbone_extractor)
     if as_json:
-        echo_json({**result.stats, "out_dir": str(out), "outputs": api.export_paths(out),
+        echo_json({**result.stats, "out_dir": str(out), "outputs": export_paths(out),
                    "skipped_files": [{"path": s.path, "reason": s.reason} for s in result.skipped]})
     else:
         click.echo(f"features: {out / 'features.npy'} {tuple(result.features.shape)} "
                    f"({result.stats['dtype']}), index: {out / 'index.csv'}")
+
+
+def backbone_extractor(config, recipe):
+    """The api's extractor (this process or Ray), made only when the cache lacks an image."""
+    return load_api().backbone_extractor(config)(config, recipe)
 
 
 COMMANDS = [extract]

@@ -24,7 +24,8 @@ from typing import Sequence
 
 import tensorflow as tf
 
-DECODER_RULE = "decode-1: jpeg accurate idct + exif; png alpha/trns composite round; 16-bit gray by mode"
+from tl_app.data.pixel_rules import DECODER_RULE  # noqa: F401  (re-exported; part of the feature-cache key)
+
 CMYK_REFUSED = ("CMYK/YCCK JPEG cannot be decoded in the graph the way training decodes it; "
                 "convert it to RGB before sending (tl-app predict and tl-app serve do this)")
 GIF_REFUSED = ("GIF with a transparent colour cannot be composited in the graph; send it as PNG "

@@ -16,13 +16,7 @@ import tensorflow as tf
 from tl_app.data.manifest import Record
 from tl_app.data.images import decode_pil
 from tl_app.data.decode import decode_bytes
-
-DEFAULT_RESIZE_POLICY = "center_crop"  # how the ImageNet backbones were evaluated
-
-
-def effective_policy(policy: str) -> str:
-    """Resolve "auto" to the policy the backbones were trained/evaluated with."""
-    return DEFAULT_RESIZE_POLICY if policy in ("", "auto") else policy
+from tl_app.data.pixel_rules import DEFAULT_RESIZE_POLICY, effective_policy  # noqa: F401  (re-exported)
 
 
 def resize_images(images: tf.Tensor, size: int, policy: str) -> tf.Tensor:

@@ -50,12 +50,17 @@ def shard_size(path: Path) -> int:
         return COMPACT_BYTES
 
 
+def recipe_dir(root: str | Path, recipe: Recipe) -> Path:
+    """The folder of one recipe's shards (and of the backbone converted for it, features.runtime)."""
+    return Path(root) / f"v{recipe.format_version}" / recipe.key()
+
+
 class FeatureCache:
     """Append-only shards of one recipe; safe under SIGKILL and concurrent writers."""
 
     def __init__(self, root: str | Path, recipe: Recipe):
         self.recipe = recipe
-        self.dir = Path(root) / f"v{recipe.format_version}" / recipe.key()
+        self.dir = recipe_dir(root, recipe)
         self.dir.mkdir(parents=True, exist_ok=True)
         recipe_file = self.dir / "recipe.json"
         if not recipe_file.exists():

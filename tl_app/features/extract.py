@@ -1,177 +1,34 @@
-"""Bottleneck features: a content-addressed cache and an open export format.
+"""The local backbone extractor: tf.data decoding, the feature model, one cache shard per batch.
 
-Features are what the backbone (plus its pooling) outputs for one image. They
-are costly to compute and cheap to keep, so every feature ever computed goes
-into a cache keyed by everything that changes it; a re-run computes only what
-is missing, and a change to any key component gives new features, never stale
-ones.
-
-Export format (``tl-app extract --out DIR``; load it with numpy alone)::
-
-    DIR/features.npy    [N, D] float32 (float16 with --dtype float16): row i is
-                        the image on data line i of index.csv
-    DIR/index.csv       row,path,relpath,label,label_index,split,sha256,format,
-                        width,height,fast,view_row
-    DIR/views.npy       only with --augment-views K: [T, K, D] features of K
-                        augmented views of the T training images; index.csv's
-                        view_row is the image's row here (-1: none)
-    DIR/meta.json       format_version, classes, shape, dtype and the recipe:
-                        backbone, weights fingerprint, input size, resize
-                        policy, preprocessing, layer, pooling, augmentation
-    DIR/skipped.csv     files that could not be used, with the reason (also .json)
-
-    import csv, numpy as np
-    X = np.load("DIR/features.npy")
-    rows = list(csv.DictReader(open("DIR/index.csv")))
-    y = np.array([int(r["label_index"]) for r in rows])
-
-Cache layout (``features.cache_dir``, shared by every run and job)::
-
-    CACHE/v<format>/<recipe key>/recipe.json     the key components, for people
-    CACHE/v<format>/<recipe key>/shard-*.npy     one structured array per batch
-
-The recipe key hashes backbone, weights fingerprint, input size, resize
-policy, preprocessing, layer, pooling, background colour and the format
-version (plus the augmentation settings for augmented views). Inside a recipe,
-a row is keyed by the image's content hash (sha256) and its view (0: the image
-itself, 1..K: augmented views). Each shard row is (sha256 S64, view int32,
-features float32[D], crc uint32), the CRC-32 covering the row's other bytes.
-Shards are written to a temporary name and renamed into place, so a killed job
-loses only the batch in flight and concurrent jobs never see half a shard; the
-index is rebuilt from the shards on every read, and a row whose checksum fails
-is never served: it is recomputed.
+``features.gather`` runs the whole job (scan, cache, export) and builds this
+only when an image is missing from the cache; see it for the export format
+and the cache layout.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from tl_app.core.config import Config
-from tl_app.data.manifest import Manifest, Record, Skipped
-from tl_app.core.errors import ConfigError
-from tl_app.core.files import remove_stale_temporaries
-from tl_app.core.progress import Progress
-from tl_app.data.augment import ViewAugmenter, augment_settings
-from tl_app.features.cache import FeatureCache
-from tl_app.features.recipe import Recipe, recipe_for
-from tl_app.features.store import FeatureSet, OutputArrays, write_export
+from tl_app.data.manifest import Manifest, Record
+from tl_app.data.augment import ViewAugmenter
+from tl_app.features.cache import FeatureCache, recipe_dir
+from tl_app.features.gather import default_out_dir  # noqa: F401  (re-exported)
+from tl_app.features.gather import extract_features as gather_features
+from tl_app.features.recipe import Recipe
+from tl_app.features.runtime import open_runtime
+from tl_app.features.store import FeatureSet
 from tl_app.models.backbones import get_spec, build_feature_model
-from tl_app.core.files import slug
-from tl_app.data.scan import scan_dataset, print_report
 from tl_app.data.pipeline import make_dataset
-
-
-def default_out_dir(config: Config) -> Path:
-
-    if config.features.out:
-        return Path(config.features.out)
-    name = config.train.name or f"features-{get_spec(config.backbone.name).name}"
-    return Path(config.train.runs_dir) / slug(name) / "features"
 
 
 def extract_features(config: Config, manifest: Manifest | None = None, out_dir: str | Path | None = None,
                      echo: Callable | None = print, extractor_class=None) -> FeatureSet:
-    """Features for every usable image (and K augmented views per training image), cached.
-
-    Only what the cache lacks runs through the backbone; every batch computed
-    is written to the cache at once, so a killed run resumes where it stopped.
-    With ``out_dir`` the result is also exported (see the module docstring) and
-    ``.features`` is memory-mapped from there, so memory does not grow with the
-    number of images. ``extractor_class`` runs the backbone (the local Extractor
-    by default; the Ray engine hands in its own, with the same interface).
-    """
-    views_wanted = int(config.features.augment_views)
-    if views_wanted < 0:
-        raise ConfigError(f"features.augment_views must be 0 or more, got {views_wanted}.")
-    started = time.perf_counter()
-    recipe = recipe_for(config)  # fails early (unknown backbone, missing weights) before any scan
-    if manifest is None:
-        manifest = scan_dataset(config)
-        if echo:
-            print_report(manifest)
-    cache_root = Path(config.features.cache_dir)
-    cache = FeatureCache(cache_root, recipe)
-    view_cache = FeatureCache(cache_root, recipe.with_augment(augment_settings(config))) if views_wanted else None
-    records = list(manifest.records)
-    batch_size = int(config.data.batch_size)
-    extractor = (extractor_class or Extractor)(config, recipe)
-
-    dim = cache.dim() or (view_cache.dim() if view_cache else None) or extractor.dim()
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out_dir)  # left by an extraction that was killed
-    store = OutputArrays(out_dir, len(records), dim)
-    try:
-        keys = [(r.sha256, 0) for r in records]
-        found = cache.fill(keys, store.features)
-        cached = int(found.sum())
-        missing = [i for i in range(len(records)) if not found[i]]
-        failed: set[int] = set()
-        progress = Progress(len(missing), "extract", enabled=echo is not None)
-        if missing:
-            failed |= extractor.compute(records, missing, cache, store.features, batch_size, progress)
-
-        train_rows = [i for i, r in enumerate(records) if r.split == "train" and i not in failed]
-        view_rows = np.full(len(records), -1, np.int64)
-        views_cached = views_computed = 0
-        if views_wanted:
-            view_rows[train_rows] = np.arange(len(train_rows))
-            store.allocate_views(len(train_rows), views_wanted)
-            view_keys = [(records[i].sha256, v) for i in train_rows for v in range(1, views_wanted + 1)]
-            flat = store.views.reshape(len(view_keys), dim) if view_keys else store.views.reshape(0, dim)
-            view_found = view_cache.fill(view_keys, flat)
-            views_cached = int(view_found.sum())
-            missing_views = [k for k in range(len(view_keys)) if not view_found[k]]
-            views_computed = len(missing_views)
-            if missing_views:
-                vprogress = Progress(len(missing_views), f"views x{views_wanted}", enabled=echo is not None)
-                extractor.compute_views(records, train_rows, views_wanted, missing_views, view_cache, flat,
-                                        batch_size, vprogress)
-            del flat
-
-        for c in (cache, view_cache):
-            if c is not None:
-                c.compact()
-
-        skipped = list(manifest.skipped) + [
-            Skipped(records[i].path, "could not be decoded during extraction (changed since the scan?)")
-            for i in sorted(failed)]
-        kept = [i for i in range(len(records)) if i not in failed]
-        computed = len(missing) - len(failed)
-        stats = {
-            "used": len(kept), "skipped": len(skipped), "computed": computed, "cached": cached,
-            "views_per_image": views_wanted, "views_computed": views_computed, "views_cached": views_cached,
-            "corrupt_rows_ignored": cache.corrupt_rows + (view_cache.corrupt_rows if view_cache else 0),
-            "dim": int(dim), "dtype": config.features.dtype if out_dir is not None else "float32",
-            "compute_images_per_s": progress.steady_rate(),
-            # so far (meta.json is written below); the total replaces it on return
-            "seconds": round(time.perf_counter() - started, 3), "cache_dir": str(cache.dir),
-        }
-        feature_set = FeatureSet(
-            features=store.features, records=[records[i] for i in kept], classes=list(manifest.classes),
-            out_dir=out_dir, stats=stats, views=store.views if views_wanted else None,
-            view_rows=view_rows[kept], recipe=asdict(recipe), skipped=skipped, feature_model=extractor.model)
-        if failed and out_dir is None:  # an export selects the kept rows itself, without a copy in memory
-            feature_set.features = np.asarray(store.features)[kept]
-        if out_dir is not None:
-            feature_set = write_export(feature_set, store, kept, manifest, config.features.dtype)
-    except BaseException:  # an interrupted or failed export leaves no temporary arrays behind
-        store.cleanup()
-        raise
-    stats["seconds"] = round(time.perf_counter() - started, 3)
-    if echo:
-        echo(f"features: {stats['used']} images used, {stats['skipped']} skipped, {computed} computed, "
-             f"{cached} from the cache" + (f"; views: {views_computed} computed, {views_cached} cached"
-                                           if views_wanted else "") + f" ({stats['seconds']:.1f}s)")
-    return feature_set
-
-
+    """features.gather.extract_features with this module's Extractor unless another is handed in."""
+    return gather_features(config, manifest, out_dir, echo, extractor_class=extractor_class or Extractor)
 
 
 class UniqueImages:
@@ -213,6 +70,7 @@ class Extractor:
         self.config = config
         self.recipe = recipe
         self.model = None
+        self._runtime = None
         self._augmenter = None
 
     def build(self):
@@ -221,6 +79,14 @@ class Extractor:
             self.model = build_feature_model(get_spec(b.name), self.recipe.input_size, b.weights, b.seed,
                                              b.layer, b.pooling)
         return self.model
+
+    def runtime(self):
+        """features.runtime: Keras, or ONNX Runtime on a copy converted once and checked against Keras."""
+        if self._runtime is None:
+            self._runtime = open_runtime(self.config.features.runtime, self.build(),
+                                         recipe_dir(self.config.features.cache_dir, self.recipe),
+                                         self.recipe.input_size)
+        return self._runtime
 
     def dim(self) -> int:
         return int(np.prod(self.build().output_shape[1:]))
@@ -231,7 +97,7 @@ class Extractor:
         if count < batch_size:
             pad = np.zeros((batch_size - count,) + tuple(images.shape[1:]), np.float32)
             images = np.concatenate([np.asarray(images, np.float32), pad])
-        out = self.build().predict_on_batch(images)
+        out = self.runtime()(images)
         return np.asarray(out, np.float32).reshape(len(out), -1)[:count]
 
     def dataset(self, records: list[Record], batch_size: int):
@@ -284,5 +150,3 @@ class Extractor:
                     if len(queue_images) >= batch_size:
                         flush()
         flush()
-
-

@@ -1,4 +1,4 @@
-"""The backbone registry: name -> constructor, preprocessing, sizes, blocks.
+"""The backbone registry with its Keras parts: constructors, the preprocessing layer, feature models.
 
 Every model tl-app builds takes raw RGB pixels (float, 0..255) at the input
 size; the backbone's ``preprocess_input`` runs inside the model as the
@@ -7,6 +7,7 @@ size; the backbone's ``preprocess_input`` runs inside the model as the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -19,103 +20,35 @@ from keras import layers, ops
 
 from tl_app.core.errors import ConfigError, unknown_choice
 from tl_app.core.errors import TlAppError
+from tl_app.models.registry import BACKBONES, KERAS_APPS, BackboneInfo, registry_key  # noqa: F401
+from tl_app.models.registry import resolve_input_size  # noqa: F401  (re-exported: callers import it from here)
 from tl_app.models.weights import cache_path, file_digest, load_weight_file
 from tl_app.models import weights as weights_mod
 
-KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
-
 
 @dataclass(frozen=True)
-class BackboneSpec:
-    """What tl-app knows about one keras.applications backbone."""
+class BackboneSpec(BackboneInfo):
+    """A registry entry (tl_app.models.registry) plus its keras.applications constructor."""
 
-    name: str
-    constructor: Callable[..., keras.Model]
-    preprocess: str  # "caffe" (BGR, mean subtracted) or "tf" (scaled to [-1, 1])
-    default_size: int
-    min_size: int
-    feature_width: int
-    blocks: tuple[str, ...]  # layer-name prefixes, from the top block down
-    last_conv_layer: str  # for Grad-CAM
-    params: int  # without the classification top
-    weights_file: str  # the Keras cache file name of the ImageNet "notop" weights
-    weights_md5: str
-    weights_url: str
-
-    @property
-    def weights_origin(self) -> str:
-        return self.weights_url + self.weights_file
+    constructor: Callable[..., keras.Model] = None
 
     def block_layers(self, model: keras.Model, block: str) -> list[keras.layers.Layer]:
         return [layer for layer in model.layers if layer.name.startswith(block + "_")]
 
 
-def _resnet(name: str, ctor, params: int, md5: str, v2: bool) -> BackboneSpec:
-    return BackboneSpec(
-        name=name,
-        constructor=ctor,
-        preprocess="tf" if v2 else "caffe",
-        default_size=224,
-        min_size=32,
-        feature_width=2048,
-        blocks=("conv5", "conv4", "conv3", "conv2", "conv1"),
-        last_conv_layer="post_relu" if v2 else "conv5_block3_out",
-        params=params,
-        weights_file=f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        weights_md5=md5,
-        weights_url=KERAS_APPS + "resnet/",
-    )
-
-
-def _vgg(name: str, ctor, params: int, md5: str, last_conv: str) -> BackboneSpec:
-    return BackboneSpec(
-        name=name,
-        constructor=ctor,
-        preprocess="caffe",
-        default_size=224,
-        min_size=32,
-        feature_width=512,
-        blocks=("block5", "block4", "block3", "block2", "block1"),
-        last_conv_layer=last_conv,
-        params=params,
-        weights_file=f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        weights_md5=md5,
-        weights_url=KERAS_APPS + f"{name}/",
-    )
-
-
-apps = keras.applications
 REGISTRY: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in (
-        _vgg("vgg16", apps.VGG16, 14_714_688, "6d6bbae143d832006294945121d1f1fc", "block5_conv3"),
-        _vgg("vgg19", apps.VGG19, 20_024_384, "253f8cb515780f3b799900260a226db6", "block5_conv4"),
-        _resnet("resnet50", apps.ResNet50, 23_587_712, "4d473c1dd8becc155b73f8504c6f6626", False),
-        _resnet("resnet101", apps.ResNet101, 42_658_176, "88cf7a10940856eca736dc7b7e228a21", False),
-        _resnet("resnet152", apps.ResNet152, 58_370_944, "ee4c566cf9a93f14d82f913c2dc6dd0c", False),
-        _resnet("resnet50v2", apps.ResNet50V2, 23_564_800, "fac2f116257151a9d068a22e544a4917", True),
-        _resnet("resnet101v2", apps.ResNet101V2, 42_626_560, "c0ed64b8031c3730f411d2eb4eea35b5", True),
-        _resnet("resnet152v2", apps.ResNet152V2, 58_331_648, "ed17cf2e0169df9d443503ef94b23b33", True),
-    )
+    name: BackboneSpec(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)},
+                       constructor=getattr(keras.applications, info.application))
+    for name, info in BACKBONES.items()
 }
 
 
 def get_spec(name: str) -> BackboneSpec:
     """The registry entry for a name; unknown names list the valid ones."""
-    key = str(name).lower().replace("-", "").replace("_", "")
+    key = registry_key(name)
     if key not in REGISTRY:
         raise ConfigError(unknown_choice("backbone", name, REGISTRY))
     return REGISTRY[key]
-
-
-def resolve_input_size(spec: BackboneSpec, input_size: int = 0) -> int:
-    size = int(input_size or spec.default_size)
-    if size < spec.min_size:
-        raise ConfigError(
-            f"{spec.name} needs an input size of at least {spec.min_size} pixels, got {size}. "
-            f"Use --input-size {spec.min_size} or more (default {spec.default_size})."
-        )
-    return size
 
 
 @keras.saving.register_keras_serializable(package="tl_app")

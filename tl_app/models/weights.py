@@ -177,10 +177,20 @@ def convert_by_order(spec, source: str | Path, name: str, source_label: str = ""
     taken for the real one (two processes converting at once both succeed).
     """
     check_name(name)
-    model = spec.constructor(include_top=False, weights=None)
+    model = constructor_of(spec)(include_top=False, weights=None)
     report = assign_by_order(model, source, spec.name)
     return save_named(model, spec, name, source_label or str(source), "order", report["skipped"],
                       report["matched"])
+
+
+def constructor_of(spec):
+    """The keras.applications constructor; a registry entry without one (models.registry) names it."""
+    constructor = getattr(spec, "constructor", None)
+    if constructor is None:
+        import keras  # only here: converting weights needs the network, naming a backbone does not
+
+        constructor = getattr(keras.applications, spec.application)
+    return constructor
 
 
 def save_named(model, spec, name: str, source: str, match: str, skipped: list | None = None,
