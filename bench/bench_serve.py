@@ -42,13 +42,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(root: Path, batching: bool, max_batch: int, timeout_ms: float, log: Path):
+def start_server(root: Path, batching: bool, max_batch: int, timeout_ms: float, log: Path, allowed: str = ""):
     port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     log_handle = open(log, "w")
     proc = subprocess.Popen([sys.executable, "-m", "tl_app", "serve", str(root), "--port", str(port),
                              "--batching" if batching else "--no-batching", "--max-batch-size", str(max_batch),
-                             "--batch-timeout-ms", str(timeout_ms), "--grpc-port", "0"],
+                             "--batch-timeout-ms", str(timeout_ms), "--grpc-port", "0",
+                             *(["--allowed-batch-sizes", allowed] if allowed else [])],
                             cwd=REPO, env=env, stdout=log_handle, stderr=subprocess.STDOUT)
     log_handle.close()  # the child has its own copy
     deadline = time.time() + 180
@@ -123,11 +124,29 @@ def summarise(concurrency: int, slices: list[dict], images: float, calls: float)
             "images_per_call": round(images / max(calls, 1), 2)}
 
 
+def metrics_text(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def stage_means(port: int) -> dict:
+    """Mean milliseconds per stage (tlapp_stage_seconds: decode, queue, handoff, model, encode) over the run."""
+    sums, counts = {}, {}
+    for line in metrics_text(port).splitlines():
+        for part, into in (("_sum{", sums), ("_count{", counts)):
+            if line.startswith("tlapp_stage_seconds" + part):
+                stage = line.split('stage="')[1].split('"')[0]
+                into[stage] = into.get(stage, 0.0) + float(line.split()[-1])
+    return {stage: round(1000 * sums[stage] / counts[stage], 2) for stage in sums if counts.get(stage)}
+
+
 def batch_totals(port: int) -> tuple[float, float]:
     """(images, model calls) so far, from the server's /metrics."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
+    text = metrics_text(port)
     total = count = 0.0
     for line in text.splitlines():
         if line.startswith("tlapp_batch_size_sum"):
@@ -164,6 +183,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-timeout-ms", type=float, default=5.0)
     parser.add_argument("--photo-size", default="500x375", help="WxH of the JPEG each request carries")
+    parser.add_argument("--allowed-batch-sizes", default="",
+                        help="the batching server pads to these (e.g. 1,2,4,8,16,32); default: no padding")
     args = parser.parse_args()
     seconds = args.seconds or (4.0 if args.quick else 15.0)
     warmup = 0.5 if args.quick else 1.0
@@ -182,7 +203,8 @@ def main() -> None:
         try:  # both servers up at once; their slices alternate, so a noisy neighbour hits both alike
             for mode, batching in (("batching", True), ("no-batching", False)):
                 servers[mode] = start_server(tmp / "saved_models", batching, args.max_batch_size,
-                                             args.batch_timeout_ms, tmp / f"{mode}.log")
+                                             args.batch_timeout_ms, tmp / f"{mode}.log",
+                                             args.allowed_batch_sizes if batching else "")
                 load(servers[mode][1], body, 16, 1.0, 0.0)  # trace every batch size path once
             for mode in servers:
                 results[mode] = []
@@ -198,6 +220,7 @@ def main() -> None:
                         counts[mode][1] += calls1 - calls0
                 for mode in servers:
                     results[mode].append(summarise(concurrency, slices[mode], *counts[mode]))
+            stages = {mode: stage_means(port) for mode, (_, port) in servers.items()}
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
@@ -205,7 +228,8 @@ def main() -> None:
 
     print(f"tl-app serve: {args.backbone} {args.size}x{args.size}, 1 JPEG ({args.photo_size}) per request, "
           f"{seconds:g}s per level and mode in {rounds} alternating slices, max batch {args.max_batch_size}, "
-          f"timeout {args.batch_timeout_ms:g} ms")
+          f"timeout {args.batch_timeout_ms:g} ms"
+          + (f", allowed batch sizes {args.allowed_batch_sizes}" if args.allowed_batch_sizes else ""))
     print(f"{'mode':<12} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'img/call':>8}")
     for mode, rows in results.items():
         for row in rows:
@@ -221,13 +245,17 @@ def main() -> None:
     print(f"batching at c=16 reaches {ratios[16]:.2f} / {ceiling:.2f} = {share:.0%} of the model's own batch gain "
           f"(target >= 90%); p99 at c=16: {p99_on} ms batching vs {p99_off} ms without "
           f"(ratio {p99_on / max(p99_off or 1e-9, 1e-9):.2f}, target <= 1)")
+    for mode, means in stages.items():
+        print(f"where the time goes ({mode}, mean ms over the run; decode, queue, encode per request, "
+              f"handoff and model per call): " + ", ".join(f"{k} {v}" for k, v in means.items()))
     emit("serve", {"backbone": args.backbone, "size": args.size, "photo_size": args.photo_size,
                    "seconds_per_level": seconds,
                    "results": results, "ratio_c16": round(ratios[16], 2),
                    "ratios": {str(c): round(r, 2) for c, r in ratios.items()},
                    "p99_ms_c16_batching": results["batching"][-1]["p99_ms"],
                    "model_batch_ceiling": round(ceiling, 2), "share_of_model_gain_c16": round(share, 3),
-                   "p99_ratio_c16": round(p99_on / max(p99_off or 1e-9, 1e-9), 2)})
+                   "p99_ratio_c16": round(p99_on / max(p99_off or 1e-9, 1e-9), 2), "stage_ms": stages,
+                   "allowed_batch_sizes": args.allowed_batch_sizes})
 
 
 if __name__ == "__main__":
