@@ -15,6 +15,9 @@ from tl_app.cli.common import echo_json, load_api
 @click.option("--top-k", type=int, default=5, show_default=True, help="k of the top-k accuracy.")
 @click.option("--top-losses", type=int, default=16, show_default=True, help="Images on the top-losses sheet.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--ood-folder", type=click.Path(), default=None,
+              help="Images from none of the model's classes: AUROC and false acceptances of Mahalanobis "
+                   "(backbone features) vs max-softmax against the evaluated split.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")
 @click.option("--episodes", type=int, default=None,
               help="Few-shot mode: N-way K-shot episodes on the model's backbone features (e.g. 600).")
@@ -22,7 +25,8 @@ from tl_app.cli.common import echo_json, load_api
 @click.option("--shot", "shots", default="1,5,10", show_default=True,
               help="Few-shot mode: support images per class, comma-separated.")
 @click.option("--queries", type=int, default=15, show_default=True, help="Few-shot mode: query images per class.")
-def evaluate(model, data, split, out_dir, top_k, top_losses, batch_size, as_json, episodes, way, shots, queries):
+def evaluate(model, data, split, out_dir, top_k, top_losses, batch_size, ood_folder, as_json, episodes, way, shots,
+             queries):
     """Accuracy, per-class metrics, confusion matrix and top losses of a model on a folder.
 
     \b
@@ -30,7 +34,9 @@ def evaluate(model, data, split, out_dir, top_k, top_losses, batch_size, as_json
     DATA:  an image folder with class sub-folders (default: the run's training data).
     \b
     Writes metrics.json, predictions.csv, confusion_matrix{,_normalized}.{csv,png},
-    top_losses.png and skipped.csv. Bad files are listed, never fatal.
+    top_losses.png, reliability_diagram.png and skipped.csv. Bad files are listed, never fatal.
+    Calibration (ECE over 15 bins, MCE, NLL, Brier) is reported before and after the
+    temperature training fitted.
     \b
     Examples:
       tl-app evaluate runs/flowers
@@ -46,7 +52,7 @@ def evaluate(model, data, split, out_dir, top_k, top_losses, batch_size, as_json
         return
 
     metrics = api.evaluate(model, data, split=split, out_dir=out_dir, top_k=top_k, batch_size=batch_size,
-                             top_losses=top_losses, echo=None if as_json else click.echo)
+                             top_losses=top_losses, ood_folder=ood_folder, echo=None if as_json else click.echo)
     if as_json:
         echo_json(metrics)
 

@@ -2,7 +2,8 @@
 
 Outputs (in the evaluation folder): metrics.json, predictions.csv,
 confusion_matrix.csv / confusion_matrix_normalized.csv and their PNGs,
-top_losses.png and skipped.csv (files that could not be used, with reasons).
+top_losses.png, reliability_diagram.png (calibration before and after the
+model's temperature) and skipped.csv (files that could not be used, with reasons).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tl_app.data.scan import scan
 from tl_app.insight.plots import BAD, GOOD, Tile, confusion_matrix_plot, contact_sheet, grid_rows, reliability_diagram
 from tl_app.models.calibration import scale_probabilities, temperature_of
 from tl_app.training.calibration import calibration_figures, reliability_bins
+from tl_app.insight.ood import folder_images, ood_figures, ood_text
 
 
 # ---- metrics -----------------------------------------------------------------
@@ -183,9 +185,12 @@ def predict_records(loaded: Predictor, records, batch_size: int = 32, background
 
 def evaluate(model_path: str | Path, data: str | Path | None = None, split: str | None = None,
              out_dir: str | Path | None = None, top_k: int = 5, batch_size: int = 32, top_losses: int = 16,
-             echo=print) -> dict:
+             ood_folder: str | Path | None = None, echo=print) -> dict:
     """Run the model over a folder's split and write every evaluation artifact; returns metrics."""
     say = echo or (lambda *a, **k: None)
+    if ood_folder is not None and not Path(ood_folder).is_dir():
+        raise DataError(f"--ood-folder {str(ood_folder)!r} is not a folder. Expected a folder of images from "
+                        f"none of the model's classes (any layout).")
     loaded = open_model(model_path, keras=True)
     data_root = data or loaded.card.get("data_root")
     if not data_root:
@@ -280,6 +285,9 @@ def evaluate(model_path: str | Path, data: str | Path | None = None, split: str 
     metrics["calibration"], curves = calibration_section(probs, y_true, temperature_of(loaded.model))
     reliability_diagram(curves, out / "reliability_diagram.png",
                         title=f"reliability ({split}, n={len(used)}, {len(curves[0][1])} bins)")
+    if ood_folder is not None:
+        metrics["ood"] = ood_section(loaded, run_manifest, used, ood_folder, batch_size,
+                                     tuple(data_config.background))
     files = {name: str(out / name) for name in (
         "metrics.json", "confusion_matrix.csv", "confusion_matrix_normalized.csv", "confusion_matrix.png",
         "confusion_matrix_normalized.png", "top_losses.png", "reliability_diagram.png", "predictions.csv",
@@ -288,6 +296,25 @@ def evaluate(model_path: str | Path, data: str | Path | None = None, split: str 
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     say(summary_text(metrics))
     return metrics
+
+
+def ood_section(loaded: Predictor, run_manifest, used, ood_folder, batch_size: int, background) -> dict:
+    """--ood-folder: Mahalanobis on the training split's features vs max-softmax, evaluated split vs the folder."""
+    trained = run_manifest or training_manifest(loaded)
+    train = trained.split("train") if trained is not None else []
+    index = {name: i for i, name in enumerate(loaded.classes)}
+    train = [r for r in train if r.label in index]
+    if not train:
+        raise DataError("--ood-folder needs the training split's images to fit the Mahalanobis scorer; none was "
+                        "found (evaluate on the training folder, or a run whose data is still in place).")
+    labels = np.array([index[r.label] for r in train], int)
+    size, policy = loaded.input_size, loaded.resize_policy
+    return ood_figures(
+        loaded.model,
+        make_dataset(train, size, policy, batch_size, with_index=True, background=background),
+        lambda rows: labels[np.asarray(rows, int)],
+        make_dataset(used, size, policy, batch_size, with_index=True, background=background),
+        folder_images(ood_folder, size, policy, background, batch_size))
 
 
 def default_out_dir(loaded: Predictor) -> Path:
@@ -320,6 +347,8 @@ def summary_text(metrics: dict) -> str:
         lines.append(f"{name.ljust(width)}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:5.3f}  "
                      f"{row['support']:7d}")
     lines.append(calibration_text(metrics.get("calibration")))
+    if metrics.get("ood"):
+        lines.append(ood_text(metrics["ood"]))
     if metrics["most_confused"]:
         lines.append("most confused: " + "; ".join(
             f"{p['true']} -> {p['predicted']} ({p['count']})" for p in metrics["most_confused"][:5]))
