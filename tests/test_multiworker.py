@@ -94,7 +94,9 @@ def test_two_workers_on_loopback_end_with_identical_weights_and_falling_loss(tin
                                       stdout=log, stderr=subprocess.STDOUT))
         outs.append(out)
     try:
-        codes = [p.wait(timeout=500) for p in procs]
+        codes = [p.wait(timeout=900) for p in procs]
+    except subprocess.TimeoutExpired:  # show how far each worker got, not only that time ran out
+        codes = [p.poll() for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
