@@ -81,6 +81,9 @@ def host_name(header: str) -> str:
     return header.rpartition(":")[0] if header.count(":") == 1 else header
 
 
+LATE_TIMER_S = 0.25  # a header timer that fires this late was held up by the server, not the client
+
+
 def timed_protocol(header_timeout: float):
     """uvicorn's h11 protocol that closes a connection whose request headers do not arrive in time."""
 
@@ -108,6 +111,7 @@ def timed_protocol(header_timeout: float):
 
         def _arm(self) -> None:
             self._disarm()
+            self.due = self.loop.time() + header_timeout
             self.header_timer = self.loop.call_later(header_timeout, self._expire)
 
         def _disarm(self) -> None:
@@ -117,6 +121,10 @@ def timed_protocol(header_timeout: float):
 
         def _expire(self) -> None:
             self.header_timer = None
+            if self.loop.time() - self.due > LATE_TIMER_S:  # the loop itself was stalled (a model loading holds
+                self.due = self.loop.time() + LATE_TIMER_S  # the GIL): bytes may be waiting unread; look again
+                self.header_timer = self.loop.call_later(LATE_TIMER_S, self._expire)
+                return
             if self.cycle is None or self.cycle.response_complete:
                 log.info("closed a connection that sent no complete request headers in %.0fs", header_timeout)
                 if not self.transport.is_closing():
