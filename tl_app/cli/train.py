@@ -21,7 +21,7 @@ class LearningRateType(click.ParamType):
             rate = float(value)
         except ValueError:
             rate = None
-        if rate is None or not rate > 0:
+        if rate is None:  # the range (> 0) is checked with the configuration, as for a TOML value
             self.fail(f"expected a positive number such as 1e-3, or auto; got {value!r}", param, ctx)
         return rate
 
