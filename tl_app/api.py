@@ -21,7 +21,7 @@ from typing import Callable
 
 from tl_app.core.config import Config
 from tl_app.core.errors import ConfigError
-from tl_app.data.sample import write_sample_dataset  # noqa: F401  (an entry point)
+from tl_app.data.sample import write_ood_samples, write_sample_dataset  # noqa: F401  (entry points)
 from tl_app.data.scan import inspect_dict, print_report, scan, scan_dataset  # noqa: F401
 from tl_app.data.splits import class_weights  # noqa: F401
 from tl_app.engines.distributed import train_on_ray

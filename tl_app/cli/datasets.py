@@ -21,15 +21,28 @@ def datasets():
 @datasets.command("sample")
 @click.argument("directory", type=click.Path(file_okay=False), default="datasets/sample")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same images.")
-def datasets_sample(directory, seed):
+@click.option("--ood", is_flag=True,
+              help="Write the out-of-distribution family instead: noise, textures, other shapes and photo crops, "
+                   "from none of the sample's classes (for evaluate --ood-folder).")
+@click.option("--per-kind", default=12, show_default=True, type=click.IntRange(1, 10000),
+              help="With --ood: images of each kind.")
+def datasets_sample(directory, seed, ood, per_kind):
     """Write the small procedural sample dataset (3 imbalanced classes, JPEG and PNG).
 
     \b
-    Example:
+    Examples:
       tl-app datasets sample datasets/sample --seed 0
+      tl-app datasets sample datasets/sample_ood --ood
     """
     api = load_api()
 
+    if ood:
+        summary = api.write_ood_samples(directory, seed, per_kind)
+        counts = ", ".join(f"{k}: {v}" for k, v in summary["kinds"].items())
+        click.echo(f"wrote {sum(summary['kinds'].values())} out-of-distribution images to {directory} ({counts})")
+        for kind, why in summary["left_out"].items():
+            click.echo(f"left out {kind}: {why}")
+        return
     summary = api.write_sample_dataset(directory, seed)
     counts = ", ".join(f"{k}: {v}" for k, v in summary["classes"].items())
     click.echo(f"wrote {sum(summary['classes'].values())} images to {directory} ({counts})")
