@@ -139,6 +139,11 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     calibration: str = "temperature"  # none | temperature (see CALIBRATIONS)
+    ema: bool = False  # finetune: keep an exponential moving average of the weights; validate and export it
+    ema_momentum: float = 0.99  # ema: weight of the average at each step (closer to 1: a longer memory)
+    mixup: float = 0.0  # finetune: Beta(alpha, alpha) of mixup; 0 = off
+    cutmix: float = 0.0  # finetune: Beta(alpha, alpha) of CutMix; 0 = off (both on: one of the two per batch)
+    lr_decay_per_block: float = 1.0  # finetune phase 2: each deeper unfrozen block learns this x slower; 1 = off
 
 
 @dataclass
@@ -374,6 +379,11 @@ def validate(config: Config) -> None:
     check_range(config, "train.momentum", 0.0, 1.0, high_open=True)
     check_range(config, "train.weight_decay", 0.0, None)
     check_range(config, "train.step_factor", 0.0, 1.0, low_open=True)
+    check_range(config, "train.ema_momentum", 0.0, 1.0, high_open=True)
+    check_range(config, "train.mixup", 0.0, None)
+    check_range(config, "train.cutmix", 0.0, None)
+    check_range(config, "train.lr_decay_per_block", 0.0, 1.0, low_open=True,
+                why="deeper blocks learn at the rate times this factor per block, so it must not raise it")
     check_range(config, "head.dropout", 0.0, 1.0, high_open=True)
     for dotted in ("train.epochs", "train.finetune_epochs", "train.unfreeze_blocks", "train.unfreeze_layers",
                    "train.warmup_epochs", "train.early_stopping_patience", "features.augment_views"):
