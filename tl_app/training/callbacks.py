@@ -177,6 +177,54 @@ class EarlyStopping(keras.callbacks.Callback):
         self.best_weights = best_weights
 
 
+class EmaWeights(keras.callbacks.Callback):
+    """Validation, early stopping and the checkpoint see the optimiser's moving average of the weights.
+
+    ``swap_in`` (at validation, or at the epoch's end when there is none) puts the
+    averages into the model and keeps the raw weights; ``restorer()`` is a second
+    callback, placed after the checkpoint, that puts the raw weights back so
+    training goes on from them. So the best epoch kept and exported is an
+    averaged one, and the checkpoint's best file holds averaged weights too.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.raw: list[np.ndarray] | None = None
+
+    def optimizer(self):
+        optimizer = self.model.optimizer
+        return getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer wraps the real one
+
+    def swap_in(self) -> None:
+        if self.raw is not None or not getattr(self.optimizer(), "use_ema", False):
+            return
+        variables = self.model.trainable_variables
+        self.raw = [np.asarray(v.numpy()) for v in variables]
+        self.optimizer().finalize_variable_values(variables)
+
+    def swap_out(self) -> None:
+        if self.raw is None:
+            return
+        for v, value in zip(self.model.trainable_variables, self.raw):
+            v.assign(value)
+        self.raw = None
+
+    def on_test_begin(self, logs=None):
+        self.swap_in()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.swap_in()  # no validation data: the epoch-end callbacks still see the averages
+
+    def restorer(self) -> keras.callbacks.Callback:
+        outer = self
+
+        class RawWeights(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                outer.swap_out()
+
+        return RawWeights()
+
+
 class EpochRecorder(keras.callbacks.Callback):
     """history.json, log.csv and TensorBoard scalars, rewritten after every epoch.
 

@@ -31,10 +31,11 @@ from tl_app.models.surgery import build_classifier, check_unfreeze, count_params
 from tl_app.training.devices import is_chief, make_strategy, precision_policy, scope
 from tl_app.data.augment import seed_generators, build_augmenter
 from tl_app.data.pipeline import load_image, make_dataset
-from tl_app.training.callbacks import CheckpointStore, EarlyStopping, assign_in_order, EpochRecorder, interactive, StopOnNaN, TrainingCheckpoint, TrainingDivergedError, write_history
+from tl_app.training.callbacks import CheckpointStore, EarlyStopping, EmaWeights, assign_in_order, EpochRecorder, interactive, StopOnNaN, TrainingCheckpoint, TrainingDivergedError, write_history
 from tl_app.training.losses import class_weight_table, make_loss
 from tl_app.training.runs import write_run_info, fmt, prepare_run, PreparedRun, recording_failure
 from tl_app.training.calibration import calibration_record, dataset_probabilities, record_text
+from tl_app.training.ood import fit_ood_on_datasets, ood_text
 from tl_app.training.optim import make_optimizer, make_schedule
 from tl_app.models.artifacts import MODEL_FILE, read_run_info
 from tl_app.core.files import write_json
@@ -266,7 +267,7 @@ class FineTuneRun:
 
 
         t = self.config.train
-        optimizer = make_optimizer(t, learning_rate)
+        optimizer = make_optimizer(t, learning_rate, ema=bool(t.ema))
         if t.mixed_precision == "float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         self.model.compile(optimizer=optimizer, loss=make_loss(t), metrics=["accuracy"],
@@ -325,7 +326,11 @@ class FineTuneRun:
                 return self.describe(phase, epoch, offset + epoch, stopping or epoch >= phase.epochs, schedule)
 
             checkpoint = TrainingCheckpoint(self.store, describe, self.changeable, self.nan_guard)
-            callbacks = [schedule, self.nan_guard, self.early, recorder, checkpoint, *self.extra_callbacks]
+            # train.ema: validation, early stopping and the checkpoint see the averaged weights,
+            # training goes on from the raw ones (so a resumed EMA run restarts from the averages)
+            ema = [EmaWeights()] if t.ema else []
+            callbacks = [schedule, self.nan_guard, *ema, self.early, recorder, checkpoint,
+                         *(e.restorer() for e in ema), *self.extra_callbacks]
             data = training_dataset(self.train_records, self.prepared.input_size, self.prepared.resize_policy,
                                     self.batch_size, self.num_classes, self.weight_table, self.augmenter,
                                     t.seed, phase.number, done, phase.epochs, config.data.background)
@@ -405,13 +410,20 @@ class FineTuneRun:
                                  "learning_rate": t.learning_rate, "finetune_lr_factor": t.finetune_lr_factor,
                                  "optimizer": t.optimizer, "schedule": t.schedule,
                                  "mixed_precision": t.mixed_precision, "distribute": t.distribute,
-                                 "seed": t.seed})
+                                 "seed": t.seed, "ema": t.ema, "mixup": t.mixup, "cutmix": t.cutmix,
+                                 "lr_decay_per_block": t.lr_decay_per_block})
         self.say(f"fine-tuned: val_accuracy {fmt(metrics['val_accuracy'])}, val_loss {fmt(metrics['val_loss'])} "
                  f"(best epoch {metrics['best_epoch']} of {metrics['epochs_trained']})")
         self.say(record_text(calibration))
+        self.say(ood_text(fit_ood_on_datasets(t.ood, saved, self.plain_train_dataset, self.val_ds, self.run_dir)))
         self.say(f"model: {path}")
         return {"run_dir": str(self.run_dir), "strategy": "finetune", "metrics": metrics, "calibration": calibration,
                 "model": str(path)}
+
+    def plain_train_dataset(self):
+        """The training images as validation sees them (no augmentation, no shuffle): for the OOD scorer."""
+        return make_dataset(self.train_records, self.prepared.input_size, self.prepared.resize_policy,
+                            self.batch_size, num_classes=self.num_classes, background=self.config.data.background)
 
     def final_metrics(self, model) -> dict:
         """Validation metrics of the saved (best) weights, measured again with ``evaluate``."""

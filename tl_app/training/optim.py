@@ -20,30 +20,34 @@ def train_section(config: Config | TrainConfig) -> TrainConfig:
     return config.train if isinstance(config, Config) else config
 
 
-def make_optimizer(config: Config | TrainConfig, learning_rate: float | None = None) -> keras.optimizers.Optimizer:
+def make_optimizer(config: Config | TrainConfig, learning_rate: float | None = None,
+                   ema: bool = False) -> keras.optimizers.Optimizer:
     """The optimisers users expect, with their usual knobs from [train].
 
     momentum/nesterov apply to sgd; weight_decay to adamw (decoupled, as in the paper).
+    ``ema``: the optimiser also keeps a moving average of the weights (train.ema_momentum),
+    which ``finalize_variable_values`` (and ``EmaWeights``) put into the model.
     """
     t = train_section(config)
     lr = float(t.learning_rate if learning_rate is None else learning_rate)
     if not lr > 0:
         raise ConfigError(f"train.learning_rate must be positive, got {lr}.")
+    extra = {"use_ema": True, "ema_momentum": float(t.ema_momentum)} if ema else {}
     name = t.optimizer
     if name == "sgd":
-        return keras.optimizers.SGD(lr, momentum=t.momentum, nesterov=t.nesterov)
+        return keras.optimizers.SGD(lr, momentum=t.momentum, nesterov=t.nesterov, **extra)
     if name == "rmsprop":
-        return keras.optimizers.RMSprop(lr)
+        return keras.optimizers.RMSprop(lr, **extra)
     if name == "adagrad":
-        return keras.optimizers.Adagrad(lr)
+        return keras.optimizers.Adagrad(lr, **extra)
     if name == "adadelta":
-        return keras.optimizers.Adadelta(lr)
+        return keras.optimizers.Adadelta(lr, **extra)
     if name == "adam":
-        return keras.optimizers.Adam(lr)
+        return keras.optimizers.Adam(lr, **extra)
     if name == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=t.weight_decay)
+        return keras.optimizers.AdamW(lr, weight_decay=t.weight_decay, **extra)
     if name == "nadam":
-        return keras.optimizers.Nadam(lr)
+        return keras.optimizers.Nadam(lr, **extra)
     raise ConfigError(unknown_choice("optimizer", name, OPTIMIZERS))
 
 
