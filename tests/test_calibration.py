@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tl_app.models.calibration import scale_probabilities
-from tl_app.training.calibration import calibration_figures, calibration_record, fit_temperature
+from tl_app.training.calibration import calibration_figures, calibration_record, fit_temperature, risk_coverage
 
 
 def overconfident_model_and_data(seed: int = 0):
@@ -176,3 +176,25 @@ def test_evaluate_reports_ece_mce_nll_brier_before_and_after_and_the_report_show
     html = calibration_body(metrics)
     assert "data:image/png;base64," in html and f"{calibration['after']['ece']:.4f}" in html
     assert f"{calibration['before']['ece']:.4f}" in html and "0.250" in html
+    # selective prediction on the same probabilities: the figures and the curve's PNG, shown in the report
+    expected = risk_coverage(scale_probabilities(raw, 0.25), labels)
+    assert metrics["selective"]["aurc"] == pytest.approx(expected["aurc"], abs=1e-4)
+    assert metrics["selective"]["accuracy_at_coverage"]["1.00"] == pytest.approx(expected_after["accuracy"])
+    curve = Path(metrics["files"]["risk_coverage.png"])
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert html.count("data:image/png;base64,") == 2 and "AURC" in html
+
+
+def test_risk_coverage_on_a_hand_example():
+    # confidences 0.9 (right), 0.8 (wrong), 0.7 (right), 0.6 (wrong): kept most confident first
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+    labels = np.array([0, 0, 0, 0])
+    curve = risk_coverage(p, labels)
+    assert curve["accuracy"] == pytest.approx([1.0, 0.5, 2 / 3, 0.5])
+    assert curve["coverage"] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert curve["at"]["1.00"] == 0.5 and curve["at"]["0.50"] == 0.5 and curve["at"]["0.90"] == 0.5
+    assert curve["aurc"] == pytest.approx(np.mean([0.0, 0.5, 1 / 3, 0.5]))
+    # a ranking that rejects the wrong answers first keeps only right ones at half coverage
+    oracle = risk_coverage(p, labels, scores=np.array([0.0, 1.0, 0.0, 1.0]))
+    assert oracle["at"]["0.50"] == 1.0 and oracle["aurc"] < curve["aurc"]
+    assert risk_coverage(np.zeros((0, 2)), np.zeros(0, int))["images"] == 0

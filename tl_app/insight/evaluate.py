@@ -21,9 +21,10 @@ from tl_app.data.pipeline import make_dataset
 from tl_app.core.config import DataConfig
 from tl_app.data.manifest import Manifest
 from tl_app.data.scan import scan
-from tl_app.insight.plots import BAD, GOOD, Tile, confusion_matrix_plot, contact_sheet, grid_rows, reliability_diagram
+from tl_app.insight.plots import (BAD, GOOD, Tile, confusion_matrix_plot, contact_sheet, grid_rows, reliability_diagram,
+                                 risk_coverage_plot)
 from tl_app.models.calibration import scale_probabilities, temperature_of
-from tl_app.training.calibration import calibration_figures, reliability_bins
+from tl_app.training.calibration import calibration_figures, reliability_bins, risk_coverage
 from tl_app.insight.ood import folder_images, ood_figures, ood_text
 
 
@@ -285,12 +286,18 @@ def evaluate(model_path: str | Path, data: str | Path | None = None, split: str 
     metrics["calibration"], curves = calibration_section(probs, y_true, temperature_of(loaded.model))
     reliability_diagram(curves, out / "reliability_diagram.png",
                         title=f"reliability ({split}, n={len(used)}, {len(curves[0][1])} bins)")
+    selective = risk_coverage(probs, y_true)
+    risk_coverage_plot([("top probability", selective)], out / "risk_coverage.png",
+                       title=f"risk-coverage ({split}, n={len(used)})")
+    metrics["selective"] = {"aurc": selective["aurc"], "accuracy_at_coverage": selective["at"],
+                            "ranked_by": "top probability"}
     if ood_folder is not None:
         metrics["ood"] = ood_section(loaded, run_manifest, used, ood_folder, batch_size,
                                      tuple(data_config.background))
     files = {name: str(out / name) for name in (
         "metrics.json", "confusion_matrix.csv", "confusion_matrix_normalized.csv", "confusion_matrix.png",
-        "confusion_matrix_normalized.png", "top_losses.png", "reliability_diagram.png", "predictions.csv",
+        "confusion_matrix_normalized.png", "top_losses.png", "reliability_diagram.png", "risk_coverage.png",
+        "predictions.csv",
         "skipped.csv")}
     metrics["files"] = files
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -347,6 +354,11 @@ def summary_text(metrics: dict) -> str:
         lines.append(f"{name.ljust(width)}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:5.3f}  "
                      f"{row['support']:7d}")
     lines.append(calibration_text(metrics.get("calibration")))
+    if metrics.get("selective"):
+        at = metrics["selective"]["accuracy_at_coverage"]
+        lines.append("accuracy when answering only the most confident: "
+                     + ", ".join(f"{float(c):.0%} -> {a:.4f}" for c, a in at.items())
+                     + f" (AURC {metrics['selective']['aurc']:.4f})")
     if metrics.get("ood"):
         lines.append(ood_text(metrics["ood"]))
     if metrics["most_confused"]:

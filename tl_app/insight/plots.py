@@ -195,3 +195,23 @@ def reliability_diagram(curves: Sequence[tuple[str, Sequence[dict], float]], pat
         fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def risk_coverage_plot(curves: Sequence[tuple[str, dict]], path: str | Path, title: str = "") -> Path:
+    """Accuracy of the kept answers against the share kept, one line per (label, risk_coverage result)."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    for label, curve in curves:
+        ax.plot(curve["coverage"], curve["accuracy"], linewidth=1.6, label=f"{label} (AURC {curve['aurc']:.4f})")
+    if curves:
+        full = curves[0][1]["accuracy"][-1] if curves[0][1]["accuracy"] else 0.0
+        ax.axhline(full, color=NEUTRAL, linestyle="--", linewidth=1, label=f"no rejection ({full:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("coverage (share of images answered)")
+    ax.set_ylabel("accuracy of the answered images")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.25)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -302,6 +302,15 @@ def calibration_body(metrics: dict | None) -> str:
     diagram = (metrics.get("files") or {}).get("reliability_diagram.png")
     if diagram and Path(diagram).is_file():
         body += image_tag(diagram, "reliability diagram")
+    selective = metrics.get("selective")
+    if selective:
+        body += ("<p>Selective prediction: the accuracy of the answers kept when the least confident images are "
+                 "withheld (ranked by top probability); AURC is the mean error over the curve, lower is better.</p>")
+        body += table(["coverage", "accuracy"], [[f"{float(c):.0%}", f"{a:.4f}"]
+                                                 for c, a in selective["accuracy_at_coverage"].items()])
+    curve = (metrics.get("files") or {}).get("risk_coverage.png")
+    if curve and Path(curve).is_file():
+        body += image_tag(curve, "risk-coverage curve")
     return body
 
 

@@ -127,3 +127,30 @@ def dataset_probabilities(model, dataset, num_classes: int) -> tuple[np.ndarray,
     if not probs:
         return np.zeros((0, num_classes), np.float32), np.zeros(0, int)
     return np.concatenate(probs), np.concatenate(labels)
+
+
+# ---- selective prediction: accuracy as the least confident answers are withheld --------
+COVERAGES = (1.0, 0.9, 0.8, 0.5)  # the points evaluate reports; the PNG draws the whole curve
+
+
+def risk_coverage(probabilities, labels, scores=None) -> dict:
+    """Accuracy of the kept answers when the least confident ones are rejected first.
+
+    ``scores`` rank the rejection (higher = rejected first); the default is 1 - the top probability.
+    Returns the curve (coverage k/n against accuracy of the k most confident, k = 1..n), the
+    accuracy at ``COVERAGES`` and AURC, the mean risk (1 - accuracy) over the curve: lower is better,
+    and 1 - accuracy for a ranking that knows nothing.
+    """
+    p = np.asarray(probabilities, np.float64)
+    labels = np.asarray(labels, int)
+    if not len(labels):
+        return {"coverage": [], "accuracy": [], "at": {}, "aurc": 0.0, "images": 0}
+    rank = 1.0 - p.max(axis=1) if scores is None else np.asarray(scores, np.float64)
+    order = np.argsort(rank, kind="stable")  # most confident first
+    correct = (p.argmax(axis=1) == labels)[order].astype(np.float64)
+    kept = np.arange(1, len(labels) + 1)
+    accuracy = np.cumsum(correct) / kept
+    coverage = kept / len(labels)
+    at = {f"{c:.2f}": float(accuracy[max(0, int(np.ceil(c * len(labels))) - 1)]) for c in COVERAGES}
+    return {"coverage": coverage.tolist(), "accuracy": accuracy.tolist(), "at": at,
+            "aurc": float(np.mean(1.0 - accuracy)), "images": int(len(labels))}
