@@ -127,3 +127,61 @@ class ViewAugmenter:
         import tensorflow as tf
 
         return self._one(image, tf.constant(self.seed(sha256, view), tf.int64)).numpy()
+
+
+# ---- mixup and CutMix -----------------------------------------------------------
+def mix_batch(images, labels, seed, mixup: float = 0.0, cutmix: float = 0.0):
+    """Mixup or CutMix of a training batch with a shuffled copy of itself; returns (images, soft labels).
+
+    One mixing proportion per batch, drawn from Beta(alpha, alpha) by stateless ops
+    seeded by ``seed`` (a [2] integer tensor), so the pipeline stays a function of
+    seed and epoch. Mixup blends whole images; CutMix pastes a box of the partner
+    and mixes the labels by the box's actual (clipped) area. With both on, each
+    batch uses one of the two at random. Labels stay a distribution: they sum to 1.
+    """
+    import tensorflow as tf
+
+    seed = tf.cast(seed, tf.int64)
+    seeds = tf.random.experimental.stateless_split(seed, 5)
+    n = tf.shape(images)[0]
+    partner = tf.random.experimental.stateless_shuffle(tf.range(n), seed=seeds[0])
+    other_images, other_labels = tf.gather(images, partner), tf.gather(labels, partner)
+
+    def beta(alpha: float, key):
+        g = tf.random.stateless_gamma([2], seed=key, alpha=float(alpha), dtype=tf.float32)
+        return g[0] / tf.maximum(g[0] + g[1], 1e-12)
+
+    def blend(lam):
+        lam = tf.cast(lam, labels.dtype)
+        return lam * labels + (1.0 - lam) * other_labels
+
+    def do_mixup():
+        lam = beta(mixup, seeds[1])
+        mixed = tf.cast(lam, images.dtype) * images + tf.cast(1.0 - lam, images.dtype) * other_images
+        return mixed, blend(lam)
+
+    def do_cutmix():
+        lam = beta(cutmix, seeds[2])
+        height, width = tf.shape(images)[1], tf.shape(images)[2]
+        ratio = tf.sqrt(1.0 - lam)
+        cut_h = tf.cast(tf.round(tf.cast(height, tf.float32) * ratio), tf.int32)
+        cut_w = tf.cast(tf.round(tf.cast(width, tf.float32) * ratio), tf.int32)
+        centre = tf.random.stateless_uniform([2], seed=seeds[3], minval=0.0, maxval=1.0)
+        cy = tf.cast(centre[0] * tf.cast(height, tf.float32), tf.int32)
+        cx = tf.cast(centre[1] * tf.cast(width, tf.float32), tf.int32)
+        y0, y1 = tf.clip_by_value(cy - cut_h // 2, 0, height), tf.clip_by_value(cy + cut_h - cut_h // 2, 0, height)
+        x0, x1 = tf.clip_by_value(cx - cut_w // 2, 0, width), tf.clip_by_value(cx + cut_w - cut_w // 2, 0, width)
+        rows, cols = tf.range(height), tf.range(width)
+        inside = ((rows >= y0) & (rows < y1))[:, None] & ((cols >= x0) & (cols < x1))[None, :]
+        mixed = tf.where(inside[None, :, :, None], other_images, images)
+        area = tf.cast((y1 - y0) * (x1 - x0), tf.float32) / tf.cast(height * width, tf.float32)
+        return mixed, blend(1.0 - area)
+
+    if mixup > 0 and cutmix > 0:
+        choose_cutmix = tf.random.stateless_uniform([], seed=seeds[4]) < 0.5
+        return tf.cond(choose_cutmix, do_cutmix, do_mixup)
+    if cutmix > 0:
+        return do_cutmix()
+    if mixup > 0:
+        return do_mixup()
+    return images, labels

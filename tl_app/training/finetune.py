@@ -29,10 +29,10 @@ from tl_app.core.errors import ConfigError, DataError, ModelNotFoundError, TlApp
 from tl_app.core.files import temporary_sibling
 from tl_app.models.surgery import build_classifier, check_unfreeze, count_params, find_backbone, freeze_backbone, unfreeze_top
 from tl_app.training.devices import is_chief, make_strategy, precision_policy, scope
-from tl_app.data.augment import seed_generators, build_augmenter
+from tl_app.data.augment import mix_batch, seed_generators, build_augmenter
 from tl_app.data.pipeline import load_image, make_dataset
 from tl_app.training.callbacks import CheckpointStore, EarlyStopping, EmaWeights, assign_in_order, EpochRecorder, interactive, StopOnNaN, TrainingCheckpoint, TrainingDivergedError, write_history
-from tl_app.training.losses import class_weight_table, make_loss
+from tl_app.training.losses import class_weight_table, make_loss, mixed_sample_weights
 from tl_app.training.runs import write_run_info, fmt, prepare_run, PreparedRun, recording_failure
 from tl_app.training.calibration import calibration_record, dataset_probabilities, record_text
 from tl_app.training.optim import make_optimizer, make_schedule
@@ -77,13 +77,15 @@ def augmenter_seed_variables(augmenter) -> list:
 
 def training_dataset(records, input_size: int, policy: str, batch_size: int, num_classes: int,
                      weight_table: np.ndarray, augmenter, seed: int, phase: int, first_epoch: int,
-                     last_epoch: int, background=(255, 255, 255)):
+                     last_epoch: int, background=(255, 255, 255), mixup: float = 0.0, cutmix: float = 0.0):
     """Batches (images, one-hot labels, class weights) for epochs [first_epoch, last_epoch), augmented.
 
     Use with ``steps_per_epoch = steps_per_epoch(len(records), batch_size)``:
     batches never straddle epochs. Each epoch's order and each batch's
     augmentation come from stateless random ops seeded by (seed, phase, epoch),
     so a resumed run sees exactly the images an uninterrupted one would.
+    ``mixup``/``cutmix`` (Beta alphas, 0 = off) mix each augmented batch: the labels
+    become soft and each sample's weight is its mixed label's class weight.
     """
     import tensorflow as tf
 
@@ -109,23 +111,34 @@ def training_dataset(records, input_size: int, policy: str, batch_size: int, num
         layer_seeds = tf.random.stateless_uniform([steps, max(len(seed_vars), 1), 2],
                                                   seed=tf.stack([tf.constant(seed + 1, tf.int64), key]),
                                                   minval=1, maxval=2**31 - 2, dtype=tf.int64)
+        mix_seeds = tf.random.stateless_uniform([steps, 2], seed=tf.stack([tf.constant(seed + 2, tf.int64), key]),
+                                                minval=1, maxval=2**31 - 2, dtype=tf.int64)
         batches = (tf.data.Dataset.from_tensor_slices(order)
                    .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                    .batch(batch_size))
-        return tf.data.Dataset.zip((batches, tf.data.Dataset.from_tensor_slices(layer_seeds)))
+        return tf.data.Dataset.zip((batches, tf.data.Dataset.from_tensor_slices(layer_seeds),
+                                    tf.data.Dataset.from_tensor_slices(mix_seeds)))
 
     ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(one_epoch)
     if seed_vars:
-        def augment(batch, layer_seeds):
+        def augment(batch, layer_seeds, mix_seed):
             images, onehot, weights = batch
             for i, variable in enumerate(seed_vars):
                 variable.assign(tf.cast(layer_seeds[i], variable.dtype))
-            return augmenter(images, training=True), onehot, weights
+            return (augmenter(images, training=True), onehot, weights), mix_seed
 
         # sequential on purpose: the generators' state is set per batch, then used
         ds = ds.map(augment, num_parallel_calls=None)
     else:
-        ds = ds.map(lambda batch, _seeds: batch)
+        ds = ds.map(lambda batch, _seeds, mix_seed: (batch, mix_seed))
+    if mixup > 0 or cutmix > 0:
+        def mix(batch, mix_seed):
+            images, soft = mix_batch(batch[0], batch[1], mix_seed, mixup=mixup, cutmix=cutmix)
+            return images, soft, mixed_sample_weights(soft, table)
+
+        ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = ds.map(lambda batch, _mix_seed: batch)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
@@ -332,7 +345,8 @@ class FineTuneRun:
                          *(e.restorer() for e in ema), *self.extra_callbacks]
             data = training_dataset(self.train_records, self.prepared.input_size, self.prepared.resize_policy,
                                     self.batch_size, self.num_classes, self.weight_table, self.augmenter,
-                                    t.seed, phase.number, done, phase.epochs, config.data.background)
+                                    t.seed, phase.number, done, phase.epochs, config.data.background,
+                                    mixup=float(t.mixup), cutmix=float(t.cutmix))
             try:
                 with warnings.catch_warnings():
                     # the validation set's length is unknown until it has been read once

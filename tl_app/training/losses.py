@@ -40,3 +40,13 @@ def class_weight_table(class_weights: dict[int, float] | None, num_classes: int)
     if not np.all(np.isfinite(table)) or np.any(table < 0):
         raise ConfigError(f"class weights must be finite and >= 0, got {table.tolist()}.")
     return table
+
+
+def mixed_sample_weights(soft_labels, table):
+    """Per-sample weights of soft (mixup/CutMix) labels: the label-weighted mean of the class weights.
+
+    For a one-hot label this is the weight of its class, as before; a 70/30 mix
+    of classes a and b weighs 0.7 w_a + 0.3 w_b. Label smoothing then acts on the
+    soft labels inside the loss, as on one-hot ones.
+    """
+    return keras.ops.sum(keras.ops.cast(soft_labels, "float32") * keras.ops.cast(table, "float32"), axis=-1)
