@@ -175,3 +175,42 @@ def json_train(run_dir):
     from tl_app.core.config import Config
 
     return Config.from_dict(json.loads((run_dir / "config.json").read_text())).train
+
+
+# ---- discriminative learning rates -------------------------------------------------------
+class BlockMovement(keras.callbacks.Callback):
+    """Mean absolute change of each VGG16 block's conv kernels over phase 2."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks, self.start, self.moved = blocks, {}, {}
+
+    def kernels(self):
+        base = self.model.get_layer("vgg16")
+        return {block: [np.asarray(layer.kernel.numpy()) for layer in base.layers
+                        if layer.name.startswith(block + "_conv")] for block in self.blocks}
+
+    def on_train_begin(self, logs=None):
+        self.start = self.kernels()
+
+    def on_train_end(self, logs=None):
+        end = self.kernels()
+        self.moved = {block: float(np.mean([np.abs(b - a).mean() for a, b in zip(self.start[block], end[block])]))
+                      for block in self.blocks}
+
+
+@pytest.mark.filterwarnings("ignore:Your input ran out of data")
+def test_deeper_unfrozen_blocks_move_less_with_lr_decay_per_block(tiny_config):
+    from tl_app.training.finetune import FineTuneRun
+    from tl_app.training.runs import prepare_run
+
+    config = recipe_config(tiny_config, epochs=0, finetune_epochs=1, unfreeze_blocks=2, lr_decay_per_block=0.1,
+                           learning_rate=1e-2, finetune_lr_factor=0.5)
+    movement = BlockMovement(["block5", "block4"])
+    messages = []
+    FineTuneRun(prepare_run(config, echo=None), messages.append, [movement]).run(None)
+    assert any("each deeper block learns 0.1x slower" in m for m in messages)
+    top, deeper = movement.moved["block5"], movement.moved["block4"]
+    assert top > 0 and deeper > 0
+    # Adam's steps are about the learning rate per element, so the ratio is about the decay
+    assert 0.03 < deeper / top < 0.3, (top, deeper)

@@ -35,7 +35,7 @@ from tl_app.training.callbacks import CheckpointStore, EarlyStopping, EmaWeights
 from tl_app.training.losses import class_weight_table, make_loss, mixed_sample_weights
 from tl_app.training.runs import write_run_info, fmt, prepare_run, PreparedRun, recording_failure
 from tl_app.training.calibration import calibration_record, dataset_probabilities, record_text
-from tl_app.training.optim import make_optimizer, make_schedule
+from tl_app.training.optim import make_optimizer, make_schedule, with_rate_scales
 from tl_app.models.artifacts import MODEL_FILE, read_run_info
 from tl_app.core.files import write_json
 from tl_app.models.backbones import get_spec, resolve_input_size
@@ -142,6 +142,20 @@ def training_dataset(records, input_size: int, policy: str, batch_size: int, num
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def block_rate_scales(model, spec, decay: float) -> dict[str, float]:
+    """Discriminative rates (fastai): the backbone's k-th block from the top learns at decay**k of the rate.
+
+    Keyed by variable path; the head and layers in no registry block keep the full rate.
+    """
+    base = find_backbone(model, spec)
+    scales = {}
+    for depth, block in enumerate(spec.blocks):  # top block first
+        for layer in spec.block_layers(base, block):
+            for variable in layer.weights:
+                scales[variable.path] = float(decay) ** depth
+    return scales
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -274,12 +288,15 @@ class FineTuneRun:
             meta = None
         return self.finish()
 
-    def compile(self, learning_rate: float):
+    def compile(self, learning_rate: float, phase: int = 1):
         import keras
 
 
         t = self.config.train
         optimizer = make_optimizer(t, learning_rate, ema=bool(t.ema))
+        if phase == 2 and t.lr_decay_per_block < 1.0:
+            optimizer = with_rate_scales(optimizer, block_rate_scales(self.model, self.prepared.spec,
+                                                                      t.lr_decay_per_block))
         if t.mixed_precision == "float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         self.model.compile(optimizer=optimizer, loss=make_loss(t), metrics=["accuracy"],
@@ -301,9 +318,11 @@ class FineTuneRun:
                 unfrozen = (f"top {t.unfreeze_layers} layers" if t.unfreeze_layers > 0
                             else ", ".join(spec.blocks[:t.unfreeze_blocks]))
                 what = f"{unfrozen} of {spec.name} unfrozen ({len(names)} layers; BatchNormalization frozen)"
+                if t.lr_decay_per_block < 1.0:
+                    what += f"; each deeper block learns {t.lr_decay_per_block:g}x slower"
                 # best weights from phase 1 still hold these layers' values of that epoch: record them
                 self.early.extend_best(self.changeable_weights())
-            self.compile(phase.learning_rate)
+            self.compile(phase.learning_rate, phase.number)
         trainable = count_params(self.model.trainable_weights)
         done = int(resume["epoch"]) if resume else 0
         offset = sum(1 for e in self.history if e["phase"] < phase.number)

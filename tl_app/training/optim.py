@@ -51,6 +51,39 @@ def make_optimizer(config: Config | TrainConfig, learning_rate: float | None = N
     raise ConfigError(unknown_choice("optimizer", name, OPTIMIZERS))
 
 
+_RATE_SCALED: dict[type, type] = {}
+
+
+def with_rate_scales(optimizer: keras.optimizers.Optimizer, scales: dict[str, float]) -> keras.optimizers.Optimizer:
+    """The same optimiser, with each variable's learning rate multiplied by ``scales[variable.path]`` (default 1).
+
+    Discriminative learning rates need the step itself scaled: scaling gradients
+    does nothing under Adam-like optimisers, which normalise them away. The
+    schedule still sets one base rate; the optimiser's state and checkpoint are
+    unchanged, so resuming works as before.
+    """
+    base = type(optimizer)
+    cls = _RATE_SCALED.get(base)
+    if cls is None:
+        def build(self, variables):
+            base.build(self, variables)
+            self._rate_scale_list = [float(self._rate_scales.get(v.path, 1.0)) for v in variables]
+
+        def update_step(self, gradient, variable, learning_rate):
+            scale = self._rate_scale_list[self._get_variable_index(variable)]
+            if scale != 1.0:
+                learning_rate = keras.ops.multiply(learning_rate, scale)
+            return base.update_step(self, gradient, variable, learning_rate)
+
+        cls = type(f"RateScaled{base.__name__}", (base,), {"build": build, "update_step": update_step})
+        _RATE_SCALED[base] = cls
+    if optimizer.built:
+        raise ValueError("with_rate_scales needs an optimiser that has not been built yet")
+    optimizer.__class__ = cls
+    optimizer._rate_scales = dict(scales)
+    return optimizer
+
+
 def scheduled_rate(base: float, epoch: int, epochs: int, schedule: str = "constant", warmup_epochs: int = 0,
                    step_every: int = 10, step_factor: float = 0.5) -> float:
     """The learning rate of a (0-based) epoch for the epoch-level schedules.
