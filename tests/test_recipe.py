@@ -152,6 +152,7 @@ def test_finetune_with_mixup_and_cutmix_runs_end_to_end_and_exports(tiny_config,
                  "--set", "head.units=[16]", "--set", "train.mixup=0.4", "--set", "train.cutmix=1.0",
                  "--set", "train.label_smoothing=0.1", "--runs-dir", config.train.runs_dir, "--name", "mixed")
     assert result.exit_code == 0, result.output
+    assert "recipe: mixup 0.4, CutMix 1" in result.output
     run_dir = tmp_path / "runs" / "mixed"
     info = json.loads((run_dir / "run.json").read_text())
     assert info["finetune"]["mixup"] == 0.4 and info["finetune"]["cutmix"] == 1.0

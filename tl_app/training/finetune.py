@@ -144,6 +144,20 @@ def training_dataset(records, input_size: int, policy: str, batch_size: int, num
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+def recipe_text(t) -> str:
+    """The recipe options a run uses beyond the plain two phases (empty: none)."""
+    parts = []
+    if t.ema:
+        parts.append(f"EMA of weights (momentum {t.ema_momentum:g})")
+    if t.mixup > 0:
+        parts.append(f"mixup {t.mixup:g}")
+    if t.cutmix > 0:
+        parts.append(f"CutMix {t.cutmix:g}")
+    if t.lr_decay_per_block < 1.0:
+        parts.append(f"phase 2 rate x{t.lr_decay_per_block:g} per deeper block")
+    return ", ".join(parts)
+
+
 def block_rate_scales(model, spec, decay: float) -> dict[str, float]:
     """Discriminative rates (fastai): the backbone's k-th block from the top learns at decay**k of the rate.
 
@@ -251,6 +265,9 @@ class FineTuneRun:
         keras.utils.set_random_seed(t.seed)
         augmenter = build_augmenter(config.augment, prepared.input_size, seed=t.seed)
         self.augmenter = augmenter if seed_generators(augmenter) else None  # None: nothing random configured
+        recipe = recipe_text(t)
+        if recipe:
+            self.say(f"recipe: {recipe}")
         with scope(self.strategy):
             self.model = build_classifier(config, prepared.spec, prepared.input_size, self.num_classes,
                                           policy=self.policy)
