@@ -51,7 +51,7 @@ def test_out_of_fold_heads_rank_flipped_labels_first():
 @pytest.fixture(scope="module")
 def dirty(tmp_path_factory, sample_dir):
     """The sample in split folders plus planted problems: an exact copy across splits with another
-    label, a resized copy, a black frame, a tiny image and a 6:1 strip."""
+    label, a resized copy, a black frame, a tiny image, a 6:1 strip and a JPEG saved at quality 8."""
     root = tmp_path_factory.mktemp("doctor") / "data"
     for path in sorted(sample_dir.rglob("*.*")):
         split = "val" if int(re.findall(r"\d+", path.stem)[-1]) % 4 == 0 else "train"
@@ -63,6 +63,8 @@ def dirty(tmp_path_factory, sample_dir):
         image.resize((image.width * 3 // 4, image.height * 3 // 4)).save(root / "train/squares/resized.jpg",
                                                                           quality=70)
     Image.new("RGB", (80, 80), (0, 0, 0)).save(root / "train/triangles/black.png")
+    with Image.open(root / "train/triangles/triangles_001.jpg") as image:
+        image.save(root / "train/triangles/blocky.jpg", quality=8)
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 20, 3), np.uint8)).save(
         root / "train/circles/tiny.png")
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 240, 3), np.uint8)).save(
@@ -100,13 +102,29 @@ def test_quality_problems_are_named(doctor_run):
     assert ("train/triangles/black.png", "blank") in problems
     assert ("train/circles/tiny.png", "tiny") in problems
     assert ("train/circles/strip.png", "aspect") in problems
+    assert ("train/triangles/blocky.jpg", "jpeg") in problems
+    blocky = next(q for q in report["quality"] if q["relpath"] == "train/triangles/blocky.jpg")
+    assert "quality ~8" in blocky["detail"]
     assert not any(relpath.startswith(("train/circles/circles", "val/")) for relpath, _ in problems)
+
+
+def test_jpeg_quality_is_read_from_the_quantisation_table(tmp_path):
+    from tl_app.insight.doctor import jpeg_quality
+
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    for quality in (3, 8, 25, 50, 75, 90):
+        Image.fromarray(pixels).save(tmp_path / f"q{quality}.jpg", quality=quality)
+        with Image.open(tmp_path / f"q{quality}.jpg") as image:
+            assert jpeg_quality(image) == pytest.approx(quality, abs=1.0)
+    Image.fromarray(pixels).save(tmp_path / "lossless.png")
+    with Image.open(tmp_path / "lossless.png") as image:
+        assert jpeg_quality(image) is None
 
 
 def test_outputs_hold_every_finding_and_an_editable_csv(doctor_run):
     _, report, out = doctor_run
     saved = json.loads((out / "doctor.json").read_text())
-    assert saved["counts"] == report["counts"] and saved["images"] == 36 + 5
+    assert saved["counts"] == report["counts"] and saved["images"] == 36 + 6
     assert all("score" in f for kind in ("labels", "outliers", "quality") for f in saved[kind])
     with open(out / "issues.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -151,7 +169,7 @@ def test_a_rerun_reads_the_feature_cache(doctor_run):
 
     config, _, out = doctor_run
     again = doctor(config, out=out, echo=None, folds=3, page=False)
-    assert again["stats"]["computed"] == 0 and again["stats"]["cached"] == 41
+    assert again["stats"]["computed"] == 0 and again["stats"]["cached"] == 42
 
 
 def test_exclude_and_relabel_change_only_the_runs_manifest(doctor_run, tmp_path, dirty):
@@ -211,7 +229,7 @@ def test_cli_doctor_json_and_missing_folder(doctor_run, cli, tmp_path):
                  "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output[result.output.index("{"):])
-    assert summary["images"] == 41 and summary["stats"]["computed"] == 0
+    assert summary["images"] == 42 and summary["stats"]["computed"] == 0
     assert (tmp_path / "o" / "doctor.html").is_file()
     result = cli("datasets", "doctor", tmp_path / "nowhere")
     assert result.exit_code != 0 and "does not exist" in result.output

@@ -139,21 +139,45 @@ def flagged_outliers(scores: np.ndarray, threshold: float = OUTLIER_Z) -> np.nda
     return np.flatnonzero(scores > threshold)
 
 
+# libjpeg's luminance table at quality 50 (Annex K of the JPEG standard); a file's own table, divided by this
+# one, gives the scale its encoder used, hence the quality setting (as ImageMagick's identify estimates it)
+JPEG_LUMA_50 = np.array([
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], np.float64)
+LOW_JPEG_QUALITY = 30  # below this, 8x8 blocks and ringing are plainly visible
+
+
+def jpeg_quality(image) -> float | None:
+    """The quality (1-100) a JPEG was saved with, from its luminance quantisation table; None otherwise."""
+    tables = getattr(image, "quantization", None) if image.format == "JPEG" else None
+    if not tables or 0 not in tables or len(tables[0]) != 64:
+        return None
+    table = np.asarray(tables[0], np.float64)
+    kept = table < 255  # entries clipped at 255 by a low quality would understate the scale
+    if not kept.any():
+        return 1.0
+    scale = 100.0 * table[kept].sum() / JPEG_LUMA_50[kept].sum()
+    return float(np.clip(5000.0 / scale if scale > 100 else (200.0 - scale) / 2.0, 1, 100))
+
+
 def image_statistics(path: str) -> dict:
-    """Grey-level spread of a 64-px thumbnail (cheap: JPEG draft mode decodes at 1/8 scale)."""
+    """Grey-level spread of a 64-px thumbnail (cheap: JPEG draft mode decodes at 1/8 scale), and a JPEG's
+    quality setting (read from its header)."""
     try:
         with Image.open(path) as image:
+            quality = jpeg_quality(image)
             image.draft("L", (64, 64))
             small = image.convert("L")
             small.thumbnail((64, 64))
             pixels = np.asarray(small, np.float32)
-        return {"std": float(pixels.std()), "mean": float(pixels.mean())}
+        return {"std": float(pixels.std()), "mean": float(pixels.mean()), "jpeg_quality": quality}
     except Exception:  # noqa: BLE001 - a file that changed since the scan is judged on its header only
-        return {"std": float("nan"), "mean": float("nan")}
+        return {"std": float("nan"), "mean": float("nan"), "jpeg_quality": None}
 
 
 def quality_findings(records: list[Record]) -> list[dict]:
-    """Tiny, near-constant (blank, black, white) and extremely elongated images."""
+    """Tiny, near-constant (blank, black, white), extremely elongated and heavily compressed images."""
     found = []
     for i, r in enumerate(records):
         problems = []
@@ -168,6 +192,10 @@ def quality_findings(records: list[Record]) -> list[dict]:
             tone = "black" if stats["mean"] < 30 else "white" if stats["mean"] > 225 else "uniform"
             problems.append(("blank", f"near-constant ({tone}, grey-level spread {stats['std']:.1f})",
                              1.0 - stats["std"] / FLAT_STD))
+        quality = stats.get("jpeg_quality")
+        if quality is not None and quality < LOW_JPEG_QUALITY:
+            problems.append(("jpeg", f"heavy JPEG compression (saved at quality ~{quality:.0f}: block artefacts)",
+                             1.0 - quality / LOW_JPEG_QUALITY))
         for kind, detail, score in problems:
             found.append({"row": i, "problem": kind, "detail": detail, "score": round(float(score), 4)})
     return sorted(found, key=lambda f: -f["score"])
