@@ -27,6 +27,7 @@ from tl_app.models.backbones import build_feature_model
 from tl_app.core.config import FEWSHOT_HEADS
 from tl_app.training.fewshot import train_fewshot_head
 from tl_app.training.calibration import calibration_record, record_text
+from tl_app.training.ood import fit_ood, ood_text
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -149,6 +150,7 @@ def train_head(config: Config, prepared, echo=print) -> dict:
     say(record_text(calibration))
     say(f"model: {run_dir / MODEL_FILE}")
     return {"run_dir": str(run_dir), "strategy": "bottleneck", "metrics": metrics, "calibration": calibration,
+    say(ood_text(fit_ood(config.train.ood, x_train, labels[train_rows], features[val_rows], run_dir)))
             "features": dict(feature_set.stats), "model": str(run_dir / MODEL_FILE)}
 
 

@@ -35,6 +35,7 @@ from tl_app.training.callbacks import CheckpointStore, EarlyStopping, EmaWeights
 from tl_app.training.losses import class_weight_table, make_loss, mixed_sample_weights
 from tl_app.training.runs import write_run_info, fmt, prepare_run, PreparedRun, recording_failure
 from tl_app.training.calibration import calibration_record, dataset_probabilities, record_text
+from tl_app.training.ood import fit_ood_on_datasets, ood_text
 from tl_app.training.optim import make_optimizer, make_schedule, with_rate_scales
 from tl_app.models.artifacts import MODEL_FILE, read_run_info
 from tl_app.core.files import write_json
@@ -464,9 +465,15 @@ class FineTuneRun:
         self.say(f"fine-tuned: val_accuracy {fmt(metrics['val_accuracy'])}, val_loss {fmt(metrics['val_loss'])} "
                  f"(best epoch {metrics['best_epoch']} of {metrics['epochs_trained']})")
         self.say(record_text(calibration))
+        self.say(ood_text(fit_ood_on_datasets(t.ood, saved, self.plain_train_dataset, self.val_ds, self.run_dir)))
         self.say(f"model: {path}")
         return {"run_dir": str(self.run_dir), "strategy": "finetune", "metrics": metrics, "calibration": calibration,
                 "model": str(path)}
+
+    def plain_train_dataset(self):
+        """The training images as validation sees them (no augmentation, no shuffle): for the OOD scorer."""
+        return make_dataset(self.train_records, self.prepared.input_size, self.prepared.resize_policy,
+                            self.batch_size, num_classes=self.num_classes, background=self.config.data.background)
 
     def final_metrics(self, model) -> dict:
         """Validation metrics of the saved (best) weights, measured again with ``evaluate``."""
