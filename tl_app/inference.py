@@ -26,6 +26,7 @@ from tl_app.data.images import probe_header
 from tl_app.core.progress import Progress
 from tl_app.data.scan import IMAGE_SUFFIXES, walk
 from tl_app.models.opener import Predictor, open_model
+from tl_app.models.ood import LAYER_NAME as OOD_SCORE, UNKNOWN_LABEL
 from tl_app.data.images import probe_file
 from tl_app.data.pipeline import load_image
 
@@ -87,10 +88,16 @@ def decode_failure_reason(path: str, max_pixels: int = MAX_PIXELS) -> str:
 
 # ---- output --------------------------------------------------------------------------
 class RowWriter:
-    """CSV (path, label_1, probability_1, ..., error) or JSON lines, streamed."""
+    """CSV (path, label_1, probability_1, ..., error) or JSON lines, streamed.
 
-    def __init__(self, out: str | Path | None, top_k: int):
+    With ``ood`` (a model that carries an OOD scorer) each row also has ``label`` ("unknown" when the
+    ood_score is above the model's threshold, else the top class), ``unknown`` and ``ood_score``; JSON
+    lines add ``top_class``. Models without one give the rows they always gave.
+    """
+
+    def __init__(self, out: str | Path | None, top_k: int, ood: bool = False):
         self.top_k = top_k
+        self.ood = ood
         self.path = Path(out) if out else None
         suffix = self.path.suffix.lower() if self.path else ".csv"
         if suffix not in (".csv", ".jsonl", ".ndjson"):
@@ -106,24 +113,31 @@ class RowWriter:
             header = ["path"]
             for i in range(1, top_k + 1):
                 header += [f"label_{i}", f"probability_{i}"]
-            self.csv.writerow(header + ["error"])
+            self.csv.writerow(header + (["label", "unknown", "ood_score"] if ood else []) + ["error"])
 
-    def prediction(self, path: str, top: list[tuple[str, float]]) -> None:
+    def prediction(self, path: str, top: list[tuple[str, float]], verdict: dict | None = None) -> None:
+        """``verdict``: {label, unknown, ood_score} for a model with an OOD scorer."""
         if self.jsonl:
             row = {"path": path, "predictions": [{"label": l, "probability": p} for l, p in top], "error": None}
+            if self.ood:
+                row = {"path": path, **(verdict or {}), "top_class": top[0][0], **row}
             self.handle.write(json.dumps(row) + "\n")
         else:
             cells = [path]
             for label, prob in top:
                 cells += [label, f"{prob:.8g}"]
             cells += [""] * (1 + 2 * self.top_k - len(cells))
+            if self.ood:
+                v = verdict or {}
+                cells += [v.get("label", ""), {True: "true", False: "false"}.get(v.get("unknown"), ""),
+                          "" if v.get("ood_score") is None else f"{v['ood_score']:.8g}"]
             self.csv.writerow(cells + [""])
 
     def failure(self, path: str, reason: str) -> None:
         if self.jsonl:
             self.handle.write(json.dumps({"path": path, "predictions": [], "error": reason}) + "\n")
         else:
-            self.csv.writerow([path] + [""] * (2 * self.top_k) + [reason])
+            self.csv.writerow([path] + [""] * (2 * self.top_k + (3 if self.ood else 0)) + [reason])
 
     def close(self) -> None:
         if self.path:
@@ -147,6 +161,14 @@ def check_request(inputs, top_k: int, batch_size: int) -> list:
     return inputs
 
 
+def ood_verdict(score, threshold: float | None, top_class: str) -> dict | None:
+    """{label, unknown, ood_score} of one image: "unknown" above the model's threshold, else its top class."""
+    if threshold is None or score is None:
+        return None
+    unknown = bool(float(score) > threshold)
+    return {"label": UNKNOWN_LABEL if unknown else top_class, "unknown": unknown, "ood_score": float(score)}
+
+
 def top_classes(probs: np.ndarray, classes: list[str], k: int) -> list[tuple[str, float]]:
     """One image's k most probable classes, most probable first (a tie keeps the class order)."""
     order = np.argsort(-np.asarray(probs), kind="stable")[:k]
@@ -156,14 +178,15 @@ def top_classes(probs: np.ndarray, classes: list[str], k: int) -> list[tuple[str
 class Tally:
     """Writes the rows, counts them, and names the first MAX_LISTED_BAD bad files for the summary."""
 
-    def __init__(self, writer: RowWriter, classes: list[str]):
-        self.writer, self.classes = writer, classes
+    def __init__(self, writer: RowWriter, classes: list[str], ood_threshold: float | None = None):
+        self.writer, self.classes, self.ood_threshold = writer, classes, ood_threshold
         self.done = 0
         self.bad = 0
         self.bad_files: list[dict] = []
 
-    def prediction(self, path: str, probs: np.ndarray) -> None:
-        self.writer.prediction(path, top_classes(probs, self.classes, self.writer.top_k))
+    def prediction(self, path: str, probs: np.ndarray, score=None) -> None:
+        top = top_classes(probs, self.classes, self.writer.top_k)
+        self.writer.prediction(path, top, ood_verdict(score, self.ood_threshold, top[0][0]))
         self.done += 1
 
     def failure(self, path: str, reason: str) -> None:
@@ -197,7 +220,9 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
     size, policy, background = predictor.input_size, predictor.resize_policy, predictor.background
     limit = pixel_limit(predictor, max_pixels)
     total = sum(1 for _ in iter_inputs(inputs))
-    tally = Tally(RowWriter(out, min(top_k, len(predictor.classes))), predictor.classes)
+    threshold = predictor.ood_threshold  # None: a model without an OOD scorer answers as before
+    tally = Tally(RowWriter(out, min(top_k, len(predictor.classes)), ood=threshold is not None), predictor.classes,
+                  threshold)
     # (index, path, problem) of every input the reader has passed, in input order, until its row is written;
     # problem is "" for a file handed to the decoder
     pending: collections.deque = collections.deque()
@@ -227,11 +252,12 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
     started = time.perf_counter()
     try:
         for images, indices in ds:
-            probs = predictor.predict(images)
+            outputs = predictor.outputs(images)
+            probs, scores = outputs["probabilities"], outputs.get(OOD_SCORE)
             for row, index in enumerate(indices.numpy().tolist()):
                 settle(index)
                 _, path, _ = pending.popleft()
-                tally.prediction(path, probs[row])
+                tally.prediction(path, probs[row], None if scores is None else scores[row])
             bar.set(tally.done, tally.bad)
         settle(None)
     finally:

@@ -64,12 +64,15 @@ LEARNING_RATE = LearningRateType()
 @click.option("--calibration", type=click.Choice(["none", "temperature"]), default=None,
               help="temperature (default): fit a temperature on the validation split so that confidences match "
                    "accuracy; every export applies it. none: the model's raw probabilities.")
+@click.option("--ood", type=click.Choice(["none", "mahalanobis"]), default=None,
+              help="mahalanobis (default): fit an out-of-distribution score on the training features, with a "
+                   "threshold accepting 95%% of validation images; exports answer 'unknown' above it. none: off.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @engine_options
 @pipeline_options
 def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs, unfreeze_blocks, batch_size,
           learning_rate, optimizer, schedule, head_kind, class_weights, augment_views, mixed_precision,
-          jit_compile, distribute, seed, name, runs_dir, resume, exclude, relabel, calibration, as_json, pipeline, sets, **engine):
+          jit_compile, distribute, seed, name, runs_dir, resume, exclude, relabel, calibration, ood, as_json, pipeline, sets, **engine):
     """Train a classifier on an image folder and write a run directory.
 
     \b
@@ -93,6 +96,7 @@ def train(data, strategy, backbone, weights, input_size, epochs, finetune_epochs
         "train.mixed_precision": mixed_precision, "train.jit_compile": jit_compile,
         "train.distribute": distribute, "train.seed": seed, "train.name": name, "train.runs_dir": runs_dir,
         "data.exclude": exclude, "data.relabel": relabel, "train.calibration": calibration,
+        "train.ood": ood,
     }
     if resume:
         extendable = ("train.epochs", "train.finetune_epochs")  # raised epoch counts continue a run

@@ -10,6 +10,19 @@ from tl_app.training.runs import versions
 
 
 # ---- the model card -------------------------------------------------------------
+OOD_OUTPUTS = {"ood_score": "float32 [N] (smallest squared Mahalanobis distance of the backbone features to a "
+                            "class mean; higher = less like the training images)",
+               "unknown": "bool [N] (ood_score > ood.threshold)",
+               "label": "string [N] ('unknown' when unknown, else class_name)"}
+
+
+def ood_card(info: dict) -> dict:
+    """run.json's ``ood`` as the card states it: method, threshold and acceptance (not the file name)."""
+    record = dict(info.get("ood") or {"method": "none"})
+    record.pop("file", None)
+    return record
+
+
 PREPROCESS_TEXT = {
     "caffe": "RGB->BGR, minus the ImageNet channel means (103.939, 116.779, 123.68); inside the model",
     "tf": "pixels scaled from 0..255 to -1..1; inside the model",
@@ -69,6 +82,7 @@ def model_card(run_dir: Path, info: dict, name: str, version: int, formats: list
         "strategy": info.get("strategy"),
         "metrics": info.get("metrics", {}),
         "calibration": info.get("calibration") or {"method": "none"},
+        "ood": ood_card(info),
         "dataset_fingerprint": info.get("dataset_fingerprint"),
         "data_root": info.get("data_root"),
         "run_dir": str(run_dir.resolve()),
@@ -82,7 +96,8 @@ def model_card(run_dir: Path, info: dict, name: str, version: int, formats: list
                               "refuses": REFUSED_BY_BYTES},
             PIXELS_SIGNATURE: {"inputs": {"images": "float32 [N, H, W, 3], RGB 0..255, resized in the graph"}},
             "outputs": {"probabilities": "float32 [N, C]", "class_index": "int64 [N]",
-                        "class_name": "string [N]", "class_names": "string [N, C]"},
+                        "class_name": "string [N]", "class_names": "string [N, C]",
+                        **(OOD_OUTPUTS if ood_card(info)["method"] != "none" else {})},
         },
         "config": config,
     }

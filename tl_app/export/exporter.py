@@ -15,7 +15,10 @@ its graph, so serving cannot drift from training:
 
 Both return ``probabilities`` [N, C], ``class_index`` [N], ``class_name`` [N]
 and ``class_names`` [N, C] (every output has the batch dimension first, as
-TF Serving's row format requires).
+TF Serving's row format requires). A run trained with an OOD scorer adds
+``ood_score`` [N], ``unknown`` [N] (score above the card's threshold) and
+``label`` [N] ("unknown" or the class name); its ``.keras`` has the two named
+outputs ``probabilities`` and ``ood_score``. TFLite and ONNX keep probabilities only.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from tl_app.models.artifacts import MODEL_FILE, read_run_info
 from tl_app.models.opener import load_run_model, run_background
 from tl_app.core.files import slug
 from tl_app.models.calibration import recorded_temperature, with_temperature
+from tl_app.models.ood import recorded_ood, with_ood
 
 
 # ---- the entry point ---------------------------------------------------------------
@@ -56,6 +60,8 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
     temperature = recorded_temperature(info)
     if temperature is not None:  # calibration in the graph: every format below returns calibrated probabilities
         model = with_temperature(model, temperature)
+    ood = recorded_ood(info, run_dir)
+    scored = with_ood(model, *ood) if ood is not None else model  # + ood_score: SavedModel, .keras
     classes = list(info["classes"])
     size = int(info["input_size"])
     policy = info.get("resize_policy") or "center_crop"
@@ -72,7 +78,7 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
         config_file = run_dir / "config.json"
         background = run_background(json.loads(config_file.read_text()) if config_file.is_file() else None,
                                     str(config_file))
-        module = build_serving_module(model, classes, size, policy, background)
+        module = build_serving_module(scored, classes, size, policy, background)
         sources, image_source = source_images(run_dir)
         golden = golden_set(sources)
         files = []
@@ -82,10 +88,10 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
             save_savedmodel(module, temp)
             files += [SAVED_MODEL_FILE, "variables/"]
         if "keras" in formats:
-            if temperature is None:
+            if temperature is None and ood is None:
                 shutil.copy2(run_dir / MODEL_FILE, temp / KERAS_FILE)
             else:
-                model.save(temp / KERAS_FILE)
+                scored.save(temp / KERAS_FILE)
             files.append(KERAS_FILE)
         if "tflite" in formats:
             say("[export] TFLite" + (" (dynamic-range quantised)" if quantize else " (float32)"))
@@ -98,7 +104,7 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
             runners["onnx"] = lambda pixels: run_onnx(temp / ONNX_FILE, pixels)
             files.append(ONNX_FILE)
         say(f"[export] parity gate: {len(golden)} golden images ({image_source}) through every format")
-        parity = parity_gate(model, golden, size, policy, background,
+        parity = parity_gate(scored, golden, size, policy, background,
                              savedmodel_dir=temp if "savedmodel" in formats else None,
                              keras_file=temp / KERAS_FILE if "keras" in formats else None,
                              runners=runners, quantized=("tflite",) if quantize else ())

@@ -22,8 +22,10 @@ from tl_app.core.errors import ExportError
 from tl_app.data.images import decode_pil
 from tl_app.data.pipeline import resize_images
 from tl_app.models.artifacts import BYTES_SIGNATURE, PIXELS_SIGNATURE
+from tl_app.models.ood import LAYER_NAME as OOD_SCORE, split_outputs
 
 FLOAT_TOLERANCE = 1e-4  # max |probability difference| for SavedModel, .keras, TFLite and ONNX float32
+SCORE_TOLERANCE = 1e-4  # ood_score: max |difference| / max(1, |reference|) (a distance, not a probability)
 QUANTIZED_AGREEMENT = 0.99  # top-1 agreement a dynamic-range quantised model must reach
 GOLDEN_SIDE = (72, 56)  # width, height: small, and not square so crops and rotations matter
 
@@ -161,16 +163,35 @@ def compare(label: str, out, reference, names: list[str], quantized: bool = Fals
     return figures, problems
 
 
-def savedmodel_bytes_outputs(loaded, golden: list[Golden]):
+def compare_scores(label: str, out, reference, names: list[str]) -> tuple[dict, list[str]]:
+    """ood_score of one format against the Keras model's: relative to the score's size."""
+    import numpy as np
+
+    if out is None or any(v is None for v in np.atleast_1d(np.asarray(out, object))):
+        return {"max_rel_diff": float("inf")}, [f"{label}: no ood_score output, expected one"]
+    out, reference = np.asarray(out, np.float64).reshape(-1), np.asarray(reference, np.float64).reshape(-1)
+    if out.shape != reference.shape:
+        return {"max_rel_diff": float("inf")}, [f"{label}: ood_score shape {out.shape}, expected {reference.shape}"]
+    gaps = np.abs(out - reference) / np.maximum(1.0, np.abs(reference))
+    gaps = np.where(np.isnan(gaps), np.inf, gaps)
+    figures = {"max_rel_diff": float(gaps.max()) if len(gaps) else 0.0, "tolerance": SCORE_TOLERANCE}
+    bad = [f"{n} ({g:.2e})" for n, g in zip(names, gaps) if not g <= SCORE_TOLERANCE]
+    return figures, ([f"{label}: ood_score relative difference {figures['max_rel_diff']:.2e} > "
+                      f"{SCORE_TOLERANCE:g} on {len(bad)} image(s): {', '.join(bad)}"] if bad else [])
+
+
+def savedmodel_bytes_outputs(loaded, golden: list[Golden], scores_wanted: list | None = None):
     """serving_default on each golden image: (probabilities of accepted ones, problems with refusals)."""
     import numpy as np
     import tensorflow as tf
 
     signature = loaded.signatures[BYTES_SIGNATURE]
-    rows, problems = [], []
+    rows, scores, problems = [], [], []
     for g in golden:
         try:
-            out = signature(image_bytes=tf.constant([g.data]))["probabilities"].numpy()[0]
+            outputs = signature(image_bytes=tf.constant([g.data]))
+            out = outputs["probabilities"].numpy()[0]
+            score = outputs[OOD_SCORE].numpy()[0] if OOD_SCORE in outputs else None
         except tf.errors.InvalidArgumentError:
             if not g.refused:
                 problems.append(f"{BYTES_SIGNATURE}: refused {g.name}, which training decodes")
@@ -180,6 +201,9 @@ def savedmodel_bytes_outputs(loaded, golden: list[Golden]):
                             f"(it must fail loudly)")
         else:
             rows.append(out)
+            scores.append(score)
+    if scores_wanted is not None:
+        scores_wanted.extend(scores)
     return np.stack(rows) if rows else np.zeros((0, 0)), problems
 
 
@@ -198,30 +222,47 @@ def parity_gate(model, golden: list[Golden], input_size: int, policy: str, backg
     accepted = [g for g in golden if not g.refused]
     names = [g.name for g in accepted]
     pixels = reference_pixels(golden, input_size, policy, background)
-    reference = model.predict(pixels, verbose=0, batch_size=32)
+    reference, reference_scores = split_outputs(model.predict(pixels, verbose=0, batch_size=32))
     report: dict = {"images": len(accepted), "refused_inputs": [g.name for g in golden if g.refused]}
     problems: list[str] = []
     if savedmodel_dir is not None:
         loaded = tf.saved_model.load(str(savedmodel_dir))
-        out, refusals = savedmodel_bytes_outputs(loaded, golden)
+        byte_scores: list = []
+        out, refusals = savedmodel_bytes_outputs(loaded, golden, byte_scores)
         report[f"savedmodel_bytes"], found = compare(f"SavedModel {BYTES_SIGNATURE} (encoded bytes)", out,
                                                      reference, names)
         problems += refusals + found
+        if reference_scores is not None:
+            report["savedmodel_bytes_ood_score"], found = compare_scores(
+                f"SavedModel {BYTES_SIGNATURE} (encoded bytes)", byte_scores, reference_scores, names)
+            problems += found
         # pixels: at the input size, and one full-size image resized in the graph
-        out = loaded.signatures[PIXELS_SIGNATURE](images=tf.constant(pixels))["probabilities"].numpy()
+        outputs = loaded.signatures[PIXELS_SIGNATURE](images=tf.constant(pixels))
+        out = outputs["probabilities"].numpy()
         full = decode_pil(accepted[0].data, background).astype(np.float32)[None]
-        out_full = loaded.signatures[PIXELS_SIGNATURE](images=tf.constant(full))["probabilities"].numpy()
+        outputs_full = loaded.signatures[PIXELS_SIGNATURE](images=tf.constant(full))
+        out_full = outputs_full["probabilities"].numpy()
         report["savedmodel"], found = compare(f"SavedModel {PIXELS_SIGNATURE}", np.concatenate([out, out_full]),
                                               np.concatenate([reference, reference[:1]]),
                                               names + [accepted[0].name + " (full size)"])
         problems += found
+        if reference_scores is not None:
+            got = (np.concatenate([outputs[OOD_SCORE].numpy(), outputs_full[OOD_SCORE].numpy()])
+                   if OOD_SCORE in outputs else None)
+            report["savedmodel_ood_score"], found = compare_scores(
+                f"SavedModel {PIXELS_SIGNATURE}", got, np.concatenate([reference_scores, reference_scores[:1]]),
+                names + [accepted[0].name + " (full size)"])
+            problems += found
     if keras_file is not None:
         import keras
 
         reloaded = keras.models.load_model(str(keras_file), compile=False)
-        report["keras"], found = compare(".keras", reloaded.predict(pixels, verbose=0, batch_size=32), reference,
-                                         names)
+        out, scores = split_outputs(reloaded.predict(pixels, verbose=0, batch_size=32))
+        report["keras"], found = compare(".keras", out, reference, names)
         problems += found
+        if reference_scores is not None:
+            report["keras_ood_score"], found = compare_scores(".keras", scores, reference_scores, names)
+            problems += found
     for label, run in (runners or {}).items():
         report[label], found = compare(label, run(pixels), reference, names, quantized=label in quantized)
         problems += found

@@ -8,6 +8,7 @@ from pathlib import Path
 from tl_app.models.artifacts import BYTES_SIGNATURE, PIXELS_SIGNATURE
 from tl_app.data.pipeline import effective_policy, resize_images
 from tl_app.data.decode import decode_bytes
+from tl_app.models.ood import UNKNOWN_LABEL, ood_layer_of, split_outputs
 
 
 # ---- the SavedModel -----------------------------------------------------------
@@ -24,6 +25,8 @@ def build_serving_module(model, classes: list[str], input_size: int, resize_poli
     import tensorflow as tf
 
 
+    layer = ood_layer_of(model)
+    threshold = None if layer is None or layer.threshold is None else float(layer.threshold)
     policy = effective_policy(resize_policy)
     background = tuple(int(v) for v in background)
     size = int(input_size)
@@ -35,15 +38,22 @@ def build_serving_module(model, classes: list[str], input_size: int, resize_poli
             self.class_list = tf.constant(list(classes), dtype=tf.string)
 
         def _outputs(self, images):
-            probabilities = tf.cast(self.model(images, training=False), tf.float32)
+            probabilities, score = split_outputs(self.model(images, training=False))
+            probabilities = tf.cast(probabilities, tf.float32)
             index = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
             n = tf.shape(probabilities)[0]
-            return {
+            out = {
                 "probabilities": probabilities,
                 "class_index": index,
                 "class_name": tf.gather(self.class_list, index),
                 "class_names": tf.tile(self.class_list[tf.newaxis, :], tf.stack([n, 1])),
             }
+            if score is not None:  # the OOD scorer: a score per image, and the verdict at the card's threshold
+                score = tf.cast(score, tf.float32)
+                unknown = score > threshold if threshold is not None else tf.zeros_like(score, tf.bool)
+                out.update(ood_score=score, unknown=unknown,
+                           label=tf.where(unknown, tf.constant(UNKNOWN_LABEL), out["class_name"]))
+            return out
 
         def _resize_batch(self, images):
             images = tf.cast(images, tf.float32)
@@ -74,7 +84,7 @@ def build_serving_module(model, classes: list[str], input_size: int, resize_poli
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
         def probabilities(self, images):
             """The plain model for converters (TFLite, ONNX): fixed size, probabilities only."""
-            return {"probabilities": tf.cast(self.model(images, training=False), tf.float32)}
+            return {"probabilities": tf.cast(split_outputs(self.model(images, training=False))[0], tf.float32)}
 
     return ServingModule()
 

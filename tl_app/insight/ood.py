@@ -11,44 +11,17 @@ outside images would still pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from tl_app.data.images import decode_pil
 from tl_app.data.pipeline import resize_images
 from tl_app.data.scan import walk
 
-ACCEPTANCE = 0.95  # the share of in-distribution images the threshold lets through
-SHRINKAGE = 0.1  # covariance shrunk towards its mean variance: features outnumber training images
+# the scorer itself lives with the models (training fits it, export carries it in the graph)
+from tl_app.models.ood import ACCEPTANCE, Mahalanobis, acceptance_threshold, fit_mahalanobis  # noqa: F401,E402
+from tl_app.models.ood import without_ood  # noqa: E402
 
-
-@dataclass
-class Mahalanobis:
-    """Class means and the precision matrix of their shared (shrunk) covariance."""
-
-    means: np.ndarray  # [C, D]
-    precision: np.ndarray  # [D, D]
-
-    def score(self, features) -> np.ndarray:
-        x = np.asarray(features, np.float64)
-        distances = []
-        for mean in self.means:
-            d = x - mean
-            distances.append(np.einsum("nd,de,ne->n", d, self.precision, d))
-        return np.min(np.stack(distances, axis=1), axis=1)
-
-
-def fit_mahalanobis(features, labels, shrinkage: float = SHRINKAGE) -> Mahalanobis:
-    x = np.asarray(features, np.float64)
-    labels = np.asarray(labels, int)
-    classes = np.unique(labels)
-    means = np.stack([x[labels == c].mean(axis=0) for c in classes])
-    centred = x - means[np.searchsorted(classes, labels)]
-    covariance = centred.T @ centred / max(1, len(x))
-    target = np.trace(covariance) / covariance.shape[0]
-    covariance = (1 - shrinkage) * covariance + shrinkage * target * np.eye(covariance.shape[0])
-    return Mahalanobis(means, np.linalg.pinv(covariance))
+SHRINKAGE = 0.1  # this measurement's fixed shrinkage (training's scorer chooses its own: models.ood)
 
 
 def max_softmax_score(probabilities) -> np.ndarray:
@@ -71,11 +44,6 @@ def auroc(inside, outside) -> float:
     return float(u / (len(inside) * len(outside)))
 
 
-def acceptance_threshold(inside, acceptance: float = ACCEPTANCE) -> float:
-    """The score at or below which ``acceptance`` of the in-distribution images fall."""
-    return float(np.quantile(np.asarray(inside, np.float64), acceptance, method="higher"))
-
-
 def separation(inside, outside, acceptance: float = ACCEPTANCE) -> dict:
     """AUROC, and the share of outside images accepted at the threshold that accepts ``acceptance`` inside."""
     threshold = acceptance_threshold(inside, acceptance)
@@ -94,6 +62,7 @@ def features_and_probabilities(model):
     """A model giving (backbone features, probabilities): the output of the layer that feeds the head."""
     import keras
 
+    model = without_ood(model)
     names = [layer.name for layer in model.layers]
     if "head" not in names or names.index("head") == 0:
         return None
@@ -140,7 +109,7 @@ def ood_figures(model, train_dataset, train_labels_of, eval_dataset, ood_batches
         return np.concatenate(feats), np.concatenate(probs), np.concatenate(index)
 
     train_f, _, train_index = run(train_dataset)
-    scorer = fit_mahalanobis(train_f, train_labels_of(train_index))
+    scorer = fit_mahalanobis(train_f, train_labels_of(train_index), SHRINKAGE)
     in_f, in_p, _ = run(eval_dataset)
     out_f, out_p, used, skipped = [], [], [], []
     for images, paths, bad in ood_batches:

@@ -17,6 +17,7 @@ import tl_app.data.augment  # noqa: F401  (registers tl-app's custom Keras layer
 import tl_app.models.backbones  # noqa: F401  (same)
 import tl_app.models.fewshot_heads  # noqa: F401  (same: the k-NN and prototype heads)
 from tl_app.models.calibration import recorded_temperature, with_temperature  # (registers TemperatureScaling too)
+from tl_app.models.ood import LAYER_NAME as OOD_SCORE, recorded_ood, split_outputs, with_ood, without_ood
 from tl_app.core.config import Config
 from tl_app.core.errors import ModelNotFoundError
 from tl_app.models.artifacts import (CARD_FILE, KERAS_FILE, MODEL_FILE, PIXELS_SIGNATURE, RUN_FILE, SAVED_MODEL_FILE,
@@ -80,7 +81,21 @@ class Predictor:
     config: Config | None = field(default=None, repr=False)  # the run's configuration, when known
 
     def predict(self, images) -> np.ndarray:
-        return np.asarray(self.predict_fn(images))
+        return self.outputs(images)["probabilities"]
+
+    def outputs(self, images) -> dict:
+        """{"probabilities": [N, C]} plus "ood_score" [N] for a model that carries an OOD scorer."""
+        probabilities, score = split_outputs(self.predict_fn(images))
+        out = {"probabilities": np.asarray(probabilities)}
+        if score is not None:
+            out[OOD_SCORE] = np.asarray(score).reshape(-1)
+        return out
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """The threshold above which an ood_score means "unknown" (run.json's or the card's), or None."""
+        record = self.card.get("ood") or {}
+        return float(record["threshold"]) if record.get("method") == "mahalanobis" else None
 
     @property
     def backbone(self) -> str:
@@ -155,7 +170,8 @@ def open_model(path: str | Path, keras: bool = False) -> Predictor:
     except OSError:
         stamp = None
     # a run's temperature lives in run.json, not in model.keras: a new one must not reuse the cached model
-    key = (str(source.resolve()), target.name, stamp, recorded_temperature(info.card) if is_run else None)
+    key = (str(source.resolve()), target.name, stamp, recorded_temperature(info.card) if is_run else None,
+           json.dumps(info.card.get("ood"), sort_keys=True, default=str) if is_run else None)
     if stamp is not None and key in _OPENED:
         return _OPENED[key]
     opened = _open(info, target)
@@ -179,13 +195,16 @@ def _open(info: ModelInfo, target: Path) -> Predictor:
         signature = open_savedmodel(source)[1].get(PIXELS_SIGNATURE)
         if signature is None:
             raise ModelNotFoundError(f"{source} has no {PIXELS_SIGNATURE!r} signature; export it with tl-app.")
-        predict_fn, kind = savedmodel_function(signature), "savedmodel"
+        predict_fn, kind = savedmodel_outputs(signature), "savedmodel"
     elif target.is_file():
         model = load_model_file(target)
         temperature = recorded_temperature(info.card) if run_dir is not None else None
         if temperature is not None:  # a run answers as its export will: with training's calibration
             model = with_temperature(model, temperature)
-        predict_fn, kind = keras_function(model, info.input_size), "keras"
+        ood = recorded_ood(info.card, run_dir)
+        scored = with_ood(model, *ood) if ood is not None else model  # ... and with its OOD score
+        model = without_ood(model)  # evaluation and explanations see the plain (calibrated) classifier
+        predict_fn, kind = keras_outputs(scored, info.input_size), "keras"
     else:
         raise ModelNotFoundError(
             f"{source} has no {KERAS_FILE}: evaluation and explanations need the Keras model. Export with "
@@ -207,17 +226,44 @@ def open_savedmodel(path: str | Path):
 
 def savedmodel_function(signature):
     """The pixel signature as images -> probabilities (numpy)."""
+    return lambda images: split_outputs(savedmodel_outputs(signature)(images))[0]
+
+
+def savedmodel_outputs(signature):
+    """The pixel signature as images -> probabilities, or {probabilities, ood_score} when it has a score."""
     import tensorflow as tf
 
-    return lambda images: signature(images=tf.convert_to_tensor(images, tf.float32))["probabilities"].numpy()
+    def run(images):
+        out = signature(images=tf.convert_to_tensor(images, tf.float32))
+        if OOD_SCORE in out:
+            return {"probabilities": out["probabilities"].numpy(), OOD_SCORE: out[OOD_SCORE].numpy()}
+        return out["probabilities"].numpy()
+
+    return run
 
 
 def keras_function(model, input_size: int):
-    """One traced call per batch shape, as model.predict does, without its per-call set-up."""
+    """images -> probabilities (numpy) of a Keras classifier."""
+    run = keras_outputs(model, input_size)
+    return lambda images: split_outputs(run(images))[0]
+
+
+def keras_outputs(model, input_size: int):
+    """One traced call per batch shape, as model.predict does, without its per-call set-up.
+
+    images -> probabilities, or {probabilities, ood_score} for a model carrying an OOD score.
+    """
     import tensorflow as tf
 
     @tf.function(input_signature=[tf.TensorSpec([None, input_size, input_size, 3], tf.float32)])
     def call(images):
-        return tf.cast(model(images, training=False), tf.float32)
+        probabilities, score = split_outputs(model(images, training=False))
+        if score is None:
+            return tf.cast(probabilities, tf.float32)
+        return {"probabilities": tf.cast(probabilities, tf.float32), OOD_SCORE: tf.cast(score, tf.float32)}
 
-    return lambda images: call(tf.convert_to_tensor(images, tf.float32)).numpy()
+    def run(images):
+        out = call(tf.convert_to_tensor(images, tf.float32))
+        return {k: v.numpy() for k, v in out.items()} if isinstance(out, dict) else out.numpy()
+
+    return run

@@ -283,12 +283,13 @@ def create_app(root: str | Path | None, settings: ServeConfig | None = None, ech
             await form.close()
         array = np.empty(len(datas), dtype=object)
         array[:] = datas
-        model, results = await service.classify(model.name, model.version, None, array)
+        verdicts: list = []  # a model with an OOD scorer: ood_score, unknown, label ("unknown" or the top class)
+        model, results = await service.classify(model.name, model.version, None, array, verdicts)
         out = []
-        for filename, row in zip(names, results):
+        for filename, row, verdict in zip(names, results, verdicts):
             scores = np.array([score for _, score in row])
             order = np.argsort(-scores, kind="stable")[:top_k]
-            out.append({"filename": filename, "top_k": [
+            out.append({"filename": filename, **(verdict or {}), "top_k": [
                 {"label": classes[j], "probability": float(scores[j]), "index": int(j)} for j in order]})
         return JSONResponse({"model": model.name, "version": model.version, "results": out})
 

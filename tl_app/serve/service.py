@@ -134,8 +134,12 @@ class Service:
             self.budget.release(pixels)
             raise
 
-    async def classify(self, name, version, label, images: np.ndarray):
-        """(model, [[(class name, score), ...] per image]) in the card's class order, as a classify signature gives."""
+    async def classify(self, name, version, label, images: np.ndarray, verdicts: list | None = None):
+        """(model, [[(class name, score), ...] per image]) in the card's class order, as a classify signature gives.
+
+        ``verdicts``, when given, receives per image {ood_score, unknown, label, top_class} from a model
+        exported with an OOD scorer (its graph's outputs), or None per image for one without.
+        """
         def parse(signature):
             input_name = next(iter(signature.inputs))
             return {input_name: images}, None
@@ -146,4 +150,20 @@ class Service:
         results = []
         for row in outputs["probabilities"]:
             results.append([(label_, row[j]) for j, label_ in enumerate(model.classes)])
+        if verdicts is not None:
+            verdicts.extend(ood_verdicts(outputs, model.classes))
         return model, results
+
+
+def ood_verdicts(outputs: dict, classes: list[str]) -> list:
+    """Per image {ood_score, unknown, label, top_class} from the graph's outputs; None per image without them."""
+    probabilities = np.asarray(outputs["probabilities"])
+    if "ood_score" not in outputs or "unknown" not in outputs:
+        return [None] * len(probabilities)
+    out = []
+    for i, row in enumerate(probabilities):
+        top = classes[int(np.argmax(row))]
+        unknown = bool(np.asarray(outputs["unknown"])[i])
+        out.append({"ood_score": float(np.asarray(outputs["ood_score"])[i]), "unknown": unknown,
+                    "label": "unknown" if unknown else top, "top_class": top})
+    return out

@@ -1,0 +1,154 @@
+"""The OOD scorer a model carries: fitted by training, exported in the graph, answered by predict and the server.
+
+One tiny bottleneck run (VGG16, random weights, 32 px) trained with the default
+``train.ood`` (mahalanobis), exported as SavedModel + .keras; noise images written
+to disk at the input size (full-range pixels: a resize would smooth them into
+the shapes' range, where neither random nor hed-vgg16 features at 32 px tell them
+apart) must come back "unknown" through `tl-app predict` and a real server on
+loopback, while the training shapes are mostly accepted.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from factories import small_config  # noqa: E402
+
+NOISE_IMAGES = 12
+
+
+@pytest.fixture(scope="module")
+def ood_run(tmp_path_factory, sample_dir):
+    """{run_dir, version_dir, noise: [paths], inside: [paths]}: trained with train.ood = mahalanobis, exported."""
+    from PIL import Image
+
+    from tl_app import api
+    from tl_app.export.exporter import export_run
+
+    base = tmp_path_factory.mktemp("ood-model")
+    config = small_config(base, sample_dir, backbone="vgg16")
+    config.train.strategy, config.train.epochs, config.train.batch_size = "bottleneck", 2, 8
+    assert config.train.ood == "mahalanobis"  # the default
+    run_dir = Path(api.train(config, echo=None)["run_dir"])
+    exported = export_run(run_dir, root=base / "saved_models", name="shapes", formats="savedmodel,keras", echo=None)
+    noise_dir = base / "noise"
+    noise_dir.mkdir()
+    rng = np.random.default_rng(7)
+    for k in range(NOISE_IMAGES):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise_dir / f"noise_{k}.png")
+    inside = sorted(str(p) for p in Path(sample_dir).rglob("*.png"))
+    return {"run_dir": run_dir, "version_dir": Path(exported["path"]), "root": base / "saved_models",
+            "noise": sorted(str(p) for p in noise_dir.iterdir()), "inside": inside, "base": base,
+            "parity": exported["parity"]}
+
+
+def test_training_stores_the_scorer_and_a_threshold_accepting_95_percent_of_validation(ood_run):
+    from tl_app.models.ood import OOD_FILE, load_scorer
+
+    info = json.loads((ood_run["run_dir"] / "run.json").read_text())
+    record = info["ood"]
+    assert record["method"] == "mahalanobis" and record["threshold_on"] == "val" and record["acceptance"] == 0.95
+    assert record["accepted"] >= 0.95
+    scorer = load_scorer(ood_run["run_dir"] / OOD_FILE)
+    assert scorer.means.shape == (3, record["dim"]) and scorer.precision.shape == (record["dim"], record["dim"])
+    card = json.loads((ood_run["version_dir"] / "model_card.json").read_text())
+    assert card["ood"]["threshold"] == pytest.approx(record["threshold"]) and "ood_score" in \
+        card["signatures"]["outputs"]
+
+
+def test_exported_ood_score_equals_the_keras_models_within_the_parity_tolerance(ood_run):
+    import keras
+    import tensorflow as tf
+
+    from tl_app.export.parity import SCORE_TOLERANCE
+    from tl_app.models.artifacts import PIXELS_SIGNATURE
+    from tl_app.models.opener import open_model
+
+    parity = ood_run["parity"]
+    for key in ("savedmodel_ood_score", "savedmodel_bytes_ood_score", "keras_ood_score"):
+        assert parity[key]["max_rel_diff"] <= SCORE_TOLERANCE, parity
+    pixels = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    reference = open_model(ood_run["run_dir"]).outputs(pixels)  # the run folder: Keras, scorer from ood.npz
+    saved = tf.saved_model.load(str(ood_run["version_dir"]))
+    got = saved.signatures[PIXELS_SIGNATURE](images=tf.constant(pixels))
+    keras_file = keras.saving.load_model(ood_run["version_dir"] / "model.keras", compile=False)(pixels)
+    for score in (got["ood_score"].numpy(), keras_file["ood_score"].numpy()):
+        gap = np.abs(score - reference["ood_score"]) / np.maximum(1.0, np.abs(reference["ood_score"]))
+        assert gap.max() <= SCORE_TOLERANCE
+    np.testing.assert_allclose(got["probabilities"].numpy(), reference["probabilities"], atol=1e-4)
+    threshold = json.loads((ood_run["run_dir"] / "run.json").read_text())["ood"]["threshold"]
+    assert list(got["unknown"].numpy()) == list(reference["ood_score"] > threshold)
+
+
+def test_predict_marks_noise_images_unknown_and_accepts_most_training_images(ood_run, cli, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    result = cli("predict", ood_run["version_dir"], *ood_run["noise"], *ood_run["inside"], "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    rows = {row["path"]: row for row in map(json.loads, out.read_text().splitlines())}
+    noise = [rows[p] for p in ood_run["noise"]]
+    inside = [rows[p] for p in ood_run["inside"]]
+    assert all(r["label"] == "unknown" and r["top_class"] in ("circles", "squares", "triangles") for r in noise)
+    assert np.mean([r["unknown"] for r in noise]) >= 0.9
+    assert np.mean([not r["unknown"] for r in inside]) >= 0.8  # 95% of validation at the threshold
+    accepted = next(r for r in inside if not r["unknown"])
+    assert accepted["label"] == accepted["top_class"] == accepted["predictions"][0]["label"]
+
+    # CSV: the same verdicts in three more columns; the run folder answers as its export
+    csv_out = tmp_path / "preds.csv"
+    assert cli("predict", ood_run["run_dir"], *ood_run["noise"], "--out", csv_out, "-q").exit_code == 0
+    table = list(csv.DictReader(csv_out.open()))
+    assert [r["unknown"] for r in table] == ["true"] * NOISE_IMAGES and all(r["label"] == "unknown" for r in table)
+    for row in table:
+        assert float(row["ood_score"]) == pytest.approx(rows[row["path"]]["ood_score"], rel=1e-4)
+
+
+def test_the_server_answers_unknown_for_noise_over_rest_predict_and_upload(ood_run):
+    import httpx
+
+    from test_server import start
+
+    server = start(ood_run["root"], log=ood_run["base"] / "server.log")
+    try:
+        images = ood_run["noise"][:4] + ood_run["inside"][:4]
+        body = {"instances": [{"b64": base64.b64encode(Path(p).read_bytes()).decode()} for p in images]}
+        rows = httpx.post(server.url + "/v1/models/shapes:predict", json=body, timeout=60).json()["predictions"]
+        assert [r["unknown"] for r in rows[:4]] == [True] * 4 and all(r["label"] == "unknown" for r in rows[:4])
+        assert all(r["class_name"] in ("circles", "squares", "triangles") for r in rows)
+        assert all(r["label"] == ("unknown" if r["unknown"] else r["class_name"]) for r in rows)
+        columns = httpx.post(server.url + "/v1/models/shapes:predict", json={"inputs": body["instances"]},
+                             timeout=60).json()["outputs"]
+        assert columns["ood_score"] == pytest.approx([r["ood_score"] for r in rows], rel=1e-5)
+        upload = httpx.post(server.url + "/api/models/shapes/predict?top_k=2",
+                            files={"file": ("n.png", Path(images[0]).read_bytes())}, timeout=60).json()
+        result = upload["results"][0]
+        assert result["unknown"] is True and result["label"] == "unknown"
+        assert result["top_class"] == result["top_k"][0]["label"] and result["ood_score"] > 0
+    finally:
+        server.stop()
+
+
+def test_ood_none_trains_and_predicts_as_before(tmp_path, sample_dir, cli):
+    from tl_app import api
+    from tl_app.models.ood import OOD_FILE
+
+    config = small_config(tmp_path, sample_dir, backbone="vgg16")
+    config.train.strategy, config.train.epochs, config.train.batch_size = "bottleneck", 1, 8
+    config.train.ood = "none"
+    run_dir = Path(api.train(config, echo=None)["run_dir"])
+    assert json.loads((run_dir / "run.json").read_text())["ood"] == {"method": "none"}
+    assert not (run_dir / OOD_FILE).exists()
+    out = tmp_path / "preds.csv"
+    image = next(Path(sample_dir).rglob("*.png"))
+    assert cli("predict", run_dir, image, "--out", out, "-q", "-k", "2").exit_code == 0
+    assert out.read_text().splitlines()[0] == "path,label_1,probability_1,label_2,probability_2,error"
+    bad = cli("train", sample_dir, "--ood", "knn")
+    assert bad.exit_code != 0 and "knn" in bad.output and "Traceback" not in bad.output
