@@ -148,9 +148,9 @@ def train_head(config: Config, prepared, echo=print) -> dict:
     say(f"head: val_accuracy {fmt(metrics['val_accuracy'])}, val_loss {fmt(metrics['val_loss'])} "
         f"(best epoch {metrics['best_epoch']} of {metrics['epochs_trained']})")
     say(record_text(calibration))
+    say(ood_text(fit_ood(config.train.ood, x_train, labels[train_rows], features[val_rows], run_dir)))
     say(f"model: {run_dir / MODEL_FILE}")
     return {"run_dir": str(run_dir), "strategy": "bottleneck", "metrics": metrics, "calibration": calibration,
-    say(ood_text(fit_ood(config.train.ood, x_train, labels[train_rows], features[val_rows], run_dir)))
             "features": dict(feature_set.stats), "model": str(run_dir / MODEL_FILE)}
 
 
