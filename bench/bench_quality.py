@@ -22,6 +22,7 @@ on their own row).
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -84,7 +85,9 @@ def main() -> int:
 
         routes = {
             "logistic": {"train.name": "logistic", "head.kind": "logistic"},
+            "logistic/raw": {"train.name": "logistic-raw", "head.kind": "logistic", "head.standardize": False},
             "dense": {"train.name": "dense"},
+            "dense/raw": {"train.name": "dense-raw", "head.standardize": False},
             "dense+aug": {"train.name": "dense-aug", "features.augment_views": args.views},
             "finetune": {"train.name": "finetune", "train.strategy": "finetune",
                          "train.epochs": 3 if args.quick else 8, "train.finetune_epochs": 2 if args.quick else 6,
@@ -97,18 +100,22 @@ def main() -> int:
             summary = train(route_config, echo=None)
             seconds = time.perf_counter() - start
             metrics = evaluate(summary["run_dir"], str(data), split="val", echo=None)
+            history = json.loads((Path(summary["run_dir"]) / "history.json").read_text())["epochs"]
             rows[name] = {"accuracy": round(metrics["accuracy"], 4),
-                          "macro_f1": round(metrics["macro"]["f1"], 4), "seconds": round(seconds, 1)}
+                          "macro_f1": round(metrics["macro"]["f1"], 4), "seconds": round(seconds, 1),
+                          "first_loss": round(float(history[0]["loss"]), 3)}
             print(f"  {name}: {rows[name]}", flush=True)
 
     base = rows["logistic"]["seconds"] or 1e-9
     print(f"\nvgg16 {weights}, {size}px, {train_each}/class train, {val_each}/class val; "
           f"plain features extracted once first: {extract_seconds:.1f}s (chance accuracy {1 / len(CLASSES):.2f})")
-    print(f"{'route':<11} {'accuracy':>8} {'macro-F1':>8} {'seconds':>8} {'time/logistic':>13}")
+    print("(/raw: the same head without input standardisation, head.standardize = false; "
+          "loss@1: training loss of the first epoch)")
+    print(f"{'route':<13} {'accuracy':>8} {'macro-F1':>8} {'loss@1':>8} {'seconds':>8} {'time/logistic':>13}")
     for name, row in rows.items():
         row["time_ratio"] = round(row["seconds"] / base, 2)
-        print(f"{name:<11} {row['accuracy']:>8.3f} {row['macro_f1']:>8.3f} {row['seconds']:>8.1f} "
-              f"{row['time_ratio']:>13.2f}")
+        print(f"{name:<13} {row['accuracy']:>8.3f} {row['macro_f1']:>8.3f} {row['first_loss']:>8.3f} "
+              f"{row['seconds']:>8.1f} {row['time_ratio']:>13.2f}")
     emit("quality", {"weights": weights, "size": size, "train_each": train_each, "val_each": val_each,
                      "views": args.views, "extract_seconds": round(extract_seconds, 1), "routes": rows})
     return 0

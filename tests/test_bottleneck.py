@@ -100,3 +100,51 @@ def test_early_stopping_restores_the_best_epoch(tiny_config):
     best = min(history, key=lambda e: e["val_loss"])
     assert metrics["best_epoch"] == best["epoch"]
     assert metrics["val_loss"] == pytest.approx(best["val_loss"], rel=1e-4)
+
+
+
+def test_a_standardised_head_folds_into_its_first_dense_layer_exactly():
+    """head.standardize: trained behind a Normalization layer from the given (training) features, saved folded."""
+    import keras
+
+    from tl_app.core.config import HeadConfig
+    from tl_app.models.heads import build_head, fold_standardization
+
+    rng = np.random.default_rng(0)
+    features = rng.gamma(0.5, [1.0, 10.0, 50.0, 5.0], (200, 4)).astype(np.float32)
+    features[:, 3] = 0.0  # a unit that never fired in training: its std is floored, not ~0
+    for config in (HeadConfig(kind="logistic"), HeadConfig(units=[8, 6], batch_norm=True, dropout=0.2)):
+        head = build_head(3, 4, config, standardize_on=features)
+        norm = head.get_layer("standardize")
+        np.testing.assert_allclose(np.asarray(norm.mean).ravel(), features.mean(0), rtol=1e-5)
+        standardised = np.asarray(head(features[:5], training=False))
+        expected = (features[:5, :3] - features[:, :3].mean(0)) / features[:, :3].std(0)
+        np.testing.assert_allclose(np.asarray(norm(features[:5]))[:, :3], expected, rtol=1e-4, atol=1e-4)
+        folded = fold_standardization(head, config)
+        assert not any(isinstance(layer, keras.layers.Normalization) for layer in folded.layers)
+        probe = np.concatenate([features[:20], rng.normal(0, 50, (20, 4)).astype(np.float32)])
+        np.testing.assert_allclose(np.asarray(folded(probe[:5], training=False)), standardised, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(folded(probe, training=False)),
+                                   np.asarray(head(probe, training=False)), atol=1e-5)
+    assert len(build_head(3, 4, HeadConfig(kind="logistic", standardize=False), standardize_on=features).layers) == 2
+
+
+@pytest.mark.slow
+def test_a_standardised_bottleneck_run_saves_the_trained_head_and_exports_every_format(tiny_config):
+    """The saved head computes what the trained one did (its validation loss on the cached features
+    equals the run's), and every format passes the export's parity gate, ONNX included."""
+    from tl_app.export.exporter import export_run
+    from tl_app.features.extract import extract_features
+    from tl_app.models.opener import load_run_model
+
+    tiny_config.backbone.name = "vgg16"  # the fastest real backbone to build and save
+    summary = run(tiny_config)
+    head = load_run_model(summary["run_dir"]).get_layer("head")
+    cached = extract_features(tiny_config, echo=None)
+    val_rows = cached.rows("val")
+    probs = head.predict(np.asarray(cached.features, np.float32)[val_rows], verbose=0)
+    saved_loss = float(-np.mean(np.log(probs[np.arange(len(val_rows)), cached.labels[val_rows]])))
+    assert saved_loss == pytest.approx(summary["metrics"]["val_loss"], rel=1e-4)
+    exported = export_run(summary["run_dir"], root=tiny_config.export.root, name="standardised",
+                          formats="savedmodel,keras,tflite,onnx", echo=None)
+    assert {"savedmodel", "keras", "tflite", "onnx"} <= set(exported["parity"]), exported["parity"]

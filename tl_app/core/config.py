@@ -95,6 +95,7 @@ class HeadConfig:
     neighbors: int = 5  # knn: how many nearest training features vote (weighted by similarity)
     shrinkage: float = 0.0  # prototype: 0 plain cosine to class means; >0 whitened by a shrunk covariance
     temperature: float = 0.05  # knn/prototype: softmax temperature over cosine similarities
+    standardize: bool = True  # dense/logistic: standardise the features (training split's mean/std) in the head
 
 
 @dataclass

@@ -18,7 +18,7 @@ from tl_app.training.losses import class_weight_table, make_loss
 from tl_app.training.callbacks import EpochRecorder, interactive
 from tl_app.features.extract import extract_features
 from tl_app.models.surgery import assemble
-from tl_app.models.heads import build_head
+from tl_app.models.heads import build_head, fold_standardization
 from tl_app.training.optim import make_optimizer, schedule_callbacks
 from tl_app.models.artifacts import MODEL_FILE
 from tl_app.training.runs import fmt, write_run_info, prepare_run, recording_failure
@@ -102,7 +102,8 @@ def train_head(config: Config, prepared, echo=print) -> dict:
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.train.seed)
-    head = build_head(num_classes, features.shape[1], config.head)
+    # standardised on the training split's plain features only: validation must not leak into the model
+    head = build_head(num_classes, features.shape[1], config.head, standardize_on=x_train)
     head.compile(optimizer=make_optimizer(config), loss=make_loss(config), metrics=["accuracy"],
                  jit_compile=bool(config.train.jit_compile))
     monitor = "val_loss" if has_val else "loss"
@@ -130,6 +131,7 @@ def train_head(config: Config, prepared, echo=print) -> dict:
 
     metrics = final_metrics(head, x_train, y_train, validation, history)
     write_json(run_dir / "metrics.json", metrics)
+    head = fold_standardization(head, config.head)  # plain Dense weights for the model and every export
 
     feature_model = feature_set.feature_model
     if feature_model is None:

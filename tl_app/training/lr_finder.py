@@ -81,7 +81,7 @@ def lr_range_test(config: Config, echo=print, start: float = START, end: float =
     weights = class_weight_table(class_weights(manifest, config.data.class_weights), num_classes)
 
     keras.utils.set_random_seed(config.train.seed)
-    head = build_head(num_classes, x.shape[1], config.head)
+    head = build_head(num_classes, x.shape[1], config.head, standardize_on=x)  # as training builds it
     optimizer = make_optimizer(config, learning_rate=start)
     head.compile(optimizer=optimizer, loss=make_loss(config))
     rng = np.random.default_rng(config.train.seed)
