@@ -152,3 +152,16 @@ def test_ood_none_trains_and_predicts_as_before(tmp_path, sample_dir, cli):
     assert out.read_text().splitlines()[0] == "path,label_1,probability_1,label_2,probability_2,error"
     bad = cli("train", sample_dir, "--ood", "knn")
     assert bad.exit_code != 0 and "knn" in bad.output and "Traceback" not in bad.output
+
+
+def test_the_report_shows_the_ood_folder_figures_when_evaluate_measured_them():
+    from tl_app.insight.report import calibration_body, ood_body
+
+    figures = {"acceptance": 0.95, "better": "mahalanobis",
+               "mahalanobis": {"auroc": 0.9123, "fpr_at_95": 0.25, "ood_images": 12},
+               "max_softmax": {"auroc": 0.4567, "fpr_at_95": 0.75, "ood_images": 12}}
+    html = ood_body(figures)
+    assert "12 images" in html and "0.9123" in html and "0.4567" in html and "0.2500" in html and "0.7500" in html
+    assert ood_body(None) == "" and "no decodable" in ood_body({"error": "no decodable image in the OOD folder"})
+    before = {"ece": 0.1, "mce": 0.2, "nll": 0.3, "brier": 0.4, "accuracy": 0.5, "bins": 15}
+    assert "0.9123" in calibration_body({"calibration": {"before": before}, "ood": figures, "files": {}})

@@ -311,7 +311,22 @@ def calibration_body(metrics: dict | None) -> str:
     curve = (metrics.get("files") or {}).get("risk_coverage.png")
     if curve and Path(curve).is_file():
         body += image_tag(curve, "risk-coverage curve")
-    return body
+    return body + ood_body(metrics.get("ood"))
+
+
+def ood_body(figures: dict | None) -> str:
+    """evaluate --ood-folder: AUROC and the outside images accepted, Mahalanobis against max-softmax."""
+    if not figures:
+        return ""
+    if "error" in figures:
+        return f'<p class="note">out-of-distribution folder: {esc(figures["error"])}</p>'
+    key = f"fpr_at_{round(figures['acceptance'] * 100)}"
+    body = (f"<p>Out-of-distribution folder ({figures['mahalanobis']['ood_images']} images) against the evaluated "
+            f"split: AUROC (1 = every outside image scores above every inside one) and the share of outside images "
+            f"still accepted at the threshold accepting {figures['acceptance']:.0%} of the inside ones.</p>")
+    return body + table(["scorer", "AUROC", f"outside accepted at {figures['acceptance']:.0%}"],
+                        [[name, f"{figures[name]['auroc']:.4f}", f"{figures[name][key]:.4f}"]
+                         for name in ("mahalanobis", "max_softmax")])
 
 
 def confusion_body(metrics: dict | None) -> str:
