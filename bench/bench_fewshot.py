@@ -3,7 +3,9 @@
 In one run, on generated images (the sample shapes plus drawn checkerboards and stripes):
   add        a 10-image class added to a 3-class prototype run: seconds with the new
              images' features cached (target < 5 s) and uncached, against the seconds
-             the extraction alone of those 10 images takes (the baseline);
+             the extraction alone of those 10 images takes (the baseline); and end to
+             end, `tl-app classes add` in a fresh process with the features cached
+             (median of 3; no TensorFlow) against a process that only imports TensorFlow;
              old-class validation accuracy after / before (target >= 0.99)
   publish    the same add on an exported model: the new version with its parity gate
   episodes   5-way 5-shot (and 1-, 10-shot) accuracy with a 95% CI, random weights and,
@@ -17,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,7 +37,7 @@ from tl_app.features.extract import extract_features
 from tl_app.insight.fewshot import fewshot_report
 from tl_app.models.opener import load_model_file
 from tl_app.training.bottleneck import train_bottleneck
-from tl_app.training.fewshot import folder_manifest
+from tl_app.training.class_edit import folder_manifest
 
 
 def draw_class(folder: Path, kind: str, count: int, seed: int) -> Path:
@@ -92,6 +97,14 @@ def bench_add(base: Path, per_class: int, size: int, weights: str = "none", publ
     uncached, uncached_s = timed(api.classes_add, run_dir, "checks", new, runs_dir=base / "edits", echo=None)
     cached_add, cached_s = timed(api.classes_add, run_dir, "checks_again", new, runs_dir=base / "edits", echo=None)
     after = old_class_accuracy(Path(uncached["run_dir"]) / "model.keras", features, labels)
+    # end to end, as a user waits for it: `tl-app classes add` on the run in a fresh process, features cached
+    # (no TensorFlow), against a process that only imports TensorFlow (what any Keras route pays first)
+    command = [sys.executable, "-m", "tl_app", "classes", "add", str(run_dir), "checks_cli", str(new),
+               "--runs-dir", str(base / "edits"), "--json"]
+    cli_s = [timed(subprocess.run, [*command[:6], f"checks_cli{k}", *command[7:]], check=True,
+                   capture_output=True)[1] for k in range(3)]
+    import_s = [timed(subprocess.run, [sys.executable, "-c", "import tensorflow, keras"], check=True,
+                      capture_output=True)[1] for _ in range(3)]
 
     out = {}
     if publish:
@@ -102,6 +115,9 @@ def bench_add(base: Path, per_class: int, size: int, weights: str = "none", publ
                "published_version": published["published"]["version"]}
     return {**out,
         "add_cached_s": round(cached_s, 2), "add_uncached_s": round(uncached_s, 2),
+        "cli_add_cached_s": round(statistics.median(cli_s), 2),
+        "import_tensorflow_s": round(statistics.median(import_s), 2),
+        "cli_add_over_import_tensorflow": round(statistics.median(cli_s) / statistics.median(import_s), 3),
         "extract_10_alone_s": round(extract_s, 2), "add_uncached_over_extract": round(uncached_s / extract_s, 2),
         "cached_features_used": cached_add["change"]["cached"], "uncached_features_computed":
             uncached["change"]["computed"],

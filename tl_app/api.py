@@ -45,7 +45,7 @@ from tl_app.models.weights import cache_path, named_weights_status, weights_stat
 from tl_app.serve.app import serve as run_server
 from tl_app.serve.model_config import read_model_config
 from tl_app.training.bottleneck import train_bottleneck
-from tl_app.training.fewshot import edit_classes
+from tl_app.training.class_edit import edit_classes
 from tl_app.training.devices import is_chief
 from tl_app.training.finetune import resume_finetune, train_finetune
 from tl_app.training.lr_finder import lr_range_test
@@ -181,12 +181,14 @@ def serve(config: Config, root: str | Path | None = None, log_level: str = "warn
 def classes_add(model, name: str, folder, runs_dir=None, echo=print) -> dict:
     """Add class ``name`` (images in ``folder``) to a k-NN/prototype run or exported model; an export gets a new
     version published atomically (a running server picks it up), a run gets a new run folder."""
-    return publish_edit(edit_classes(model, add=(name, folder), runs_dir=runs_dir, echo=echo), echo)
+    return publish_edit(edit_classes(model, add=(name, folder), runs_dir=runs_dir, echo=echo,
+                                     extractor_class=Extractor), echo)
 
 
 def classes_remove(model, name: str, runs_dir=None, echo=print) -> dict:
     """Remove class ``name`` from a k-NN/prototype run or exported model (published as classes_add is)."""
-    return publish_edit(edit_classes(model, remove=name, runs_dir=runs_dir, echo=echo), echo)
+    return publish_edit(edit_classes(model, remove=name, runs_dir=runs_dir, echo=echo, extractor_class=Extractor),
+                        echo)
 
 
 def publish_edit(edited: dict, echo=print) -> dict:

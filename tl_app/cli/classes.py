@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from tl_app.cli.common import echo_json, load_api
@@ -10,6 +12,23 @@ from tl_app.cli.common import echo_json, load_api
 @click.group()
 def classes():
     """Add or remove a class of a k-NN/prototype model (a run, or an exported model: a new version)."""
+
+
+def is_run(model) -> bool:
+    from tl_app.models.artifacts import RUN_FILE  # lazy: --help stays instant
+
+    return (Path(model) / RUN_FILE).is_file()
+
+
+def edit_run(model, **change) -> dict:
+    """A run is edited without TensorFlow (the model file's head is rewritten in place of a Keras load and save);
+    TensorFlow loads only if a new image's features are not cached. An export goes through the api (publishing)."""
+    from tl_app.cli.extract import backbone_extractor  # lazy: builds the api's extractor only for uncached images
+    from tl_app.training.class_edit import edit_classes  # lazy: numpy and h5py, no TensorFlow
+
+    result = edit_classes(model, extractor_class=backbone_extractor, **change)
+    result.pop("source")
+    return {**result, "published": None}
 
 
 def report(result: dict, as_json: bool) -> None:
@@ -44,8 +63,11 @@ def add(model, name, folder, runs_dir, as_json):
       tl-app classes add saved_models/shapes stars photos/stars/
       tl-app classes add runs/shapes stars photos/stars/
     """
-    api = load_api()
-    report(api.classes_add(model, name, folder, runs_dir=runs_dir, echo=None if as_json else click.echo), as_json)
+    echo = None if as_json else click.echo
+    if is_run(model):
+        report(edit_run(model, add=(name, folder), runs_dir=runs_dir, echo=echo), as_json)
+        return
+    report(load_api().classes_add(model, name, folder, runs_dir=runs_dir, echo=echo), as_json)
 
 
 @classes.command("remove")
@@ -60,8 +82,11 @@ def remove(model, name, runs_dir, as_json):
     Example:
       tl-app classes remove saved_models/shapes stars
     """
-    api = load_api()
-    report(api.classes_remove(model, name, runs_dir=runs_dir, echo=None if as_json else click.echo), as_json)
+    echo = None if as_json else click.echo
+    if is_run(model):
+        report(edit_run(model, remove=name, runs_dir=runs_dir, echo=echo), as_json)
+        return
+    report(load_api().classes_remove(model, name, runs_dir=runs_dir, echo=echo), as_json)
 
 
 COMMANDS = [classes]

@@ -18,7 +18,7 @@ from tl_app.core.errors import ConfigError, DataError
 from tl_app.data.scan import scan_dataset
 from tl_app.features.extract import extract_features
 from tl_app.models.fewshot_heads import l2_normalize
-from tl_app.training.fewshot import open_source
+from tl_app.training.class_edit import open_source
 
 DEFAULT_SHOTS = (1, 5, 10)
 

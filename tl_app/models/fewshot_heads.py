@@ -13,13 +13,10 @@ import keras
 import numpy as np
 from keras import ops
 
+from tl_app.models.head_state import VARIABLES, HeadState, added, l2_normalize, removed
+
 SMOOTHING = 1e-4  # k-NN probabilities keep a floor so log losses stay finite; argmax is unchanged
 EPS = 1e-12
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), EPS)
 
 
 def _normalize(x):
@@ -59,12 +56,6 @@ class KnnHead(keras.layers.Layer):
         return {**super().get_config(), "num_classes": self.num_classes, "size": self.size, "dim": self.dim,
                 "neighbors": self.neighbors, "temperature": self.temperature}
 
-    # ---- as numbers --------------------------------------------------------
-    def state(self) -> dict:
-        labels = np.asarray(self.memory_labels.numpy())
-        return {"features": np.asarray(self.memory.numpy()), "labels": labels.argmax(1),
-                "center": np.asarray(self.center.numpy()),
-                "num_classes": self.num_classes, "neighbors": self.neighbors, "temperature": self.temperature}
 
 
 @keras.saving.register_keras_serializable(package="tl_app")
@@ -106,21 +97,9 @@ class PrototypeHead(keras.layers.Layer):
         return {**super().get_config(), "num_classes": self.num_classes, "dim": self.dim,
                 "temperature": self.temperature, "whitened": self.whitened}
 
-    # ---- as numbers --------------------------------------------------------
     def embed(self, features: np.ndarray) -> np.ndarray:
         """Features in the space the prototypes live in (normalised, then whitened if fitted)."""
-        z = l2_normalize(np.asarray(features, np.float32) - np.asarray(self.center.numpy()))
-        if self.whitened:
-            z = (z - np.asarray(self.whiten_center.numpy())) @ np.asarray(self.whitening.numpy())
-        return z
-
-    def state(self) -> dict:
-        out = {"prototypes": np.asarray(self.prototypes.numpy()), "num_classes": self.num_classes,
-               "temperature": self.temperature, "whitened": self.whitened, "center": np.asarray(self.center.numpy())}
-        if self.whitened:
-            out["whiten_center"] = np.asarray(self.whiten_center.numpy())
-            out["whitening"] = np.asarray(self.whitening.numpy())
-        return out
+        return layer_state(self).embed(features)
 
 
 FEWSHOT_LAYERS = (KnnHead, PrototypeHead)
@@ -202,31 +181,26 @@ def fewshot_layer(head: keras.Model):
     return None
 
 
+def layer_state(layer) -> HeadState:
+    """A k-NN/prototype layer's settings and weights as numbers."""
+    kind = type(layer).__name__
+    arrays = {name: np.asarray(getattr(layer, name).numpy()) for name in VARIABLES[kind] if hasattr(layer, name)}
+    return HeadState(kind, layer.get_config(), arrays)
+
+
+def head_from_state(state: HeadState) -> keras.Model:
+    a, c = state.arrays, state.config
+    if state.kind == "KnnHead":
+        return knn_head(a["memory"], a["memory_labels"].argmax(1), state.num_classes, c["neighbors"],
+                        c["temperature"], center=a["center"])
+    return prototype_from(a["prototypes"], c["temperature"], a["center"], a.get("whiten_center"), a.get("whitening"))
+
+
 def with_class(layer, features) -> keras.Model:
     """A new head: ``layer``'s classes plus one more, from the new class's features only (the old space kept)."""
-    state = layer.state()
-    features = np.asarray(features, np.float32)
-    if isinstance(layer, KnnHead):
-        feats = np.concatenate([state["features"], l2_normalize(features - state["center"])])
-        labels = np.concatenate([state["labels"], np.full(len(features), state["num_classes"])])
-        return knn_head(feats, labels, state["num_classes"] + 1, state["neighbors"], state["temperature"],
-                        center=state["center"])
-    z = layer.embed(features)
-    new = z.mean(0) if state["whitened"] else l2_normalize(z.mean(0, keepdims=True))[0]
-    prototypes = np.concatenate([state["prototypes"], new[None]])
-    return prototype_from(prototypes, state["temperature"], state["center"], state.get("whiten_center"),
-                          state.get("whitening"))
+    return head_from_state(added(layer_state(layer), features))
 
 
 def without_class(layer, index: int) -> keras.Model:
     """A new head without class ``index``; the other classes keep their order."""
-    state = layer.state()
-    if isinstance(layer, KnnHead):
-        keep = state["labels"] != index
-        labels = state["labels"][keep]
-        labels = labels - (labels > index)
-        return knn_head(state["features"][keep], labels, state["num_classes"] - 1, state["neighbors"],
-                        state["temperature"], center=state["center"])
-    prototypes = np.delete(state["prototypes"], index, axis=0)
-    return prototype_from(prototypes, state["temperature"], state["center"], state.get("whiten_center"),
-                          state.get("whitening"))
+    return head_from_state(removed(layer_state(layer), index))
