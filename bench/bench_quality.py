@@ -11,12 +11,15 @@ the same features cache and seed:
   dense+aug  the dense head on cached features plus K augmented views per training image
   finetune   two phases: head on the frozen base, then block5 unfrozen at a lower rate
 
-and reports validation accuracy, macro-F1 (tl-app evaluate, the same images for
+(logistic/raw and dense/raw: the same heads with head.standardize = false), and
+reports validation accuracy, macro-F1 (tl-app evaluate, the same images for
 every route) and wall time (training, features included where the route
 computes them; the images' plain features are extracted once first and timed
-on their own row).
+on their own row). Then, on a 10:1 copy of the training split (a tenth of the
+triangles), the minority class's validation recall with class weights none vs
+balanced (logistic head, two seeds).
 
-    python bench/bench_quality.py [--quick] [--size 128] [--views 2]
+    python bench/bench_quality.py [--quick] [--size 128] [--views 2] [--routes logistic,dense]
 """
 
 from __future__ import annotations
@@ -53,6 +56,34 @@ def base_config(work: Path, data: Path, weights: str, size: int, epochs: int):
     })
 
 
+def class_weight_rows(work: Path, data: Path, config, train_each: int, evaluate, train, seeds=(0, 1)) -> dict:
+    """Minority (triangles) recall with class weights none vs balanced on a 10:1 copy of the training split."""
+    import shutil
+
+    root = work / "imbalanced"
+    keep = max(1, train_each // 10)
+    for split in ("train", "val"):
+        for name in CLASSES:
+            files = sorted((data / split / name).iterdir())
+            if split == "train" and name == "triangles":
+                files = files[:keep]
+            (root / split / name).mkdir(parents=True)
+            for source in files:
+                shutil.copy(source, root / split / name / source.name)
+    out = {"minority_train": keep, "seeds": {}}
+    for seed in seeds:
+        row = {}
+        for weights in ("none", "balanced"):
+            summary = train(config.with_overrides({
+                "data.root": str(root), "head.kind": "logistic", "data.class_weights": weights, "train.seed": seed,
+                "train.name": f"cw-{weights}-{seed}"}), echo=None)
+            metrics = evaluate(summary["run_dir"], str(root), split="val", echo=None)
+            row[weights] = round(metrics["per_class"]["triangles"]["recall"], 4)
+        out["seeds"][seed] = row
+        print(f"  class weights, seed {seed}: minority recall {row}", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small data and input size: minutes on 2 CPU cores")
@@ -61,6 +92,7 @@ def main() -> int:
     parser.add_argument("--val-each", type=int, default=0, help="validation images per class (15 quick, 30)")
     parser.add_argument("--views", type=int, default=2, help="cached augmented views per training image")
     parser.add_argument("--weights", default="hed-vgg16", help="VGG16 weights (default hed-vgg16: edge-tuned, not ImageNet)")
+    parser.add_argument("--routes", default="", help="comma list of routes to run (default all)")
     args = parser.parse_args()
     size = args.size or (96 if args.quick else 160)
     train_each = args.train_each or (30 if args.quick else 60)
@@ -93,6 +125,8 @@ def main() -> int:
                          "train.epochs": 3 if args.quick else 8, "train.finetune_epochs": 2 if args.quick else 6,
                          "train.unfreeze_blocks": 1},
         }
+        if args.routes:
+            routes = {name: routes[name] for name in args.routes.split(",")}
         rows = {}
         for name, overrides in routes.items():
             route_config = config.with_overrides(overrides)
@@ -106,7 +140,9 @@ def main() -> int:
                           "first_loss": round(float(history[0]["loss"]), 3)}
             print(f"  {name}: {rows[name]}", flush=True)
 
-    base = rows["logistic"]["seconds"] or 1e-9
+        minority = class_weight_rows(work, data, config, train_each, evaluate, train)
+
+    base = rows.get("logistic", next(iter(rows.values())))["seconds"] or 1e-9
     print(f"\nvgg16 {weights}, {size}px, {train_each}/class train, {val_each}/class val; "
           f"plain features extracted once first: {extract_seconds:.1f}s (chance accuracy {1 / len(CLASSES):.2f})")
     print("(/raw: the same head without input standardisation, head.standardize = false; "
@@ -116,8 +152,14 @@ def main() -> int:
         row["time_ratio"] = round(row["seconds"] / base, 2)
         print(f"{name:<13} {row['accuracy']:>8.3f} {row['macro_f1']:>8.3f} {row['first_loss']:>8.3f} "
               f"{row['seconds']:>8.1f} {row['time_ratio']:>13.2f}")
+    print(f"\nclass weights, 10:1 ({train_each} circles, {train_each} squares, {minority['minority_train']} triangles "
+          f"in training; all validation images): recall of the minority class, logistic head")
+    print(f"{'seed':<5} {'none':>6} {'balanced':>8}")
+    for seed, row in minority["seeds"].items():
+        print(f"{seed:<5} {row['none']:>6.3f} {row['balanced']:>8.3f}")
     emit("quality", {"weights": weights, "size": size, "train_each": train_each, "val_each": val_each,
-                     "views": args.views, "extract_seconds": round(extract_seconds, 1), "routes": rows})
+                     "views": args.views, "extract_seconds": round(extract_seconds, 1), "routes": rows,
+                     "minority_recall": minority})
     return 0
 
 
