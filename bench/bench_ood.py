@@ -13,8 +13,10 @@ Scorers, higher = more unknown, all computed from one pass of the trained model:
 - ``max_softmax``: 1 - the largest (calibrated) probability, the usual baseline;
 - ``energy``: -logsumexp of the head's logits (Liu et al., 2020);
 - ``mahalanobis``: the smallest class-conditional Mahalanobis distance of the
-  pooled backbone features, shared shrunk covariance fitted on the training split;
-- ``knn``: cosine distance to the k-th nearest training feature (Sun et al., 2022).
+  pooled backbone features, shared covariance (Ledoit-Wolf shrinkage, as training
+  fits it) on the training split;
+- ``knn``: cosine distance to the k-th nearest training feature (Sun et al., 2022),
+  as training fits it (models.knn_score).
 
 Each scorer's threshold is chosen on the validation split to accept 95% of its
 images; the table gives AUROC (test split against the OOD family), the share
@@ -94,18 +96,6 @@ def split_outputs(run, root: Path, info, batch: int):
     return np.concatenate(feats), np.concatenate(logits), np.concatenate(probs), np.concatenate(labels)
 
 
-def knn_scorer(train_features, k: int):
-    bank = train_features / np.linalg.norm(train_features, axis=1, keepdims=True).clip(1e-12)
-
-    def score(features):
-        x = features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-12)
-        similarity = x @ bank.T
-        kth = np.sort(similarity, axis=1)[:, -min(k, bank.shape[0])]
-        return 1.0 - kth
-
-    return score
-
-
 def energy(logits):
     top = logits.max(axis=1, keepdims=True)
     return -(top[:, 0] + np.log(np.exp(logits - top).sum(axis=1)))
@@ -115,6 +105,7 @@ def measure(weights: str, size: int, sizes: dict, epochs: int, work: Path, data:
     from tl_app.api import train
     from tl_app.core.config import Config
     from tl_app.insight.ood import acceptance_threshold, auroc, fit_mahalanobis, max_softmax_score
+    from tl_app.models.knn_score import fit_knn
 
     config = Config().with_overrides({
         "data.root": str(data), "backbone.name": "vgg16", "backbone.weights": weights,
@@ -131,7 +122,7 @@ def measure(weights: str, size: int, sizes: dict, epochs: int, work: Path, data:
 
     train_f, _, _, train_labels = out["train"]
     mahalanobis = fit_mahalanobis(train_f, train_labels)
-    knn = knn_scorer(train_f, k)
+    knn = fit_knn(train_f, train_labels, k=k).score  # what training fits for train.ood = knn
     scorers = {"max_softmax": lambda f, z, p: max_softmax_score(p), "energy": lambda f, z, p: energy(z),
                "mahalanobis": lambda f, z, p: mahalanobis.score(f), "knn": lambda f, z, p: knn(f)}
     rows = {}

@@ -1,7 +1,7 @@
 """The OOD scorer a model carries: fitted by training, exported in the graph, answered by predict and the server.
 
 One tiny bottleneck run (VGG16, random weights, 32 px) trained with the default
-``train.ood`` (mahalanobis), exported as SavedModel + .keras; noise images written
+``train.ood`` (knn), exported as SavedModel + .keras; noise images written
 to disk at the input size (full-range pixels: a resize would smooth them into
 the shapes' range, where neither random nor hed-vgg16 features at 32 px tell them
 apart) must come back "unknown" through `tl-app predict` and a real server on
@@ -27,8 +27,8 @@ NOISE_IMAGES = 12
 
 
 @pytest.fixture(scope="module")
-def ood_run(tmp_path_factory, sample_dir):
-    """{run_dir, version_dir, noise: [paths], inside: [paths]}: trained with train.ood = mahalanobis, exported."""
+def ood_run(tmp_path_factory, sample_dir, hed_vgg16_weights):
+    """{run_dir, version_dir, noise: [paths], inside: [paths]}: trained with the default train.ood (knn), exported."""
     from PIL import Image
 
     from tl_app import api
@@ -36,8 +36,9 @@ def ood_run(tmp_path_factory, sample_dir):
 
     base = tmp_path_factory.mktemp("ood-model")
     config = small_config(base, sample_dir, backbone="vgg16")
+    config.backbone.weights = "hed-vgg16"  # pretrained features: what the k-NN scorer is for
     config.train.strategy, config.train.epochs, config.train.batch_size = "bottleneck", 2, 8
-    assert config.train.ood == "mahalanobis"  # the default
+    assert config.train.ood == "knn"  # the default
     run_dir = Path(api.train(config, echo=None)["run_dir"])
     exported = export_run(run_dir, root=base / "saved_models", name="shapes", formats="savedmodel,keras", echo=None)
     noise_dir = base / "noise"
@@ -56,10 +57,13 @@ def test_training_stores_the_scorer_and_a_threshold_accepting_95_percent_of_vali
 
     info = json.loads((ood_run["run_dir"] / "run.json").read_text())
     record = info["ood"]
-    assert record["method"] == "mahalanobis" and record["threshold_on"] == "val" and record["acceptance"] == 0.95
+    # the threshold comes from the validation images and the training images scored without themselves
+    assert record["method"] == "knn" and record["threshold_on"] == "val+train (leave-one-out)"
+    assert record["acceptance"] == 0.95 and record["threshold_images"] == record["train_images"] + 5
     assert record["accepted"] >= 0.95
     scorer = load_scorer(ood_run["run_dir"] / OOD_FILE)
-    assert scorer.means.shape == (3, record["dim"]) and scorer.precision.shape == (record["dim"], record["dim"])
+    assert scorer.bank.shape == (record["train_images"], record["dim"]) and scorer.k == record["k"]
+    assert np.allclose(np.linalg.norm(scorer.bank, axis=1), 1.0, atol=1e-5)  # unit rows: cosine by a product
     card = json.loads((ood_run["version_dir"] / "model_card.json").read_text())
     assert card["ood"]["threshold"] == pytest.approx(record["threshold"]) and "ood_score" in \
         card["signatures"]["outputs"]
@@ -87,6 +91,26 @@ def test_exported_ood_score_equals_the_keras_models_within_the_parity_tolerance(
     np.testing.assert_allclose(got["probabilities"].numpy(), reference["probabilities"], atol=1e-4)
     threshold = json.loads((ood_run["run_dir"] / "run.json").read_text())["ood"]["threshold"]
     assert list(got["unknown"].numpy()) == list(reference["ood_score"] > threshold)
+
+
+def test_mahalanobis_is_the_other_scorer_and_its_export_passes_the_same_gate(tmp_path, sample_dir):
+    from tl_app import api
+    from tl_app.export.exporter import export_run
+    from tl_app.export.parity import SCORE_TOLERANCE
+    from tl_app.models.ood import OOD_FILE, load_scorer
+
+    config = small_config(tmp_path, sample_dir, backbone="vgg16")
+    config.train.strategy, config.train.epochs, config.train.batch_size = "bottleneck", 1, 8
+    config.train.ood = "mahalanobis"
+    run_dir = Path(api.train(config, echo=None)["run_dir"])
+    record = json.loads((run_dir / "run.json").read_text())["ood"]
+    assert record["method"] == "mahalanobis" and 0 < record["shrinkage"] <= 1
+    scorer = load_scorer(run_dir / OOD_FILE)
+    assert scorer.means.shape == (3, record["dim"]) and scorer.precision.shape == (record["dim"], record["dim"])
+    parity = export_run(run_dir, root=tmp_path / "saved_models", name="m", formats="savedmodel,keras",
+                        echo=None)["parity"]
+    for key in ("savedmodel_ood_score", "keras_ood_score"):
+        assert parity[key]["max_rel_diff"] <= SCORE_TOLERANCE, parity
 
 
 def test_predict_marks_noise_images_unknown_and_accepts_most_training_images(ood_run, cli, tmp_path):
@@ -150,8 +174,8 @@ def test_ood_none_trains_and_predicts_as_before(tmp_path, sample_dir, cli):
     image = next(Path(sample_dir).rglob("*.png"))
     assert cli("predict", run_dir, image, "--out", out, "-q", "-k", "2").exit_code == 0
     assert out.read_text().splitlines()[0] == "path,label_1,probability_1,label_2,probability_2,error"
-    bad = cli("train", sample_dir, "--ood", "knn")
-    assert bad.exit_code != 0 and "knn" in bad.output and "Traceback" not in bad.output
+    bad = cli("train", sample_dir, "--ood", "energy")
+    assert bad.exit_code != 0 and "energy" in bad.output and "Traceback" not in bad.output
 
 
 def test_the_report_shows_the_ood_folder_figures_when_evaluate_measured_them():

@@ -64,8 +64,9 @@ LEARNING_RATE = LearningRateType()
 @click.option("--calibration", type=click.Choice(["none", "temperature"]), default=None,
               help="temperature (default): fit a temperature on the validation split so that confidences match "
                    "accuracy; every export applies it. none: the model's raw probabilities.")
-@click.option("--ood", type=click.Choice(["none", "mahalanobis"]), default=None,
-              help="mahalanobis (default): fit an out-of-distribution score on the training features, with a "
+@click.option("--ood", type=click.Choice(["none", "knn", "mahalanobis"]), default=None,
+              help="knn (default): cosine distance to the 5th nearest training feature; mahalanobis: distance to "
+                   "the nearest class mean (shared covariance). Either is fitted on the training features with a "
                    "threshold accepting 95%% of validation images; exports answer 'unknown' above it. none: off.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @engine_options

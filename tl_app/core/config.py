@@ -27,7 +27,7 @@ PRECISIONS = ("none", "float16", "bfloat16")
 DISTRIBUTE = ("none", "mirrored", "multi-worker")
 ENGINES = ("local", "ray")
 CALIBRATIONS = ("none", "temperature")  # temperature: fitted on validation, applied inside every export
-OODS = ("none", "mahalanobis")  # mahalanobis: an ood_score output and an "unknown" answer in every export
+OODS = ("none", "knn", "mahalanobis")  # knn | mahalanobis: an ood_score output and an "unknown" answer in exports
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold: the default pixel limit everywhere
 
 
@@ -141,8 +141,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     calibration: str = "temperature"  # none | temperature (see CALIBRATIONS)
+    ood: str = "knn"  # none | knn | mahalanobis (see OODS): fitted on training features, threshold on val
     ema: bool = False  # finetune: keep an exponential moving average of the weights; validate and export it
-    ood: str = "mahalanobis"  # none | mahalanobis (see OODS): fitted on training features, threshold on val
     ema_momentum: float = 0.99  # ema: weight of the average at each step (closer to 1: a longer memory)
     mixup: float = 0.0  # finetune: Beta(alpha, alpha) of mixup; 0 = off
     cutmix: float = 0.0  # finetune: Beta(alpha, alpha) of CutMix; 0 = off (both on: one of the two per batch)
@@ -350,8 +350,8 @@ def validate(config: Config) -> None:
     check_choice(config.train.mixed_precision, PRECISIONS, "train.mixed_precision")
     check_choice(config.train.distribute, DISTRIBUTE, "train.distribute")
     check_choice(config.train.calibration, CALIBRATIONS, "train.calibration")
-    check_choice(config.features.dtype, ("float32", "float16"), "features.dtype")
     check_choice(config.train.ood, OODS, "train.ood")
+    check_choice(config.features.dtype, ("float32", "float16"), "features.dtype")
     check_choice(config.features.runtime, ("keras", "onnxruntime"), "features.runtime")
     check_choice(config.engine.name, ENGINES, "engine.name")
     if config.engine.num_workers < 1:

@@ -17,7 +17,7 @@ import tl_app.data.augment  # noqa: F401  (registers tl-app's custom Keras layer
 import tl_app.models.backbones  # noqa: F401  (same)
 import tl_app.models.fewshot_heads  # noqa: F401  (same: the k-NN and prototype heads)
 from tl_app.models.calibration import recorded_temperature, with_temperature  # (registers TemperatureScaling too)
-from tl_app.models.ood import LAYER_NAME as OOD_SCORE, recorded_ood, split_outputs, with_ood, without_ood
+from tl_app.models.ood import LAYER_NAME as OOD_SCORE, SCORED, recorded_ood, split_outputs, with_ood, without_ood
 from tl_app.core.config import Config
 from tl_app.core.errors import ModelNotFoundError
 from tl_app.models.artifacts import (CARD_FILE, KERAS_FILE, MODEL_FILE, PIXELS_SIGNATURE, RUN_FILE, SAVED_MODEL_FILE,
@@ -95,7 +95,7 @@ class Predictor:
     def ood_threshold(self) -> float | None:
         """The threshold above which an ood_score means "unknown" (run.json's or the card's), or None."""
         record = self.card.get("ood") or {}
-        return float(record["threshold"]) if record.get("method") == "mahalanobis" else None
+        return float(record["threshold"]) if record.get("method") in SCORED else None
 
     @property
     def backbone(self) -> str:

@@ -1,10 +1,10 @@
 """Fitting the model's out-of-distribution scorer at the end of training (both strategies).
 
-The class-conditional Mahalanobis scorer (tl_app.models.ood) is fitted on the
-training split's backbone features; its threshold is the score that accepts
-ACCEPTANCE of the validation images (of the training images when there is no
-validation split). Means and precision go to ood.npz, the rest to run.json's
-``ood``; export adds the score to the graph.
+The scorer (k-NN cosine or class-conditional Mahalanobis, tl_app.models.ood) is
+fitted on the training split's backbone features; its threshold is the score
+that accepts ACCEPTANCE of the validation images (of the training images when
+there is no validation split). The scorer's arrays go to ood.npz, the rest to
+run.json's ``ood``; export adds the score to the graph.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tl_app.models.ood import ACCEPTANCE, OOD_FILE, acceptance_threshold, feature_model, fit_mahalanobis, save_scorer
+from tl_app.models.ood import (ACCEPTANCE, OOD_FILE, SCORED, acceptance_threshold, feature_model, fit_knn,
+                               fit_mahalanobis, save_scorer)
 from tl_app.training.runs import write_run_info
 
 MIN_IMAGES = 2  # per fit: fewer training images than this say nothing about a class's spread
@@ -29,17 +30,36 @@ def fit_ood(method: str, train_features, train_labels, val_features, run_dir: st
         record = {"method": "none", "requested": method,
                   "reason": f"{len(train_features)} training image(s): at least {MIN_IMAGES} are needed"}
     else:
-        scorer = fit_mahalanobis(train_features, train_labels)
         held_out = len(val_features) > 0
-        inside = scorer.score(val_features if held_out else train_features)
+        if method == "knn":
+            scorer = fit_knn(train_features, train_labels)
+            # training images scored against the others (leave-one-out: each would be its own nearest
+            # neighbour) join the validation images, so a small validation split does not set the threshold alone
+            inside = np.concatenate([scorer.score(val_features) if held_out else np.zeros(0),
+                                     leave_one_out_knn(scorer)])
+            details = {"k": scorer.k, "bank": int(scorer.bank.shape[0]), "dim": int(scorer.bank.shape[1])}
+        else:
+            scorer = fit_mahalanobis(train_features, train_labels)
+            inside = scorer.score(val_features if held_out else train_features)
+            details = {"dim": int(scorer.means.shape[1]), "shrinkage": scorer.shrinkage}
         threshold = acceptance_threshold(inside, acceptance)
         save_scorer(scorer, run_dir / OOD_FILE)
-        record = {"method": "mahalanobis", "threshold": threshold, "acceptance": acceptance,
-                  "accepted": float(np.mean(inside <= threshold)), "threshold_on": "val" if held_out else "train",
+        threshold_on = "val" if held_out else "train"
+        if method == "knn":
+            threshold_on = ("val+" if held_out else "") + "train (leave-one-out)"
+        record = {"method": method, "threshold": threshold, "acceptance": acceptance,
+                  "accepted": float(np.mean(inside <= threshold)), "threshold_on": threshold_on,
                   "train_images": int(len(train_features)), "threshold_images": int(len(inside)),
-                  "dim": int(scorer.means.shape[1]), "shrinkage": scorer.shrinkage, "file": OOD_FILE}
+                  **details, "file": OOD_FILE}
     write_run_info(run_dir, ood=record)
     return record
+
+
+def leave_one_out_knn(scorer) -> np.ndarray:
+    """Each bank row's score against the others: its (k+1)-th nearest, the first being itself."""
+    similarity = scorer.bank @ scorer.bank.T
+    k = min(scorer.k + 1, len(scorer.bank))
+    return 1.0 - np.sort(similarity, axis=1)[:, -k]
 
 
 def dataset_features(model, dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +84,7 @@ def fit_ood_on_datasets(method: str, model, train_dataset, val_dataset, run_dir)
 
 
 def ood_text(record: dict) -> str:
-    if record.get("method") != "mahalanobis":
+    if record.get("method") not in SCORED:
         return "ood: none" + (f" ({record['reason']})" if record.get("reason") else "")
-    return (f"ood: mahalanobis, threshold {record['threshold']:.4g} accepts {record['accepted']:.1%} of "
+    return (f"ood: {record['method']}, threshold {record['threshold']:.4g} accepts {record['accepted']:.1%} of "
             f"{record['threshold_images']} {record['threshold_on']} images")
