@@ -1,13 +1,13 @@
 """What the in-graph OOD score costs at inference: the same weights exported with and without it.
 
 Trains one small bottleneck run (VGG16, random weights unless ``--weights``)
-with ``train.ood = mahalanobis``, copies it with run.json's ``ood`` set to none,
+with ``train.ood`` = ``--ood`` (knn, the default, or mahalanobis), copies it with run.json's ``ood`` set to none,
 exports both as SavedModels and times ``predict_pixels`` on both in
 alternating rounds in this process (bench_calibration's timer). The figure is
 the ratio of per-image times, scored / plain; on a shared, loaded machine read
 ratios near 1 as "no measurable cost".
 
-    python bench/bench_ood_cost.py [--quick] [--size 64] [--weights none|hed-vgg16]
+    python bench/bench_ood_cost.py [--quick] [--size 64] [--weights none|hed-vgg16] [--ood knn|mahalanobis]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--weights", default="none")
+    parser.add_argument("--ood", default="knn", choices=["knn", "mahalanobis"])
     args = parser.parse_args()
     rounds = 10 if args.quick else 30
     with tempfile.TemporaryDirectory(prefix="bench-ood-cost-") as tmp:
@@ -41,7 +42,7 @@ def main() -> int:
             "data.root": str(work / "data"), "backbone.name": "vgg16", "backbone.weights": args.weights,
             "backbone.input_size": args.size, "features.cache_dir": str(work / "cache"),
             "train.runs_dir": str(work / "runs"), "head.units": [64], "train.epochs": 3, "train.batch_size": 16,
-            "train.ood": "mahalanobis", "train.name": "scored"})
+            "train.ood": args.ood, "train.name": "scored"})
         summary = train(config, echo=None)
         run_dir = Path(summary["run_dir"])
         record = json.loads((run_dir / "run.json").read_text())["ood"]
@@ -56,8 +57,8 @@ def main() -> int:
     for c in cost:
         print(f"inference, batch {c['batch']:>2}: {c['plain_ms']:.3f} ms/image without the OOD score, "
               f"{c['calibrated_ms']:.3f} with it: ratio {c['ratio']:.4f} (SavedModel predict_pixels, "
-              f"median of {rounds} alternating rounds; feature dim {record.get('dim')})")
-    emit("ood_cost", {"weights": args.weights, "size": args.size, "ood": record,
+              f"median of {rounds} alternating rounds; {args.ood}, feature dim {record.get('dim')})")
+    emit("ood_cost", {"method": args.ood, "weights": args.weights, "size": args.size, "ood": record,
                       "inference_cost": [{"batch": c["batch"], "plain_ms": c["plain_ms"],
                                           "scored_ms": c["calibrated_ms"], "ratio": c["ratio"]} for c in cost]})
     return 0
