@@ -135,6 +135,23 @@ def test_predict_marks_noise_images_unknown_and_accepts_most_training_images(ood
         assert float(row["ood_score"]) == pytest.approx(rows[row["path"]]["ood_score"], rel=1e-4)
 
 
+def test_evaluate_ood_folder_measures_the_models_own_scorer_at_its_threshold(ood_run, cli, tmp_path):
+    from tl_app.insight.report import ood_body
+
+    noise_dir = Path(ood_run["noise"][0]).parent
+    result = cli("evaluate", ood_run["run_dir"], "--split", "all", "--top-losses", 1, "--out", tmp_path / "eval",
+                 "--ood-folder", noise_dir, "--json")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output[result.output.index("{"):])["ood"]
+    own = figures["model"]
+    threshold = json.loads((ood_run["run_dir"] / "run.json").read_text())["ood"]["threshold"]
+    assert own["method"] == "knn" and own["model_threshold"] == pytest.approx(threshold)
+    assert own["ood_images"] == NOISE_IMAGES and own["auroc"] >= 0.95
+    # what predict answers: every noise image unknown, most of the sample accepted
+    assert own["ood_accepted_at_model_threshold"] == 0.0 and own["in_accepted_at_model_threshold"] >= 0.8
+    assert "own (knn)" in ood_body(figures)
+
+
 def test_the_server_answers_unknown_for_noise_over_rest_predict_and_upload(ood_run):
     import httpx
 

@@ -321,7 +321,9 @@ def ood_section(loaded: Predictor, run_manifest, used, ood_folder, batch_size: i
         make_dataset(train, size, policy, batch_size, with_index=True, background=background),
         lambda rows: labels[np.asarray(rows, int)],
         make_dataset(used, size, policy, batch_size, with_index=True, background=background),
-        folder_images(ood_folder, size, policy, background, batch_size))
+        folder_images(ood_folder, size, policy, background, batch_size), scorer_record=loaded.card.get("ood"),
+        score_fn=(lambda images: loaded.outputs(images).get("ood_score")) if loaded.ood_threshold is not None
+        else None)
 
 
 def default_out_dir(loaded: Predictor) -> Path:

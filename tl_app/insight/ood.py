@@ -90,43 +90,57 @@ def folder_images(folder, input_size: int, policy: str, background, batch_size: 
         yield (np.stack(batch).astype(np.float32) if batch else None), used, skipped
 
 
-def ood_figures(model, train_dataset, train_labels_of, eval_dataset, ood_batches) -> dict:
-    """Mahalanobis (features of the training split) against max-softmax, on the evaluated split vs the folder.
+def ood_figures(model, train_dataset, train_labels_of, eval_dataset, ood_batches, scorer_record=None,
+                score_fn=None) -> dict:
+    """Mahalanobis (features of the training split) against max-softmax, on the evaluated split vs the folder;
+    and, for a model that carries its own scorer (``score_fn``: images -> ood_score; ``scorer_record``: run.json's
+    or the card's ``ood``), that scorer at the threshold it answers "unknown" with: what the model's users get.
 
     ``train_dataset``/``eval_dataset`` yield (images, index); ``train_labels_of`` maps indices to class numbers.
     """
     both = features_and_probabilities(model)
     if both is None:
         return {"error": "the model has no 'head' layer after its backbone features (a few-shot or foreign model)"}
+    own = score_fn is not None and (scorer_record or {}).get("threshold") is not None
+
+    def outputs(images):
+        f, p = both.predict_on_batch(images)
+        score = score_fn(images) if own else None
+        return (np.asarray(f, np.float64), np.asarray(p, np.float64),
+                np.asarray(score, np.float64).reshape(-1) if own else np.zeros(len(images)))
 
     def run(dataset):
-        feats, probs, index = [], [], []
+        feats, probs, scores, index = [], [], [], []
         for images, idx in dataset:
-            f, p = both.predict_on_batch(images)
-            feats.append(np.asarray(f, np.float64))
-            probs.append(np.asarray(p, np.float64))
-            index.append(np.asarray(idx))
-        return np.concatenate(feats), np.concatenate(probs), np.concatenate(index)
+            f, p, o = outputs(images)
+            feats.append(f), probs.append(p), scores.append(o), index.append(np.asarray(idx))
+        return np.concatenate(feats), np.concatenate(probs), np.concatenate(scores), np.concatenate(index)
 
-    train_f, _, train_index = run(train_dataset)
+    train_f, _, _, train_index = run(train_dataset)
     scorer = fit_mahalanobis(train_f, train_labels_of(train_index), SHRINKAGE)
-    in_f, in_p, _ = run(eval_dataset)
-    out_f, out_p, used, skipped = [], [], [], []
+    in_f, in_p, in_o, _ = run(eval_dataset)
+    out_f, out_p, out_o, used, skipped = [], [], [], [], []
     for images, paths, bad in ood_batches:
         skipped += bad
         if images is None:
             continue
-        f, p = both.predict_on_batch(images)
-        out_f.append(np.asarray(f, np.float64))
-        out_p.append(np.asarray(p, np.float64))
+        f, p, o = outputs(images)
+        out_f.append(f), out_p.append(p), out_o.append(o)
         used += paths
     if not used:
         return {"error": "no decodable image in the OOD folder", "skipped": skipped}
-    out_f, out_p = np.concatenate(out_f), np.concatenate(out_p)
+    out_f, out_p, out_o = np.concatenate(out_f), np.concatenate(out_p), np.concatenate(out_o)
     figures = {"mahalanobis": separation(scorer.score(in_f), scorer.score(out_f)),
                "max_softmax": separation(max_softmax_score(in_p), max_softmax_score(out_p)),
                "train_images": int(len(train_f)), "acceptance": ACCEPTANCE, "skipped": skipped}
-    figures["better"] = max(("mahalanobis", "max_softmax"), key=lambda k: figures[k]["auroc"])
+    if own:
+        threshold = float(scorer_record["threshold"])
+        figures["model"] = {**separation(in_o, out_o), "method": scorer_record.get("method"),
+                            "model_threshold": threshold,
+                            "in_accepted_at_model_threshold": float(np.mean(in_o <= threshold)),
+                            "ood_accepted_at_model_threshold": float(np.mean(out_o <= threshold))}
+    figures["better"] = max([k for k in ("model", "mahalanobis", "max_softmax") if k in figures],
+                            key=lambda k: figures[k]["auroc"])
     return figures
 
 
@@ -139,4 +153,8 @@ def ood_text(figures: dict | None) -> str:
     m, s = figures["mahalanobis"], figures["max_softmax"]
     return (f"ood ({m['ood_images']} images): AUROC mahalanobis {m['auroc']:.4f} vs max-softmax {s['auroc']:.4f}; "
             f"outside images accepted at {figures['acceptance']:.0%} in-distribution acceptance: "
-            f"{m[key]:.4f} vs {s[key]:.4f}")
+            f"{m[key]:.4f} vs {s[key]:.4f}"
+            + ("" if "model" not in figures else
+               f"; the model's own scorer ({figures['model']['method']}): AUROC {figures['model']['auroc']:.4f}, "
+               f"at its threshold it accepts {figures['model']['in_accepted_at_model_threshold']:.1%} of the split "
+               f"and {figures['model']['ood_accepted_at_model_threshold']:.1%} of the folder"))

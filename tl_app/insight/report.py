@@ -324,9 +324,15 @@ def ood_body(figures: dict | None) -> str:
     body = (f"<p>Out-of-distribution folder ({figures['mahalanobis']['ood_images']} images) against the evaluated "
             f"split: AUROC (1 = every outside image scores above every inside one) and the share of outside images "
             f"still accepted at the threshold accepting {figures['acceptance']:.0%} of the inside ones.</p>")
-    return body + table(["scorer", "AUROC", f"outside accepted at {figures['acceptance']:.0%}"],
-                        [[name, f"{figures[name]['auroc']:.4f}", f"{figures[name][key]:.4f}"]
-                         for name in ("mahalanobis", "max_softmax")])
+    rows = [[name, f"{figures[name]['auroc']:.4f}", f"{figures[name][key]:.4f}"]
+            for name in ("mahalanobis", "max_softmax")]
+    own = figures.get("model")
+    if own:
+        rows.insert(0, [f"the model's own ({own['method']})", f"{own['auroc']:.4f}", f"{own[key]:.4f}"])
+        body += (f"<p>At the threshold the model answers \"unknown\" with ({own['model_threshold']:.4g}), it accepts "
+                 f"{own['in_accepted_at_model_threshold']:.1%} of the evaluated split and "
+                 f"{own['ood_accepted_at_model_threshold']:.1%} of the outside images.</p>")
+    return body + table(["scorer", "AUROC", f"outside accepted at {figures['acceptance']:.0%}"], rows)
 
 
 def confusion_body(metrics: dict | None) -> str:
