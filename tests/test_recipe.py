@@ -10,18 +10,12 @@ import json
 import keras
 import numpy as np
 import pytest
+from test_finetune import finetune_config
 
 
 def recipe_config(tiny_config, **train):
-    config = tiny_config
-    config.train.strategy = "finetune"
-    config.backbone.name = "vgg16"
-    config.train.epochs = 1
-    config.train.finetune_epochs = 0
-    config.train.calibration = "none"
-    for key, value in train.items():
-        setattr(config.train, key, value)
-    return config
+    """test_finetune's configuration, one phase and no calibration unless ``train`` says otherwise."""
+    return finetune_config(tiny_config, **{"finetune_epochs": 0, "calibration": "none", **train})
 
 
 class WeightsAtEpochEnd(keras.callbacks.Callback):
