@@ -141,6 +141,9 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     calibration: str = "temperature"  # none | temperature (see CALIBRATIONS)
+    # bottleneck: fewer validation images than this -> the temperature is fitted on 5-fold out-of-fold
+    # probabilities over train+val (fresh heads per fold) instead of validation alone; 0 = always validation
+    calibration_oof_below: int = 200
     ood: str = "knn"  # none | knn | mahalanobis (see OODS): fitted on training features, threshold on val
     ema: bool = False  # finetune: keep an exponential moving average of the weights; validate and export it
     ema_momentum: float = 0.99  # ema: weight of the average at each step (closer to 1: a longer memory)
@@ -390,7 +393,8 @@ def validate(config: Config) -> None:
                 why="deeper blocks learn at the rate times this factor per block, so it must not raise it")
     check_range(config, "head.dropout", 0.0, 1.0, high_open=True)
     for dotted in ("train.epochs", "train.finetune_epochs", "train.unfreeze_blocks", "train.unfreeze_layers",
-                   "train.warmup_epochs", "train.early_stopping_patience", "features.augment_views"):
+                   "train.warmup_epochs", "train.early_stopping_patience", "features.augment_views",
+                   "train.calibration_oof_below"):
         check_range(config, dotted, 0, None)
     for dotted in ("train.step_every", "data.max_pixels", "serve.max_batch_size",
                    "serve.max_images", "serve.max_body_bytes", "serve.workers", "serve.top_k", "predict.top_k",
