@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -199,3 +200,77 @@ def test_risk_coverage_on_a_hand_example():
     oracle = risk_coverage(p, labels, scores=np.array([0.0, 1.0, 0.0, 1.0]))
     assert oracle["at"]["0.50"] == 1.0 and oracle["aurc"] < curve["aurc"]
     assert risk_coverage(np.zeros((0, 2)), np.zeros(0, int))["images"] == 0
+
+
+def test_out_of_fold_probabilities_come_from_models_that_never_saw_the_row_and_fit_the_same_temperature():
+    """The folds are stratified and seeded, each row is scored once by a model fitted without it, and a
+    temperature fitted on those probabilities undoes the 4x over-confidence as one fitted on validation does."""
+    from tl_app.training.calibration import out_of_fold_probabilities, stratified_folds, uses_out_of_fold
+
+    _, x, labels = overconfident_model_and_data()
+    x, labels = x[:300].astype(np.float64), labels[:300]
+    seen = []
+
+    def fit_predict(fit_rows, held_rows):  # class means from the fitted rows only: Bayes logits x 4
+        seen.append((set(fit_rows.tolist()), set(held_rows.tolist())))
+        centres = np.stack([x[fit_rows][labels[fit_rows] == c].mean(0) for c in range(3)])
+        logits = 4.0 * (x[held_rows] @ centres.T - 0.5 * np.sum(centres ** 2, axis=1))
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    oof = out_of_fold_probabilities(fit_predict, labels, 3, seed=7)
+    assert oof["folds"] == 5 and len(seen) == 5
+    held = [h for _, h in seen]
+    assert all(not (f & h) for f, h in seen) and sorted(i for h in held for i in h) == list(range(300))
+    folds = stratified_folds(labels, 5, seed=7)
+    for c in range(3):  # each class spread over the folds within one image
+        counts = np.bincount(folds[labels == c], minlength=5)
+        assert counts.max() - counts.min() <= 1
+    np.testing.assert_array_equal(folds, stratified_folds(labels, 5, seed=7))
+    assert not np.array_equal(folds, stratified_folds(labels, 5, seed=8))
+
+    record = calibration_record("temperature", oof["probabilities"][:20], labels[:20], out_of_fold=oof)
+    assert record["fitted_on"] == "oof" and record["folds"] == 5 and record["oof_images"] == 300
+    assert record["temperature"] == pytest.approx(fit_temperature(oof["probabilities"], labels))
+    assert 2.5 < record["temperature"] < 6.0  # the logits were scaled by 4
+    assert record["oof"]["after"]["nll"] < record["oof"]["before"]["nll"] - 0.05
+    assert record["images"] == 20 and record["before"]["images"] == 20  # the validation figures stay validation's
+    # the switch: small validation and temperature only; 0 turns it off; too few images to fit stays "none"
+    assert uses_out_of_fold("temperature", 38, 200) and not uses_out_of_fold("temperature", 200, 200)
+    assert not uses_out_of_fold("temperature", 38, 0) and not uses_out_of_fold("none", 38, 200)
+    assert not uses_out_of_fold("temperature", 1, 200)
+
+
+@pytest.mark.slow
+def test_a_bottleneck_run_with_small_validation_fits_its_temperature_out_of_fold_and_0_turns_it_off(tiny_config):
+    from tl_app.core.config import Config
+    from tl_app.core.errors import ConfigError
+    from tl_app.models.artifacts import read_run_info
+    from tl_app.training.bottleneck import train_bottleneck
+
+    tiny_config.backbone.name = "vgg16"
+    tiny_config.train.ood = "none"
+    lines = []
+    summary = train_bottleneck(tiny_config, echo=lines.append)
+    record = read_run_info(Path(summary["run_dir"]))["calibration"]
+    metrics = summary["metrics"]
+    assert 0 < metrics["val_images"] < tiny_config.train.calibration_oof_below  # the sample's split is small
+    assert record["fitted_on"] == "oof" and record["folds"] == 5
+    assert record["oof_images"] == metrics["train_images"] + metrics["val_images"]
+    assert record["oof"]["before"]["images"] == record["oof_images"]
+    assert math.isfinite(record["temperature"]) and record["temperature"] > 0
+    assert record["oof"]["after"]["nll"] <= record["oof"]["before"]["nll"]
+    assert record["images"] == metrics["val_images"] == record["before"]["images"]  # evaluate's figures: val
+    assert any("out-of-fold" in str(line) and "5 folds" in str(line) for line in lines)
+
+    tiny_config.train.calibration_oof_below = 0
+    tiny_config.train.name = "val-only"
+    lines.clear()
+    summary = train_bottleneck(tiny_config, echo=lines.append)
+    record = read_run_info(Path(summary["run_dir"]))["calibration"]
+    assert record["fitted_on"] == "val" and "oof" not in record and "folds" not in record
+    assert record["images"] == summary["metrics"]["val_images"]
+    assert any("fitted on" in str(line) and "validation images" in str(line) and "out-of-fold" not in str(line)
+               for line in lines)
+    with pytest.raises(ConfigError, match="calibration_oof_below"):
+        Config().with_overrides({"train.calibration_oof_below": -1})

@@ -26,7 +26,7 @@ from tl_app.core.files import write_json
 from tl_app.models.backbones import build_feature_model
 from tl_app.core.config import FEWSHOT_HEADS
 from tl_app.training.fewshot import train_fewshot_head
-from tl_app.training.calibration import calibration_record, record_text
+from tl_app.training.calibration import calibration_record, out_of_fold_probabilities, record_text, uses_out_of_fold
 from tl_app.training.ood import fit_ood, ood_text
 
 
@@ -102,10 +102,6 @@ def train_head(config: Config, prepared, echo=print) -> dict:
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.train.seed)
-    # standardised on the training split's plain features only: validation must not leak into the model
-    head = build_head(num_classes, features.shape[1], config.head, standardize_on=x_train)
-    head.compile(optimizer=make_optimizer(config), loss=make_loss(config), metrics=["accuracy"],
-                 jit_compile=bool(config.train.jit_compile))
     monitor = "val_loss" if has_val else "loss"
     epochs: list[dict] = []
     callbacks = [
@@ -116,18 +112,10 @@ def train_head(config: Config, prepared, echo=print) -> dict:
                       epochs=config.train.epochs),
         *schedule_callbacks(config, has_val),
     ]
-    batch_size = int(config.train.batch_size)
-    verbose = 2 if echo and interactive() else 0
-    if feature_set.views is not None and feature_set.views.shape[1] > 0:
-        views = np.asarray(feature_set.views, np.float32)[feature_set.view_rows[train_rows]]
-        data = view_batches(x_train, views, labels[train_rows], num_classes, prepared.class_weights,
-                            batch_size, config.train.seed)
-        history = head.fit(data, validation_data=validation, epochs=config.train.epochs, callbacks=callbacks,
-                           verbose=verbose)
-    else:
-        history = head.fit(x_train, y_train, batch_size=batch_size, epochs=config.train.epochs,
-                           validation_data=validation, class_weight=prepared.class_weights, shuffle=True,
-                           callbacks=callbacks, verbose=verbose)
+    views = views_of(feature_set, train_rows)
+    head, history = fit_head(config, x_train, labels[train_rows], num_classes, prepared.class_weights, views,
+                             config.train.epochs, validation, callbacks,
+                             verbose=2 if echo and interactive() else 0)
 
     metrics = final_metrics(head, x_train, y_train, validation, history)
     write_json(run_dir / "metrics.json", metrics)
@@ -142,7 +130,12 @@ def train_head(config: Config, prepared, echo=print) -> dict:
     model.save(run_dir / MODEL_FILE)
     # the head's probabilities on the cached features are the assembled model's on the images
     val_probs = head.predict(validation[0], verbose=0, batch_size=256) if has_val else np.zeros((0, num_classes))
-    calibration = calibration_record(config.train.calibration, val_probs, labels[val_rows])
+    out_of_fold = None
+    if uses_out_of_fold(config.train.calibration, len(val_rows), config.train.calibration_oof_below):
+        out_of_fold = out_of_fold_head_probabilities(config, feature_set, np.concatenate([train_rows, val_rows]),
+                                                     num_classes, prepared.class_weights,
+                                                     max(1, metrics["best_epoch"]))
+    calibration = calibration_record(config.train.calibration, val_probs, labels[val_rows], out_of_fold)
     write_run_info(run_dir, status="finished", metrics=metrics, head={"kind": config.head.kind, "units": list(config.head.units)},
                    calibration=calibration,
                    features={k: feature_set.stats.get(k) for k in
@@ -154,6 +147,63 @@ def train_head(config: Config, prepared, echo=print) -> dict:
     say(f"model: {run_dir / MODEL_FILE}")
     return {"run_dir": str(run_dir), "strategy": "bottleneck", "metrics": metrics, "calibration": calibration,
             "features": dict(feature_set.stats), "model": str(run_dir / MODEL_FILE)}
+
+
+def views_of(feature_set, rows) -> np.ndarray | None:
+    """The cached augmented views of ``rows`` [n, K, dim]; a row without views (validation) repeats its own
+    features, so the sampler always draws it plain. None when the cache holds no views."""
+    if feature_set.views is None or feature_set.views.shape[1] == 0:
+        return None
+    view_rows = feature_set.view_rows[rows]
+    if np.all(view_rows >= 0):
+        return np.asarray(feature_set.views, np.float32)[view_rows]
+    out = np.repeat(np.asarray(feature_set.features, np.float32)[rows][:, None, :], feature_set.views.shape[1], 1)
+    has = view_rows >= 0
+    out[has] = np.asarray(feature_set.views, np.float32)[view_rows[has]]
+    return out
+
+
+def fit_head(config: Config, x, y, num_classes: int, class_weights: dict, views, epochs: int,
+             validation=None, callbacks=(), verbose: int = 0):
+    """A fresh head of ``config.head`` compiled and fitted on features ``x`` (labels ``y``), with their cached
+    views when given: the one recipe for the deployed head and the out-of-fold heads. (head, history)."""
+    # standardised on the fitted rows' plain features only: held-out rows must not leak into the model
+    head = build_head(num_classes, x.shape[1], config.head, standardize_on=x)
+    head.compile(optimizer=make_optimizer(config), loss=make_loss(config), metrics=["accuracy"],
+                 jit_compile=bool(config.train.jit_compile))
+    batch_size = int(config.train.batch_size)
+    if views is not None:
+        data = view_batches(x, views, y, num_classes, class_weights, batch_size, config.train.seed)
+        history = head.fit(data, validation_data=validation, epochs=epochs, callbacks=list(callbacks),
+                           verbose=verbose)
+    else:
+        history = head.fit(x, one_hot(y, num_classes), batch_size=batch_size, epochs=epochs,
+                           validation_data=validation, class_weight=class_weights, shuffle=True,
+                           callbacks=list(callbacks), verbose=verbose)
+    return head, history
+
+
+def out_of_fold_head_probabilities(config: Config, feature_set, rows, num_classes: int, class_weights: dict,
+                                   epochs: int) -> dict:
+    """Probabilities of ``rows`` (train+val), each from a head trained without its fold.
+
+    Each fold's head is trained as the deployed one (same head, loss, optimiser, schedule, class weights,
+    views) for the deployed head's best epoch count: there is no validation split left to stop on.
+    """
+    import keras
+
+    features = np.asarray(feature_set.features, np.float32)[rows]
+    labels = np.asarray(feature_set.labels)[rows]
+    views = views_of(feature_set, rows)
+
+    def fit_predict(fit_rows, held_rows):
+        keras.utils.set_random_seed(config.train.seed)
+        head, _ = fit_head(config, features[fit_rows], labels[fit_rows], num_classes, class_weights,
+                           None if views is None else views[fit_rows], epochs,
+                           callbacks=schedule_callbacks(config, False))
+        return head.predict(features[held_rows], verbose=0, batch_size=256)
+
+    return out_of_fold_probabilities(fit_predict, labels, num_classes, seed=config.train.seed)
 
 
 def final_metrics(head, x_train, y_train, validation, history) -> dict:

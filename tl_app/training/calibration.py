@@ -4,6 +4,13 @@ Training ends with ``calibration_record``: the temperature that minimises the
 validation negative log-likelihood (golden-section search on log T), with the
 figures before and after, stored in run.json; export applies it in the graph
 (models.calibration.TemperatureScaling). Evaluation reuses the figures.
+
+A temperature from a few dozen validation images is noisy. The bottleneck route
+(heads train in seconds on cached features) therefore fits it, when validation
+has fewer than ``train.calibration_oof_below`` images, on out-of-fold
+probabilities: k stratified folds over train+val, a fresh head per fold, each
+image scored by the head that did not see it (``out_of_fold_probabilities``).
+Fine-tuning keeps fitting on validation: a backbone per fold costs too much.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from tl_app.core.config import CALIBRATIONS  # noqa: F401  (the choices live wit
 ECE_BINS = 15
 LOG_T_RANGE = (math.log(0.05), math.log(20.0))  # T from 0.05 (sharpen) to 20 (soften)
 MIN_IMAGES = 2  # fewer validation images than this cannot say anything about confidence
+OOF_FOLDS = 5  # folds of the out-of-fold fit (fewer when there are fewer images)
 
 
 # ---- figures -------------------------------------------------------------------------
@@ -95,27 +103,84 @@ def fit_temperature(probabilities, labels, tolerance: float = 1e-4) -> float:
     return math.exp(best) if loss(best) < loss(0.0) else 1.0
 
 
-def calibration_record(method: str, probabilities, labels) -> dict:
-    """run.json's ``calibration``: the method, the temperature and the validation figures before and after."""
+def calibration_record(method: str, probabilities, labels, out_of_fold: dict | None = None) -> dict:
+    """run.json's ``calibration``: the method, the temperature and the validation figures before and after.
+
+    With ``out_of_fold`` ({"probabilities", "labels", "folds"}, see ``out_of_fold_probabilities``) the
+    temperature is fitted on those alone (``fitted_on: "oof"``) and their figures are kept under ``oof``;
+    ``before``/``after`` stay the validation split's, as evaluate and the report read them. Without it the
+    temperature is fitted on validation (``fitted_on: "val"``: fine-tuning, or enough validation images).
+    """
     labels = np.asarray(labels, int)
     if method == "none":
         return {"method": "none"}
     if len(labels) < MIN_IMAGES:
         return {"method": "none", "requested": method,
                 "reason": f"{len(labels)} validation image(s): at least {MIN_IMAGES} are needed to fit a temperature"}
-    temperature = fit_temperature(probabilities, labels)
-    return {"method": "temperature", "temperature": temperature, "fitted_on": "val", "images": int(len(labels)),
+    if out_of_fold is None:
+        temperature = fit_temperature(probabilities, labels)
+        source = {"fitted_on": "val"}
+    else:
+        oof_probs, oof_labels = out_of_fold["probabilities"], np.asarray(out_of_fold["labels"], int)
+        temperature = fit_temperature(oof_probs, oof_labels)
+        source = {"fitted_on": "oof", "folds": int(out_of_fold["folds"]), "oof_images": int(len(oof_labels)),
+                  "oof": {"before": calibration_figures(oof_probs, oof_labels),
+                          "after": calibration_figures(scale_probabilities(oof_probs, temperature), oof_labels)}}
+    return {"method": "temperature", "temperature": temperature, **source, "images": int(len(labels)),
             "before": calibration_figures(probabilities, labels),
             "after": calibration_figures(scale_probabilities(probabilities, temperature), labels)}
 
 
 def record_text(record: dict) -> str:
-    """One console line for the end of training."""
+    """One console line for the end of training: the temperature, what it was fitted on, the validation figures."""
     if record.get("method") != "temperature":
         return "calibration: none" + (f" ({record['reason']})" if record.get("reason") else "")
     b, a = record["before"], record["after"]
-    return (f"calibration: temperature {record['temperature']:.3f} on {record['images']} validation images "
-            f"(ECE {b['ece']:.4f} -> {a['ece']:.4f}, NLL {b['nll']:.4f} -> {a['nll']:.4f})")
+    figures = f"ECE {b['ece']:.4f} -> {a['ece']:.4f}, NLL {b['nll']:.4f} -> {a['nll']:.4f}"
+    if record.get("fitted_on") == "oof":
+        o = record["oof"]
+        return (f"calibration: temperature {record['temperature']:.3f} fitted on out-of-fold probabilities of "
+                f"{record['oof_images']} train+val images ({record['folds']} folds; OOF NLL {o['before']['nll']:.4f} "
+                f"-> {o['after']['nll']:.4f}); on {record['images']} validation images {figures}")
+    return f"calibration: temperature {record['temperature']:.3f} fitted on {record['images']} validation images ({figures})"
+
+
+def uses_out_of_fold(method: str, validation_images: int, below: int) -> bool:
+    """The bottleneck route's choice: out-of-fold when validation is small (``below`` = 0 turns it off)."""
+    return method == "temperature" and below > 0 and MIN_IMAGES <= validation_images < below
+
+
+def stratified_folds(labels, folds: int, seed: int) -> np.ndarray:
+    """A fold number per row: each class shuffled (seeded) and dealt round-robin, so folds keep class shares.
+
+    The deal continues across classes, so a class with fewer images than folds does not pile into fold 0.
+    """
+    labels = np.asarray(labels, int)
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(labels), np.int64)
+    start = 0
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        out[rows] = (start + np.arange(len(rows))) % folds
+        start += len(rows)
+    return out
+
+
+def out_of_fold_probabilities(fit_predict, labels, num_classes: int, seed: int,
+                              folds: int = OOF_FOLDS) -> dict:
+    """Every row's probabilities from a model fitted without it: ``fit_predict(fit_rows, held_rows)``
+    trains a fresh model on ``fit_rows`` and returns its probabilities for ``held_rows``.
+
+    Returns {"probabilities", "labels", "folds"}, ready for ``calibration_record(out_of_fold=...)``.
+    """
+    labels = np.asarray(labels, int)
+    folds = max(2, min(int(folds), len(labels)))
+    fold_of = stratified_folds(labels, folds, seed)
+    probabilities = np.zeros((len(labels), num_classes), np.float64)
+    for k in range(folds):
+        held = np.flatnonzero(fold_of == k)
+        probabilities[held] = np.asarray(fit_predict(np.flatnonzero(fold_of != k), held), np.float64)
+    return {"probabilities": probabilities, "labels": labels, "folds": folds}
 
 
 def dataset_probabilities(model, dataset, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

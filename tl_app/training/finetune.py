@@ -429,7 +429,9 @@ class FineTuneRun:
 
     # -- the end --
     def finish(self) -> dict:
-
+        """model.keras, metrics and run.json. The temperature is fitted on validation (``fitted_on: "val"``)
+        whatever its size: out-of-fold probabilities, as the bottleneck route uses for a small validation
+        split, would need a backbone fine-tuned per fold."""
         self.store.flush()
         # a fresh float32 copy: no optimiser state in the file, float32 whatever precision trained it
         model = build_classifier(self.config, self.prepared.spec, self.prepared.input_size, self.num_classes,
