@@ -21,7 +21,7 @@ from factories import reference_pixels
 
 @pytest.mark.slow
 def test_a_fine_tuned_resnet_exports_with_parity_in_every_format(tiny_config, tmp_path):
-    from tl_app.export.converters import run_onnx, run_tflite
+    from tl_app.export.converters import onnx_outputs, tflite_outputs
     from tl_app.export.exporter import export_run
     from tl_app.models.opener import load_model_file, open_savedmodel
     from tl_app.training.finetune import train_finetune
@@ -36,18 +36,33 @@ def test_a_fine_tuned_resnet_exports_with_parity_in_every_format(tiny_config, tm
 
     images, _ = reference_pixels(run_dir)  # the training pipeline's own pixels of every sample image
     images = images[:12]
-    keras_probs = np.asarray(load_model_file(version / "model.keras").predict(images, verbose=0))
+    # The .keras export answers a dict (issue 16): the probabilities and the unknown-scorer's
+    # ood_score, which must also be defined on a fine-tuned BatchNorm network.
+    keras_out = load_model_file(version / "model.keras").predict(images, verbose=0)
+    assert set(keras_out) == {"probabilities", "ood_score"}, sorted(keras_out)
+    keras_probs = np.asarray(keras_out["probabilities"])
     assert keras_probs.shape == (12, 3)
+    assert np.all(np.isfinite(keras_out["ood_score"])) and keras_out["ood_score"].shape[0] == 12
     spread = float(np.max(np.std(keras_probs, axis=0)))
     assert spread > 1e-3, f"outputs barely vary between images ({spread:.2e}): parity would prove nothing"
 
     _, signatures = open_savedmodel(version)
     pixels = signatures["predict_pixels"](images=images.astype(np.float32))["probabilities"].numpy()
     np.testing.assert_allclose(pixels, keras_probs, atol=1e-4)
-    np.testing.assert_allclose(run_tflite(version / "model.tflite", images), keras_probs, atol=1e-4)
-    np.testing.assert_allclose(run_onnx(version / "model.onnx", images), keras_probs, atol=1e-4)
+    # TFLite and ONNX answer the unknown-scorer too: the same score, and the verdict at the card's threshold
+    threshold = json.loads((run_dir / "run.json").read_text())["ood"]["threshold"]
+    for converted in (tflite_outputs(version / "model.tflite", images), onnx_outputs(version / "model.onnx", images)):
+        assert set(converted) == {"probabilities", "ood_score", "unknown"}, sorted(converted)
+        np.testing.assert_allclose(converted["probabilities"], keras_probs, atol=1e-4)
+        np.testing.assert_allclose(converted["ood_score"], keras_out["ood_score"], atol=1e-4)
+        # every verdict agrees, except where the Keras score lies within the score tolerance of the threshold
+        borderline = np.abs(keras_out["ood_score"] - threshold) <= 1e-4 * np.maximum(1.0, keras_out["ood_score"])
+        agree = converted["unknown"] == (keras_out["ood_score"] > threshold)
+        assert np.all(agree | borderline), (converted["ood_score"], keras_out["ood_score"], threshold)
     for fmt in ("savedmodel", "tflite", "onnx"):
         assert result["parity"][fmt]["max_abs_diff"] <= 1e-4, (fmt, result["parity"][fmt])
+        assert result["parity"][f"{fmt}_ood_score"]["max_rel_diff"] <= 1e-4, (fmt, result["parity"])
+    assert result["parity"]["tflite_unknown"]["agreement"] == result["parity"]["onnx_unknown"]["agreement"] == 1.0
 
     # The card records the gate: every format, the byte signature included, within tolerance
     # on the golden images, and the inputs the graph cannot decode like Pillow refused by name.

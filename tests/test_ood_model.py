@@ -93,6 +93,68 @@ def test_exported_ood_score_equals_the_keras_models_within_the_parity_tolerance(
     assert list(got["unknown"].numpy()) == list(reference["ood_score"] > threshold)
 
 
+def test_tflite_and_onnx_answer_the_same_score_and_verdict_as_keras(ood_run, tmp_path):
+    from PIL import Image
+
+    from tl_app.export.converters import onnx_outputs, tflite_outputs
+    from tl_app.export.exporter import export_run
+    from tl_app.models.opener import open_model
+
+    result = export_run(ood_run["run_dir"], root=tmp_path, name="converted", formats="tflite,onnx", echo=None)
+    for fmt in ("tflite", "onnx"):  # the gate compared score and verdict before publishing
+        assert result["parity"][f"{fmt}_ood_score"]["max_rel_diff"] <= 1e-4, result["parity"]
+        assert result["parity"][f"{fmt}_unknown"]["agreement"] == 1.0, result["parity"]
+    paths = ood_run["noise"] + ood_run["inside"][:12]
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32)), np.float32) for p in paths])
+    reference = open_model(ood_run["run_dir"]).outputs(pixels)
+    threshold = json.loads((ood_run["run_dir"] / "run.json").read_text())["ood"]["threshold"]
+    expected = reference["ood_score"] > threshold
+    assert expected[:NOISE_IMAGES].mean() >= 0.9  # noise is what the verdict must catch
+    for out in (tflite_outputs(result["path"] / "model.tflite", pixels),
+                onnx_outputs(result["path"] / "model.onnx", pixels)):
+        np.testing.assert_allclose(out["probabilities"], reference["probabilities"], atol=1e-4)
+        np.testing.assert_allclose(out["ood_score"], reference["ood_score"], rtol=1e-4, atol=1e-5)
+        assert out["unknown"].dtype == bool and list(out["unknown"]) == list(expected)
+    card = json.loads((result["path"] / "model_card.json").read_text())
+    assert card["signatures"]["converted"]["outputs"] == ["probabilities", "ood_score", "unknown"]
+    assert "cosine" in card["signatures"]["outputs"]["ood_score"]  # the knn scorer, in its own words
+
+
+def test_the_parity_gate_refuses_a_converted_model_whose_verdict_or_score_is_wrong(ood_run):
+    from tl_app.core.errors import ExportError
+    from tl_app.export.converters import tflite_outputs
+    from tl_app.export.exporter import export_run
+    from tl_app.export.parity import golden_set, parity_gate, source_images
+    from tl_app.models.calibration import recorded_temperature, with_temperature
+    from tl_app.models.artifacts import read_run_info
+    from tl_app.models.ood import recorded_ood, with_ood
+    from tl_app.models.opener import load_run_model
+
+    run_dir = ood_run["run_dir"]
+    info = read_run_info(run_dir)
+    model, temperature = load_run_model(run_dir), recorded_temperature(info)
+    model = with_ood(model if temperature is None else with_temperature(model, temperature), *recorded_ood(info, run_dir))
+    policy = info.get("resize_policy") or "center_crop"
+    version = export_run(run_dir, root=ood_run["base"] / "gate", name="g", formats="tflite", echo=None)["path"]
+    golden = golden_set(source_images(run_dir)[0])
+
+    def flipped(pixels):  # a converter that lost the threshold: every verdict inverted
+        out = tflite_outputs(version / "model.tflite", pixels)
+        return {**out, "unknown": ~out["unknown"]}
+
+    def unscored(pixels):  # a converter that dropped the scorer
+        out = tflite_outputs(version / "model.tflite", pixels)
+        return {"probabilities": out["probabilities"]}
+
+    good = parity_gate(model, golden, 32, policy, (255, 255, 255),
+                       runners={"tflite": lambda p: tflite_outputs(version / "model.tflite", p)})
+    assert good["tflite_unknown"]["agreement"] == 1.0
+    with pytest.raises(ExportError, match="tflite: unknown disagrees"):
+        parity_gate(model, golden, 32, policy, (255, 255, 255), runners={"tflite": flipped})
+    with pytest.raises(ExportError, match="tflite: no ood_score output"):
+        parity_gate(model, golden, 32, policy, (255, 255, 255), runners={"tflite": unscored})
+
+
 def test_mahalanobis_is_the_other_scorer_and_its_export_passes_the_same_gate(tmp_path, sample_dir):
     from tl_app import api
     from tl_app.export.exporter import export_run

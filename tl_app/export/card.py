@@ -10,10 +10,15 @@ from tl_app.training.runs import versions
 
 
 # ---- the model card -------------------------------------------------------------
-OOD_OUTPUTS = {"ood_score": "float32 [N] (smallest squared Mahalanobis distance of the backbone features to a "
-                            "class mean; higher = less like the training images)",
-               "unknown": "bool [N] (ood_score > ood.threshold)",
-               "label": "string [N] ('unknown' when unknown, else class_name)"}
+SCORE_TEXT = {"knn": "1 - cosine similarity of the backbone features to the k-th nearest training image's",
+              "mahalanobis": "smallest squared Mahalanobis distance of the backbone features to a class mean"}
+
+
+def ood_outputs(method: str) -> dict:
+    """The card's description of the scorer's outputs, in the words of the method that computes them."""
+    return {"ood_score": f"float32 [N] ({SCORE_TEXT.get(method, method)}; higher = less like the training images)",
+            "unknown": "bool [N] (ood_score > ood.threshold)",
+            "label": "string [N] ('unknown' when unknown, else class_name)"}
 
 
 def ood_card(info: dict) -> dict:
@@ -97,7 +102,10 @@ def model_card(run_dir: Path, info: dict, name: str, version: int, formats: list
             PIXELS_SIGNATURE: {"inputs": {"images": "float32 [N, H, W, 3], RGB 0..255, resized in the graph"}},
             "outputs": {"probabilities": "float32 [N, C]", "class_index": "int64 [N]",
                         "class_name": "string [N]", "class_names": "string [N, C]",
-                        **(OOD_OUTPUTS if ood_card(info)["method"] != "none" else {})},
+                        **(ood_outputs(ood_card(info)["method"]) if ood_card(info)["method"] != "none" else {})},
+            "converted": {"formats": "tflite, onnx: images float32 [N, size, size, 3] RGB 0..255 (resized already)",
+                          "outputs": ["probabilities"] + (["ood_score", "unknown"]
+                                                          if ood_card(info)["method"] != "none" else [])},
         },
         "config": config,
     }

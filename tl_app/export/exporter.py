@@ -18,7 +18,8 @@ and ``class_names`` [N, C] (every output has the batch dimension first, as
 TF Serving's row format requires). A run trained with an OOD scorer adds
 ``ood_score`` [N], ``unknown`` [N] (score above the card's threshold) and
 ``label`` [N] ("unknown" or the class name); its ``.keras`` has the two named
-outputs ``probabilities`` and ``ood_score``. TFLite and ONNX keep probabilities only.
+outputs ``probabilities`` and ``ood_score``; TFLite and ONNX (fixed input size,
+no strings) answer ``probabilities``, ``ood_score`` and ``unknown``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tl_app.core.files import remove_stale_temporaries, temporary_sibling
 from tl_app.core.errors import ModelNotFoundError
 from tl_app.core.errors import ExportError
 from tl_app.export.card import model_card
-from tl_app.export.converters import convert_onnx, convert_tflite, run_onnx, run_tflite
+from tl_app.export.converters import convert_onnx, convert_tflite, onnx_outputs, tflite_outputs
 from tl_app.export.parity import golden_set, parity_gate, source_images
 from tl_app.export.repository import parse_formats, publish
 from tl_app.export.savedmodel import build_serving_module, save_savedmodel
@@ -41,7 +42,7 @@ from tl_app.models.artifacts import MODEL_FILE, read_run_info
 from tl_app.models.opener import load_run_model, run_background
 from tl_app.core.files import slug
 from tl_app.models.calibration import recorded_temperature, with_temperature
-from tl_app.models.ood import recorded_ood, with_ood
+from tl_app.models.ood import recorded_ood, with_ood, with_verdict
 
 
 # ---- the entry point ---------------------------------------------------------------
@@ -61,7 +62,7 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
     if temperature is not None:  # calibration in the graph: every format below returns calibrated probabilities
         model = with_temperature(model, temperature)
     ood = recorded_ood(info, run_dir)
-    scored = with_ood(model, *ood) if ood is not None else model  # + ood_score: SavedModel, .keras
+    scored = with_ood(model, *ood) if ood is not None else model  # + ood_score in every format
     classes = list(info["classes"])
     size = int(info["input_size"])
     policy = info.get("resize_policy") or "center_crop"
@@ -95,13 +96,13 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
             files.append(KERAS_FILE)
         if "tflite" in formats:
             say("[export] TFLite" + (" (dynamic-range quantised)" if quantize else " (float32)"))
-            convert_tflite(model, temp / TFLITE_FILE, quantize)
-            runners["tflite"] = lambda pixels: run_tflite(temp / TFLITE_FILE, pixels)
+            convert_tflite(with_verdict(scored), temp / TFLITE_FILE, quantize)
+            runners["tflite"] = lambda pixels: tflite_outputs(temp / TFLITE_FILE, pixels)
             files.append(TFLITE_FILE)
         if "onnx" in formats:
             say("[export] ONNX")
             convert_onnx(module, temp / ONNX_FILE, size)
-            runners["onnx"] = lambda pixels: run_onnx(temp / ONNX_FILE, pixels)
+            runners["onnx"] = lambda pixels: onnx_outputs(temp / ONNX_FILE, pixels)
             files.append(ONNX_FILE)
         say(f"[export] parity gate: {len(golden)} golden images ({image_source}) through every format")
         parity = parity_gate(scored, golden, size, policy, background,

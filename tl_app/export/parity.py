@@ -22,7 +22,7 @@ from tl_app.core.errors import ExportError
 from tl_app.data.images import decode_pil
 from tl_app.data.pipeline import resize_images
 from tl_app.models.artifacts import BYTES_SIGNATURE, PIXELS_SIGNATURE
-from tl_app.models.ood import LAYER_NAME as OOD_SCORE, split_outputs
+from tl_app.models.ood import LAYER_NAME as OOD_SCORE, VERDICT, ood_layer_of, split_outputs
 
 FLOAT_TOLERANCE = 1e-4  # max |probability difference| for SavedModel, .keras, TFLite and ONNX float32
 SCORE_TOLERANCE = 1e-4  # ood_score: max |difference| / max(1, |reference|) (a distance, not a probability)
@@ -180,6 +180,37 @@ def compare_scores(label: str, out, reference, names: list[str]) -> tuple[dict, 
                       f"{SCORE_TOLERANCE:g} on {len(bad)} image(s): {', '.join(bad)}"] if bad else [])
 
 
+def compare_verdicts(label: str, flags, reference_scores, threshold: float, names: list[str],
+                     quantized: bool = False) -> tuple[dict, list[str]]:
+    """``unknown`` of one format against the Keras score at the threshold.
+
+    Full precision: every verdict must agree, except on images whose reference score lies
+    within the score tolerance of the threshold (either side is then right). Quantised:
+    the share that agrees must reach the top-1 agreement a quantised model must reach.
+    """
+    import numpy as np
+
+    if flags is None:
+        return {"agreement": 0.0}, [f"{label}: no {VERDICT} output, expected one"]
+    flags = np.asarray(flags).reshape(-1).astype(bool)
+    reference = np.asarray(reference_scores, np.float64).reshape(-1)
+    expected = reference > threshold
+    if flags.shape != expected.shape:
+        return {"agreement": 0.0}, [f"{label}: {VERDICT} shape {flags.shape}, expected {expected.shape}"]
+    agree = flags == expected
+    borderline = np.abs(reference - threshold) <= SCORE_TOLERANCE * np.maximum(1.0, np.abs(reference))
+    figures = {"agreement": float(agree.mean()) if len(agree) else 1.0, "unknown": int(flags.sum()),
+               "expected_unknown": int(expected.sum())}
+    if quantized:
+        figures["tolerance"] = QUANTIZED_AGREEMENT
+        ok = figures["agreement"] >= QUANTIZED_AGREEMENT
+    else:
+        ok = bool(np.all(agree | borderline))
+    wrong = [n for n, a in zip(names, agree) if not a][:5]
+    return figures, ([] if ok else [f"{label}: {VERDICT} disagrees with the Keras score at the threshold "
+                                     f"{threshold:.6g} on {int((~agree).sum())} image(s): {', '.join(wrong)}"])
+
+
 def savedmodel_bytes_outputs(loaded, golden: list[Golden], scores_wanted: list | None = None):
     """serving_default on each golden image: (probabilities of accepted ones, problems with refusals)."""
     import numpy as np
@@ -214,7 +245,9 @@ def parity_gate(model, golden: list[Golden], input_size: int, policy: str, backg
     """Check every written format against ``model`` on ``golden``; raise ExportError listing every disagreement.
 
     ``runners`` maps a format name to a function of float32 pixels [N, size, size, 3]
-    (TFLite, ONNX); names in ``quantized`` are held to top-1 agreement.
+    (TFLite, ONNX) that returns probabilities, or a dict of named outputs; a scored
+    model's runners must also answer ``ood_score`` and ``unknown``. Names in
+    ``quantized`` are held to top-1 (and verdict) agreement.
     """
     import numpy as np
     import tensorflow as tf
@@ -263,8 +296,23 @@ def parity_gate(model, golden: list[Golden], input_size: int, policy: str, backg
         if reference_scores is not None:
             report["keras_ood_score"], found = compare_scores(".keras", scores, reference_scores, names)
             problems += found
+    layer = ood_layer_of(model)
+    threshold = None if layer is None else layer.threshold
     for label, run in (runners or {}).items():
-        report[label], found = compare(label, run(pixels), reference, names, quantized=label in quantized)
+        outputs = run(pixels)
+        outputs = outputs if isinstance(outputs, dict) else {"probabilities": outputs}
+        probabilities = outputs.get("probabilities", next(iter(outputs.values())))
+        report[label], found = compare(label, probabilities, reference, names, quantized=label in quantized)
+        problems += found
+        if reference_scores is None or threshold is None:
+            continue
+        report[f"{label}_ood_score"], found = compare_scores(label, outputs.get(OOD_SCORE), reference_scores, names)
+        if label in quantized:  # int8 weights move the score: reported, and the verdicts gated instead
+            report[f"{label}_ood_score"]["kind"] = "quantized: reported, not gated"
+            found = [] if outputs.get(OOD_SCORE) is not None else found
+        problems += found
+        report[f"{label}_unknown"], found = compare_verdicts(label, outputs.get(VERDICT), reference_scores,
+                                                             float(threshold), names, quantized=label in quantized)
         problems += found
     if problems:
         raise ExportError("Export parity gate failed; nothing was published:\n  " + "\n  ".join(problems))

@@ -82,9 +82,13 @@ def build_serving_module(model, classes: list[str], input_size: int, resize_poli
             return self._outputs(self._resize_batch(images))
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
-        def probabilities(self, images):
-            """The plain model for converters (TFLite, ONNX): fixed size, probabilities only."""
-            return {"probabilities": tf.cast(split_outputs(self.model(images, training=False))[0], tf.float32)}
+        def plain_outputs(self, images):
+            """The model for the ONNX converter: fixed size, numbers only (probabilities, ood_score, unknown)."""
+            probabilities, score = split_outputs(self.model(images, training=False))
+            out = {"probabilities": tf.cast(probabilities, tf.float32)}
+            if score is not None and threshold is not None:
+                out.update(ood_score=tf.cast(score, tf.float32), unknown=tf.cast(score, tf.float32) > threshold)
+            return out
 
     return ServingModule()
 

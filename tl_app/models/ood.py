@@ -33,6 +33,7 @@ SHRINKAGE = None  # None: Ledoit-Wolf's, at least dim / (images + dim), towards 
 LAYER_NAME = "ood_score"
 PROBABILITIES = "probabilities"
 UNKNOWN_LABEL = "unknown"
+VERDICT = "unknown"  # the bool output: ood_score above the threshold
 
 
 @dataclass
@@ -205,6 +206,20 @@ def with_ood(model, scorer: Mahalanobis | Knn, threshold: float):
         layer.factor.assign(factor.astype(np.float32))
         layer.centres.assign((scorer.means @ factor).astype(np.float32))
     return keras.Model(base.input, {PROBABILITIES: base.output, LAYER_NAME: score}, name=base.name)
+
+
+def with_verdict(model):
+    """For the converters (TFLite, ONNX-free Keras path): a scored model plus ``unknown`` (score > threshold).
+
+    A model without a scorer, or whose scorer has no threshold, is returned as it is.
+    """
+    layer = ood_layer_of(model)
+    if layer is None or layer.threshold is None:
+        return model
+    probabilities, score = split_outputs(model.output)
+    unknown = keras.ops.greater(score, float(layer.threshold))
+    return keras.Model(model.input, {PROBABILITIES: probabilities, LAYER_NAME: score, VERDICT: unknown},
+                       name=model.name)
 
 
 def split_outputs(outputs) -> tuple:
