@@ -162,6 +162,21 @@ def test_ray_extract_resumes_from_what_the_cache_holds(ray_local, tiny_config):
     np.testing.assert_allclose(np.asarray(resumed.features), np.asarray(expected.features), rtol=0, atol=1e-5)
 
 
+def fit_knn_scorer(run_dir: Path) -> None:
+    """A k-NN unknown-scorer fitted, as training fits it, on the run's features of 24 random images."""
+    import keras
+
+    from tl_app.models.artifacts import MODEL_FILE
+    from tl_app.models.ood import feature_model
+    from tl_app.training.ood import fit_ood
+
+    model = keras.saving.load_model(run_dir / MODEL_FILE, compile=False)
+    size = int(model.input.shape[1])
+    pixels = np.random.default_rng(3).uniform(0, 255, (24, size, size, 3)).astype(np.float32)
+    features = np.asarray(feature_model(model).predict(pixels, verbose=0))
+    assert fit_ood("knn", features, np.arange(24) % 3, features[:6], run_dir)["method"] == "knn"
+
+
 @pytest.mark.slow
 def test_ray_predict_writes_the_local_engine_rows(ray_local, cli, tiny_config, tmp_path):
     from factories import make_run_dir
@@ -171,6 +186,7 @@ def test_ray_predict_writes_the_local_engine_rows(ray_local, cli, tiny_config, t
 
     tiny_config.data.background = [0, 0, 0]  # the actors must composite transparency on it too
     run_dir = make_run_dir(tiny_config)
+    fit_knn_scorer(run_dir)  # the rows carry label, unknown and ood_score, as the local engine's
     inputs = tmp_path / "inputs"
     shutil.copytree(tiny_config.data.root, inputs)
     (inputs / "circles" / "broken.jpg").write_bytes(b"not an image")
@@ -194,3 +210,7 @@ def test_ray_predict_writes_the_local_engine_rows(ray_local, cli, tiny_config, t
         for i in (2, 4):
             if x[i]:
                 assert abs(float(x[i]) - float(y[i])) <= 1e-5, (x, y)
+    assert a[0][-4:] == ["label", "unknown", "ood_score", "error"]
+    assert [(r[-4], r[-3]) for r in a[1:]] == [(r[-4], r[-3]) for r in b[1:]]
+    scored = [(x[-2], y[-2]) for x, y in zip(a[1:], b[1:]) if x[-2]]
+    assert len(scored) == 37 and all(abs(float(x) - float(y)) <= 1e-4 * max(1.0, abs(float(x))) for x, y in scored)

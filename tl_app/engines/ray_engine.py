@@ -27,7 +27,8 @@ from tl_app.data.manifest import Record
 from tl_app.engines import check_resources, connect, require_ray
 from tl_app.core.errors import TlAppError
 from tl_app.features.extract import Extractor, UniqueImages
-from tl_app.models.opener import Predictor, open_model, read_model_info
+from tl_app.models.ood import LAYER_NAME as OOD_SCORE
+from tl_app.models.opener import Predictor, ood_threshold_of, open_model, read_model_info
 from tl_app.inference import (decode_failure_reason, header_probe, pixel_limit, RowWriter, Tally, check_request,
                               iter_inputs)
 from tl_app.data.pipeline import load_image
@@ -238,16 +239,21 @@ class PredictActor:
         reasons = [problem for _, problem in checked]
         good = [i for i in range(len(paths)) if not reasons[i]]
         probs = np.zeros((len(paths), len(self.predictor.classes)), np.float32)
+        scores = np.full(len(paths), np.nan, np.float32)  # stays NaN for a model without an OOD scorer
         ok = np.zeros(len(paths), bool)
         if good:
             for images, rows in self._images(paths, [checked[i][0] for i in good], good):
                 rows = rows.numpy()
-                probs[rows] = self.predictor.predict(images)
+                outputs = self.predictor.outputs(images)
+                probs[rows] = outputs["probabilities"]
+                if OOD_SCORE in outputs:
+                    scores[rows] = outputs[OOD_SCORE]
                 ok[rows] = True
         for i in good:
             if not ok[i]:
                 reasons[i] = decode_failure_reason(paths[i], self.max_pixels)
-        return {"index": indices, "ok": ok, "probabilities": probs, "reason": np.array(reasons, dtype=object)}
+        return {"index": indices, "ok": ok, "probabilities": probs, "ood_score": scores,
+                "reason": np.array(reasons, dtype=object)}
 
     def _images(self, paths: list[str], fast: list[bool], rows: list[int]):
         """Batches of (images, row) decoded by the local engine's load_image; a file that fails is dropped."""
@@ -283,25 +289,26 @@ def predict_paths_ray(model, inputs, config: Config, out=None, top_k: int = 5, b
     model_path = os.path.abspath(str(info.source))  # this version, even if a newer one appears meanwhile
 
     listed = list(iter_inputs(inputs))
-    tally = Tally(RowWriter(out, min(top_k, len(info.classes))), info.classes)
+    threshold = ood_threshold_of(info.card)  # None: no unknown columns, as the local engine
+    tally = Tally(RowWriter(out, min(top_k, len(info.classes)), ood=threshold is not None), info.classes, threshold)
     bar = Progress(len(listed), "predict", enabled=progress if progress is not None else echo is not None)
-    results: dict[int, tuple] = {}  # index -> (ok, probabilities, reason), until its row is written
+    results: dict[int, tuple] = {}  # index -> (ok, probabilities, reason, score), until its row is written
     written = [0]
 
     def flush() -> None:
         while written[0] in results:
-            ok, probs, reason = results.pop(written[0])
+            ok, probs, reason, score = results.pop(written[0])
             path = listed[written[0]][0]
             written[0] += 1
             if ok:
-                tally.prediction(path, probs)
+                tally.prediction(path, probs, score if threshold is not None else None)
             else:
                 tally.failure(path, reason)
 
     items = []
     for index, (path, problem) in enumerate(listed):
         if problem:
-            results[index] = (False, None, problem)
+            results[index] = (False, None, problem, None)
         else:
             items.append({"index": index, "path": path})
     started = time.perf_counter()
@@ -313,9 +320,9 @@ def predict_paths_ray(model, inputs, config: Config, out=None, top_k: int = 5, b
             with closing(run_actors(config, PredictActor, items, constructor, batch_size)) as batches:
                 for batch in batches:
                     rows = zip(batch["index"].tolist(), batch["ok"].tolist(), np.asarray(batch["probabilities"]),
-                               batch["reason"].tolist())
-                    for index, ok, probs, reason in rows:
-                        results[index] = (ok, probs, str(reason))
+                               batch["reason"].tolist(), np.asarray(batch["ood_score"]).tolist())
+                    for index, ok, probs, reason, score in rows:
+                        results[index] = (ok, probs, str(reason), score)
                     flush()
                     bar.set(tally.done, tally.bad)
         flush()

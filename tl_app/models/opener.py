@@ -94,8 +94,7 @@ class Predictor:
     @property
     def ood_threshold(self) -> float | None:
         """The threshold above which an ood_score means "unknown" (run.json's or the card's), or None."""
-        record = self.card.get("ood") or {}
-        return float(record["threshold"]) if record.get("method") in SCORED else None
+        return ood_threshold_of(self.card)
 
     @property
     def backbone(self) -> str:
@@ -105,6 +104,12 @@ class Predictor:
     def label(self) -> str:
         """name, or name-version for an exported version (folder names of evaluation outputs)."""
         return f"{self.name}-{self.version}" if self.version is not None else self.source.name
+
+
+def ood_threshold_of(card: dict | None) -> float | None:
+    """run.json's or the model card's OOD threshold, or None for a model without a scorer."""
+    record = (card or {}).get("ood") or {}
+    return float(record["threshold"]) if record.get("method") in SCORED else None
 
 
 def run_background(config: dict | None, source: str) -> tuple:
