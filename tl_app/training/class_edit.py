@@ -36,6 +36,10 @@ NOT_FEWSHOT = ("{source} has a {kind!r} head: its classes are the outputs of tra
                "tl-app train DATA --strategy bottleneck --head prototype (or --head knn); the features are cached, "
                "so this takes seconds. Then use 'tl-app classes add' on that run or its export.")
 
+METRIC_RUN = ("{source} was trained with --strategy metric: its head sits on learned embeddings, and 'classes' "
+              "does not project a new class's images into them yet. Train it again with the new class folder "
+              "(tl-app train DATA --strategy metric), or use a bottleneck prototype/k-NN model "
+              "(--strategy bottleneck --head prototype), whose classes can be edited.")
 
 
 def folder_manifest(folder: Path, name: str, config: Config) -> Manifest:
@@ -99,6 +103,8 @@ def edit_classes(source: str | Path, add: tuple[str, str | Path] | None = None, 
     say = echo or (lambda *a, **k: None)
     opened = open_source(source)
     info, classes = dict(opened["info"]), list(opened["info"]["classes"])
+    if info.get("strategy") == "metric":
+        raise TlAppError(METRIC_RUN.format(source=source))
     state = read_head(opened["model_file"])
     if state is None:
         kind = (info.get("head") or {}).get("kind") or (opened["config"].get("head") or {}).get("kind") or "dense"
