@@ -49,6 +49,7 @@ from tl_app.training.class_edit import edit_classes
 from tl_app.training.devices import is_chief
 from tl_app.training.finetune import resume_finetune, train_finetune
 from tl_app.training.lr_finder import lr_range_test
+from tl_app.training.metric import train_metric
 from tl_app.training.runs import write_run_info
 from tl_app.insight.lr_range import plot_lr_range
 from tl_app.insight.select import select_backbone, table_text
@@ -77,6 +78,8 @@ def train(config: Config, resume: str | Path | None = None, echo=print, more_epo
                 echo(f"lr-find: keeping train.learning_rate = {config.train.learning_rate:g}")
         if config.train.strategy == "bottleneck":
             summary = train_bottleneck(config, echo=echo)
+        elif config.train.strategy == "metric":  # cached features, like bottleneck: this process
+            summary = train_metric(config, echo=echo)
         elif config.engine.name == "ray":  # Ray Train runs the workers; the chief finishes the run
             return train_on_ray(config, chief=train, echo=echo)
         else:

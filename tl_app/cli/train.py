@@ -31,8 +31,10 @@ LEARNING_RATE = LearningRateType()
 
 @click.command()
 @click.argument("data", required=False, type=click.Path())
-@click.option("--strategy", type=click.Choice(["bottleneck", "finetune"]), default=None,
-              help="bottleneck: head on cached features (fast). finetune: two-phase fine-tuning.")
+@click.option("--strategy", type=click.Choice(["bottleneck", "finetune", "metric"]), default=None,
+              help="bottleneck: head on cached features (fast). finetune: two-phase fine-tuning. metric: a "
+                   "projection trained by a contrastive loss on cached features, then a prototype head (or --head "
+                   "knn) on its embeddings; prints retrieval recall@1/5 and mAP before and after.")
 @click.option("--backbone", "-b", default=None, help="See 'tl-app backbones'; auto: compare candidates by a linear probe (tl-app select) and train the winner.")
 @click.option("--weights", default=None, help="imagenet | none | PATH to a weight file.")
 @click.option("--input-size", type=int, default=None, help="Square input size (default: the backbone's).")

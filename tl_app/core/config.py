@@ -17,7 +17,7 @@ from typing import Any, Union
 from tl_app.core.errors import ConfigError, closest
 
 RESIZE_POLICIES = ("auto", "stretch", "center_crop", "letterbox")
-STRATEGIES = ("bottleneck", "finetune")
+STRATEGIES = ("bottleneck", "finetune", "metric")  # metric: a projection learned by a contrastive loss (training.metric)
 OPTIMIZERS = ("sgd", "rmsprop", "adagrad", "adadelta", "adam", "adamw", "nadam")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
 POOLINGS = ("avg", "max", "flatten")
@@ -344,8 +344,8 @@ def validate(config: Config) -> None:
     check_choice(config.train.schedule, SCHEDULES, "train.schedule")
     check_choice(config.backbone.pooling, POOLINGS, "backbone.pooling")
     check_choice(config.head.kind, HEAD_KINDS, "head.kind")
-    if config.head.kind in FEWSHOT_HEADS and config.train.strategy != "bottleneck":
-        raise ConfigError(f"head.kind = {config.head.kind!r} needs train.strategy = 'bottleneck' (it is fitted on "
+    if config.head.kind in FEWSHOT_HEADS and config.train.strategy not in ("bottleneck", "metric"):
+        raise ConfigError(f"head.kind = {config.head.kind!r} needs train.strategy = 'bottleneck' or 'metric' (it is fitted on "
                           f"cached features, not by gradients); got {config.train.strategy!r}.")
     if config.head.neighbors < 1 or not 0.0 <= config.head.shrinkage <= 1.0 or config.head.temperature <= 0:
         raise ConfigError(f"head.neighbors must be >= 1, head.shrinkage in [0, 1] and head.temperature > 0; got "
