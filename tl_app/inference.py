@@ -3,8 +3,9 @@
 Images stream through tf.data in batches (decode and resize in parallel, the
 model on the previous batch meanwhile), so memory stays bounded however many
 inputs there are: inputs are walked lazily (once to count, once to read), and
-rows are written in input order as their batch finishes. A file that cannot be
-used becomes a row with its reason, never an exception.
+rows are written in input order and flushed as their batch finishes, so a killed
+run keeps what it did and ``resume`` answers only the rest. A file that cannot
+be used becomes a row with its reason, never an exception.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import collections
 import csv
 import glob
+import io
 import json
 import os
 import sys
@@ -95,7 +97,7 @@ class RowWriter:
     lines add ``top_class``. Models without one give the rows they always gave.
     """
 
-    def __init__(self, out: str | Path | None, top_k: int, ood: bool = False):
+    def __init__(self, out: str | Path | None, top_k: int, ood: bool = False, resume: bool = False):
         self.top_k = top_k
         self.ood = ood
         self.path = Path(out) if out else None
@@ -103,17 +105,64 @@ class RowWriter:
         if suffix not in (".csv", ".jsonl", ".ndjson"):
             raise ConfigError(f"--out {out}: expected a .csv or .jsonl file name, e.g. --out preds.csv.")
         self.jsonl = suffix in (".jsonl", ".ndjson")
+        header = ["path"]
+        for i in range(1, top_k + 1):
+            header += [f"label_{i}", f"probability_{i}"]
+        header += (["label", "unknown", "ood_score"] if ood else []) + ["error"]
+        # path -> how many of its rows the existing file already holds (resume skips that many)
+        self.answered: collections.Counter = collections.Counter()
+        if self.path and resume and self.path.exists():
+            self.handle = self._reopen(header)
+            self.csv = csv.writer(self.handle)
+            return
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.handle = open(self.path, "w", newline="", encoding="utf-8")
         else:
             self.handle = sys.stdout
+        self.csv = csv.writer(self.handle)
         if not self.jsonl:
-            self.csv = csv.writer(self.handle)
-            header = ["path"]
-            for i in range(1, top_k + 1):
-                header += [f"label_{i}", f"probability_{i}"]
-            self.csv.writerow(header + (["label", "unknown", "ood_score"] if ood else []) + ["error"])
+            self.csv.writerow(header)
+
+    def _reopen(self, header: list[str]):
+        """The existing file kept to its answered rows (error rows and a half-written last line dropped),
+        open for appending; refused when its columns are not the ones this run writes."""
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        complete = text[: text.rfind("\n") + 1]  # a kill can leave the last line half written
+        fix = "Pass the --top-k and model of the first run, or write to a new file (drop --resume or change --out)."
+        kept = []
+        if self.jsonl:
+            keys = ["path", *(["label", "unknown", "ood_score", "top_class"] if self.ood else []), "predictions",
+                    "error"]
+            for line in complete.splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(row, dict) or row.get("error") or not row.get("predictions"):
+                    continue
+                if sorted(row) != sorted(keys) or len(row["predictions"]) != self.top_k:
+                    raise ConfigError(
+                        f"--resume: {self.path} holds rows with {len(row.get('predictions') or [])} classes and "
+                        f"fields {sorted(row)}; this run writes {self.top_k} classes and fields {sorted(keys)}. "
+                        + fix)
+                kept.append(line + "\n")
+                self.answered[row["path"]] += 1
+        else:
+            rows = list(csv.reader(io.StringIO(complete, newline="")))
+            if rows and rows[0] != header:
+                raise ConfigError(f"--resume: {self.path} has the columns {','.join(rows[0])}; this run writes "
+                                  f"{','.join(header)}. " + fix)
+            kept_rows = [header] + [row for row in rows[1:] if len(row) == len(header) and not row[-1]]
+            buffer = io.StringIO(newline="")
+            csv.writer(buffer).writerows(kept_rows)
+            kept = [buffer.getvalue()]
+            self.answered.update(row[0] for row in kept_rows[1:])
+        partial = self.path.with_name(self.path.name + ".resume-tmp")
+        with open(partial, "w", newline="", encoding="utf-8") as handle:
+            handle.writelines(kept)
+        os.replace(partial, self.path)  # a kill meanwhile leaves the old file, never a half-kept one
+        return open(self.path, "a", newline="", encoding="utf-8")
 
     def prediction(self, path: str, top: list[tuple[str, float]], verdict: dict | None = None) -> None:
         """``verdict``: {label, unknown, ood_score} for a model with an OOD scorer."""
@@ -139,6 +188,10 @@ class RowWriter:
         else:
             self.csv.writerow([path] + [""] * (2 * self.top_k + (3 if self.ood else 0)) + [reason])
 
+    def flush(self) -> None:
+        """Rows so far reach the file (a killed run keeps them)."""
+        self.handle.flush()
+
     def close(self) -> None:
         if self.path:
             self.handle.close()
@@ -147,6 +200,17 @@ class RowWriter:
 
 
 # ---- what both engines share (tl_app.engines.ray_engine.predict_paths_ray too) ------------
+def unanswered(inputs, answered: collections.Counter) -> Iterator[tuple[str, str]]:
+    """iter_inputs less the rows an earlier run already wrote (a path listed twice is skipped as often as it
+    was answered)."""
+    left = collections.Counter(answered)
+    for path, problem in iter_inputs(inputs):
+        if left[path] > 0:
+            left[path] -= 1
+            continue
+        yield path, problem
+
+
 def check_request(inputs, top_k: int, batch_size: int) -> list:
     """The inputs as a list, after checking the numbers; a clear error for each mistake."""
     if top_k < 1:
@@ -195,9 +259,11 @@ class Tally:
         if len(self.bad_files) < MAX_LISTED_BAD:
             self.bad_files.append({"path": path, "reason": reason})
 
-    def summary(self, model: str | Path, version: int | None, total: int, seconds: float) -> dict:
+    def summary(self, model: str | Path, version: int | None, total: int, seconds: float, skipped: int = 0) -> dict:
+        """``total`` counts every input; ``skipped`` those a resumed run found already answered."""
         return {
-            "model": str(model), "version": version, "predicted": self.done, "bad": self.bad, "total": total,
+            "model": str(model), "version": version, "predicted": self.done, "bad": self.bad, "skipped": skipped,
+            "total": total,
             "seconds": round(seconds, 3), "images_per_second": round(self.done / seconds, 2) if seconds > 0 else 0.0,
             "out": str(self.writer.path) if self.writer.path else None, "bad_files": self.bad_files,
         }
@@ -205,8 +271,11 @@ class Tally:
 
 # ---- the entry point -------------------------------------------------------------------
 def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, batch_size: int = 32,
-                  echo=print, progress: bool | None = None, max_pixels: int = 0) -> dict:
+                  echo=print, progress: bool | None = None, max_pixels: int = 0, resume: bool = False) -> dict:
     """Predict every image among ``inputs``; rows go to ``out`` (CSV/JSONL) or stdout, in input order.
+
+    With ``resume`` the rows ``out`` already holds (from an interrupted run) are kept and their inputs
+    skipped; the rest are appended in input order.
 
     ``model`` is a path (see tl_app.models.opener.open_model) or a loaded Predictor. Returns a
     summary: predicted, bad, total, seconds, images_per_second, bad_files. An image over ``pixel_limit``
@@ -216,19 +285,23 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
 
 
     inputs = check_request(inputs, top_k, batch_size)
+    if resume and not out:
+        raise ConfigError("--resume continues the rows of an --out file, and none was given: "
+                          "pass the first run's file, e.g. --out preds.csv --resume.")
     predictor = model if isinstance(model, Predictor) else open_model(model)
     size, policy, background = predictor.input_size, predictor.resize_policy, predictor.background
     limit = pixel_limit(predictor, max_pixels)
-    total = sum(1 for _ in iter_inputs(inputs))
     threshold = predictor.ood_threshold  # None: a model without an OOD scorer answers as before
-    tally = Tally(RowWriter(out, min(top_k, len(predictor.classes)), ood=threshold is not None), predictor.classes,
-                  threshold)
+    writer = RowWriter(out, min(top_k, len(predictor.classes)), ood=threshold is not None, resume=resume)
+    tally = Tally(writer, predictor.classes, threshold)
+    total = sum(1 for _ in iter_inputs(inputs))
+    left = sum(1 for _ in unanswered(inputs, writer.answered)) if writer.answered else total
     # (index, path, problem) of every input the reader has passed, in input order, until its row is written;
     # problem is "" for a file handed to the decoder
     pending: collections.deque = collections.deque()
 
     def source():
-        for index, (path, problem) in enumerate(iter_inputs(inputs)):
+        for index, (path, problem) in enumerate(unanswered(inputs, writer.answered)):
             fast = False
             if not problem:
                 fast, problem = header_probe(path, limit)
@@ -248,7 +321,7 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
             _, path, problem = pending.popleft()
             tally.failure(path, problem or decode_failure_reason(path, limit))
 
-    bar = Progress(total, "predict", enabled=progress if progress is not None else echo is not None)
+    bar = Progress(left, "predict", enabled=progress if progress is not None else echo is not None)
     started = time.perf_counter()
     try:
         for images, indices in ds:
@@ -258,10 +331,11 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
                 settle(index)
                 _, path, _ = pending.popleft()
                 tally.prediction(path, probs[row], None if scores is None else scores[row])
+            writer.flush()
             bar.set(tally.done, tally.bad)
         settle(None)
     finally:
         tally.writer.close()
     seconds = time.perf_counter() - started
     bar.set(tally.done, tally.bad, final=True)
-    return tally.summary(predictor.source, predictor.version, total, seconds)
+    return tally.summary(predictor.source, predictor.version, total, seconds, skipped=total - left)
