@@ -155,15 +155,19 @@ def export(config: Config, run_dir: str | Path, name: str | None = None, echo=pr
                       quantize=settings.quantize, echo=echo)
 
 
-def predict(config: Config, model, inputs, out: str | Path | None = None, echo=print) -> dict:
-    """Classify files, folders and globs with config.predict's top-k and batch size; bad files become rows."""
+def predict(config: Config, model, inputs, out: str | Path | None = None, echo=print, resume: bool = False) -> dict:
+    """Classify files, folders and globs with config.predict's top-k and batch size; bad files become rows.
+    ``resume``: keep the rows ``out`` already holds and predict only the rest."""
     settings = config.predict
+    if resume and config.engine.name == "ray":
+        raise ConfigError("--resume works with the local engine only: drop --engine ray to continue an "
+                          "interrupted run, or drop --resume to start the file again.")
     if config.engine.name == "ray":  # Ray Data actors, one model each (docs/scale-out.md)
         return predict_paths_ray(model, inputs, config, out=out, top_k=settings.top_k,
                                  batch_size=settings.batch_size, echo=echo, progress=settings.progress,
                                  max_pixels=settings.max_pixels)
     return predict_paths(model, inputs, out=out, top_k=settings.top_k, batch_size=settings.batch_size, echo=echo,
-                         progress=settings.progress, max_pixels=settings.max_pixels)
+                         progress=settings.progress, max_pixels=settings.max_pixels, resume=resume)
 
 
 def serve(config: Config, root: str | Path | None = None, log_level: str = "warning", echo=print) -> None:
