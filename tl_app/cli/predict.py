@@ -14,11 +14,13 @@ from tl_app.cli.common import build_config, engine_options, engine_overrides, lo
 @click.option("--batch-size", "-b", type=int, default=None, help="Images per model call (default 32).")
 @click.option("--max-pixels", type=int, default=None,
               help="Pixels per image beyond which a file is refused (default: the model's data.max_pixels).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run: keep the rows --out already holds, predict only the rest.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (on stderr).")
 @engine_options
 @pipeline_options
-def predict(model, inputs, out, top_k, batch_size, max_pixels, quiet, as_json, pipeline, sets, **engine):
+def predict(model, inputs, out, top_k, batch_size, max_pixels, resume, quiet, as_json, pipeline, sets, **engine):
     """Classify images: files, folders (recursive) and globs; bad files are reported, not fatal.
 
     MODEL is saved_models/<name> (its newest version), a version folder or a run directory.
@@ -27,6 +29,7 @@ def predict(model, inputs, out, top_k, batch_size, max_pixels, quiet, as_json, p
     Examples:
       tl-app predict saved_models/flowers photos/ --out preds.csv
       tl-app predict saved_models/flowers/3 'shots/**/*.jpg' --top-k 3 --out preds.jsonl
+      tl-app predict saved_models/flowers photos/ --out preds.csv --resume   # after an interrupted run
       tl-app predict saved_models/flowers /data/photos --out preds.csv --engine ray --address auto
     """
     config = build_config(pipeline, sets, **{"predict.top_k": top_k, "predict.batch_size": batch_size,
@@ -35,13 +38,14 @@ def predict(model, inputs, out, top_k, batch_size, max_pixels, quiet, as_json, p
                           **engine_overrides(engine))
     api = load_api()
 
-    summary = api.predict(config, model, inputs, out=out, echo=click.echo)
+    summary = api.predict(config, model, inputs, out=out, echo=click.echo, resume=resume)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str), err=True)
         return
     click.echo(f"predicted {summary['predicted']} image(s) in {summary['seconds']:.1f}s "
                f"({summary['images_per_second']:.1f} images/s) with {summary['model']}"
-               + (f"; rows in {summary['out']}" if summary["out"] else ""), err=True)
+               + (f"; rows in {summary['out']}" if summary["out"] else "")
+               + (f"; skipped {summary['skipped']} already in it" if summary.get("skipped") else ""), err=True)
     if summary["bad"]:
         click.echo(f"{summary['bad']} file(s) could not be used (listed with reasons in the output):", err=True)
         for item in summary["bad_files"][:20]:
