@@ -107,3 +107,14 @@ def test_a_metric_run_predicts_exports_through_the_parity_gate_and_refuses_class
     assert {"savedmodel", "keras", "savedmodel_ood_score", "keras_ood_score"} <= set(exported["parity"])
     with pytest.raises(TlAppError, match="strategy metric"):
         edit_classes(run_dir, remove="circles", runs_dir=tmp_path / "runs", echo=None, extractor_class=None)
+
+
+def test_evaluate_shows_the_runs_retrieval_figures(metric_run, tmp_path):
+    from tl_app.insight.evaluate import evaluate
+
+    said = []
+    metrics = evaluate(metric_run["run_dir"], out_dir=tmp_path / "eval", echo=said.append)
+    info = json.loads((metric_run["run_dir"] / "run.json").read_text())
+    assert metrics["retrieval"] == info["retrieval"]
+    line = next(text for text in "\n".join(said).splitlines() if text.startswith("retrieval"))
+    assert f"recall@1 {info['retrieval']['embeddings']['recall@1']:.3f}" in line and "features" in line

@@ -25,6 +25,7 @@ from tl_app.insight.plots import (BAD, GOOD, Tile, confusion_matrix_plot, contac
                                  risk_coverage_plot)
 from tl_app.models.calibration import scale_probabilities, temperature_of
 from tl_app.training.calibration import calibration_figures, reliability_bins, risk_coverage
+from tl_app.training.retrieval import retrieval_text
 from tl_app.insight.ood import folder_images, ood_figures, ood_text
 
 
@@ -291,6 +292,8 @@ def evaluate(model_path: str | Path, data: str | Path | None = None, split: str 
                        title=f"risk-coverage ({split}, n={len(used)})")
     metrics["selective"] = {"aurc": selective["aurc"], "accuracy_at_coverage": selective["at"],
                             "ranked_by": "top probability"}
+    if loaded.card.get("retrieval"):  # a metric run: recorded at training (the export's card does not carry it)
+        metrics["retrieval"] = loaded.card["retrieval"]
     if ood_folder is not None:
         metrics["ood"] = ood_section(loaded, run_manifest, used, ood_folder, batch_size,
                                      tuple(data_config.background))
@@ -363,6 +366,9 @@ def summary_text(metrics: dict) -> str:
                      + f" (AURC {metrics['selective']['aurc']:.4f})")
     if metrics.get("ood"):
         lines.append(ood_text(metrics["ood"]))
+    if metrics.get("retrieval"):
+        r = metrics["retrieval"]
+        lines.append(retrieval_text(r["features"], r.get("embeddings")) + " [at training]")
     if metrics["most_confused"]:
         lines.append("most confused: " + "; ".join(
             f"{p['true']} -> {p['predicted']} ({p['count']})" for p in metrics["most_confused"][:5]))
