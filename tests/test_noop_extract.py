@@ -1,4 +1,4 @@
-"""Issue 17: a fully cached `tl-app extract` never imports TensorFlow or Keras.
+"""Issue 17: a fully cached `tl-app extract` (and `index`, `embed`) never imports TensorFlow or Keras.
 
 The real command computes the features here, then runs again in a subprocess
 in which importing tensorflow, keras or tf_keras raises ImportError: the
@@ -70,6 +70,37 @@ def test_a_cached_extract_runs_without_tensorflow_and_an_uncached_one_needs_it(t
     assert needs_backbone.returncode != 0
     assert "blocked by the test: tensorflow" in needs_backbone.stderr or "blocked by the test: keras" in \
         needs_backbone.stderr, needs_backbone.stderr[-2000:]
+
+
+def test_a_cached_index_and_embed_run_without_tensorflow(tmp_path):
+    data = tmp_path / "photos"
+    write_images(data, [f"{label}/{k}.png" for label in ("a", "b") for k in range(3)])
+    common = ["--backbone", "vgg16", "--weights", "none", "--input-size", "32", "--cache-dir", str(tmp_path / "cache")]
+
+    first = CliRunner().invoke(main, ["index", str(data), "--out", str(tmp_path / "first"), "--json", *common])
+    assert first.exit_code == 0, first.output  # here: TensorFlow is loaded, the features computed
+    assert json.loads(first.stdout[first.stdout.index("{"):])["features"]["computed"] == 6
+
+    again = blocked_tl_app(["index", str(data), "--out", str(tmp_path / "again"), "--json", *common], tmp_path)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout[again.stdout.index("{"):])
+    assert summary["count"] == 6 and summary["features"]["cached"] == 6 and summary["features"]["computed"] == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "again" / "vectors.npy"),
+                                  np.load(tmp_path / "first" / "vectors.npy"))
+
+    for source, origin in ((data, "vgg16 features of"), (tmp_path / "again", "similarity index")):
+        plot = tmp_path / f"map-{source.name}.png"
+        embedded = blocked_tl_app(["embed", str(source), "--out", str(plot), "--json", *common], tmp_path)
+        assert embedded.returncode == 0, embedded.stderr
+        doc = json.loads(embedded.stdout[embedded.stdout.index("{"):])
+        assert doc["count"] == 6 and doc["source"].startswith(origin) and plot.is_file()
+
+    write_images(data, ["b/new.png"])  # one image the cache lacks: the backbone, hence TensorFlow, is needed
+    for args in (["index", str(data), "--out", str(tmp_path / "more")], ["embed", str(data)]):
+        needs_backbone = blocked_tl_app(args + common, tmp_path)
+        assert needs_backbone.returncode != 0
+        assert "blocked by the test: tensorflow" in needs_backbone.stderr or "blocked by the test: keras" in \
+            needs_backbone.stderr, needs_backbone.stderr[-2000:]
 
 
 def test_an_unknown_backbone_is_refused_before_tensorflow_loads(tmp_path):

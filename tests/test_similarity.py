@@ -177,7 +177,7 @@ def test_embed_draws_a_scatter_coloured_by_class(built_index, index_config, dupl
 
 def test_embed_reads_a_similarity_index_without_recomputing(built_index, tmp_path, cli, monkeypatch):
     import tl_app.features.extract as extract
-    import tl_app.insight.embed as embed_module
+    import tl_app.insight.feature_map as embed_module  # the CLI's embed (tl_app.insight.embed wraps it)
 
     def no_backbone(*args, **kwargs):
         raise AssertionError("embed of an index must read its vectors, not extract features again")

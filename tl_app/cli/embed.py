@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 import click
-from tl_app.cli.common import echo_json, feature_config, feature_options, load_api, pipeline_options
+from tl_app.cli.extract import backbone_extractor
+from tl_app.cli.common import echo_json, feature_config, feature_options, pipeline_options
 
 
 @click.command()
@@ -26,8 +27,11 @@ def embed(source, method, out, backbone, weights, input_size, layer, cache_dir, 
       tl-app embed runs/flowers --out pca.png
     """
     config = feature_config(pipeline, sets, None, backbone, weights, input_size, layer, cache_dir)
-    api = load_api()
-    summary = api.embed(source, method, out, config=config, echo=None if as_json else click.echo)
+    # TensorFlow loads (through the api) only when an image is missing from the feature cache, as in extract
+    from tl_app.insight.feature_map import embed as map_features  # lazy: numpy, scikit-learn, matplotlib
+
+    summary = map_features(source, method, out, config=config, echo=None if as_json else click.echo,
+                           extractor_class=backbone_extractor)
     if as_json:
         echo_json(summary)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 import click
 from tl_app.core.errors import ConfigError
+from tl_app.cli.extract import backbone_extractor
 from tl_app.cli.common import require_data_folder, require_some_used, echo_json, feature_config, feature_options, load_api, pipeline_options
 
 
@@ -24,8 +25,11 @@ def index(data, out, dtype, backbone, weights, input_size, layer, cache_dir, as_
     """
     config = feature_config(pipeline, sets, data, backbone, weights, input_size, layer, cache_dir)
     require_data_folder(config.data.root)
-    api = load_api()
-    summary = api.build_index(config, out, dtype=dtype, echo=None if as_json else click.echo)
+    # TensorFlow loads (through the api) only when an image is missing from the feature cache, as in extract
+    from tl_app.insight.similarity_index import build_index  # lazy: numpy only
+
+    summary = build_index(config, out, dtype=dtype, echo=None if as_json else click.echo,
+                          extractor_class=backbone_extractor)
     if as_json:
         echo_json(summary)
 
