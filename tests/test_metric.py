@@ -86,6 +86,10 @@ def test_metric_learning_raises_retrieval_quality_over_the_plain_features(metric
     assert before["queries"] == 38 and before["gallery"] == 116
     assert after["recall@1"] >= before["recall@1"] + 0.1, info["retrieval"]
     assert after["map"] >= before["map"] + 0.15, info["retrieval"]
+    # each epoch records the prototype accuracy of the embeddings, so the diagnosis can judge the run
+    epochs = json.loads((metric_run["run_dir"] / "history.json").read_text())["epochs"]
+    assert epochs and all(0 <= e["accuracy"] <= 1 and 0 <= e["val_accuracy"] <= 1 for e in epochs)
+    assert metric_run["summary"]["diagnosis"].split(":")[0] != "no validation metrics"
 
 
 def test_a_metric_run_predicts_exports_through_the_parity_gate_and_refuses_class_edits(metric_run, tmp_path):

@@ -98,6 +98,36 @@ def contrastive_batches(features, views, labels, batch_size: int, seed: int):
     return Batches()
 
 
+def prototype_accuracy(train, train_labels, query, query_labels, num_classes: int) -> float | None:
+    """Accuracy of the nearest class mean (centred on the training mean, cosine) on ``query``; numpy."""
+    if len(query) == 0:
+        return None
+    unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    center = train.mean(0)
+    z = unit(train - center)
+    means = unit(np.stack([z[train_labels == c].mean(0) for c in range(num_classes)]))
+    return float(np.mean((unit(query - center) @ means.T).argmax(1) == query_labels))
+
+
+def accuracy_logger(x_train, y_train, x_val, y_val, num_classes: int):
+    """A callback adding the prototype accuracy of the current embeddings to each epoch's logs (accuracy,
+    val_accuracy), so history.json, the curves and the over/under-fitting diagnosis read them as for other runs.
+    It must come before the callbacks that read the logs."""
+    import keras
+
+    class PrototypeAccuracy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is None:
+                return
+            e_train = embed(self.model, x_train)
+            logs["accuracy"] = prototype_accuracy(e_train, y_train, e_train, y_train, num_classes)
+            if len(x_val):
+                logs["val_accuracy"] = prototype_accuracy(e_train, y_train, embed(self.model, x_val), y_val,
+                                                          num_classes)
+
+    return PrototypeAccuracy()
+
+
 def embed(projection, features: np.ndarray) -> np.ndarray:
     if len(features) == 0:
         return np.zeros((0, int(projection.output.shape[-1])), np.float32)
@@ -149,6 +179,7 @@ def train_projection(config: Config, prepared, echo=print) -> dict:
     epochs: list[dict] = []
     monitor = "val_loss" if len(val_rows) > 1 else "loss"
     callbacks = [
+        accuracy_logger(standard(x_train), y_train, standard(x_val), y_val, num_classes),
         keras.callbacks.EarlyStopping(monitor=monitor, patience=max(1, config.train.early_stopping_patience),
                                       restore_best_weights=True),
         EpochRecorder(run_dir, epochs, phase=1, echo=say if echo and not interactive() else None,
