@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,10 +106,16 @@ def test_a_killed_predict_keeps_its_rows_and_resume_answers_each_image_once(run_
             assert row[f"label_{i}"] == expected[f"label_{i}"]
             assert float(row[f"probability_{i}"]) == pytest.approx(float(expected[f"probability_{i}"]), rel=1e-5)
 
-    again = cli("predict", run_dir, folder, "--out", out, "--quiet", "--resume", "--json")
+    # nothing left to do: the model is not even loaded (a copy whose model.keras is garbage still answers)
+    unloadable = tmp_path / "unloadable-run"
+    shutil.copytree(run_dir, unloadable)
+    (unloadable / "model.keras").write_bytes(b"not a model")
+    again = cli("predict", unloadable, folder, "--out", out, "--quiet", "--resume", "--json")
     assert again.exit_code == 0, again.output
     assert '"skipped": 61' in again.output and '"predicted": 0' in again.output
-    assert data_rows(out) == rows  # nothing left to do: the file is unchanged
+    assert data_rows(out) == rows  # the file is unchanged
+    with pytest.raises(Exception):  # (the copy really cannot be loaded)
+        cli("predict", unloadable, folder, "--out", tmp_path / "other.csv", "--quiet")
 
 
 def test_resume_refuses_a_file_with_other_columns_and_needs_an_out_file(run_dir, tmp_path, cli):

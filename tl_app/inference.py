@@ -27,7 +27,7 @@ from tl_app.core.errors import ConfigError
 from tl_app.data.images import probe_header
 from tl_app.core.progress import Progress
 from tl_app.data.scan import IMAGE_SUFFIXES, walk
-from tl_app.models.opener import Predictor, open_model
+from tl_app.models.opener import Predictor, ood_threshold_of, open_model, read_model_info
 from tl_app.models.ood import LAYER_NAME as OOD_SCORE, UNKNOWN_LABEL
 from tl_app.data.images import probe_file
 from tl_app.data.pipeline import load_image
@@ -288,14 +288,27 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
     if resume and not out:
         raise ConfigError("--resume continues the rows of an --out file, and none was given: "
                           "pass the first run's file, e.g. --out preds.csv --resume.")
-    predictor = model if isinstance(model, Predictor) else open_model(model)
-    size, policy, background = predictor.input_size, predictor.resize_policy, predictor.background
-    limit = pixel_limit(predictor, max_pixels)
-    threshold = predictor.ood_threshold  # None: a model without an OOD scorer answers as before
-    writer = RowWriter(out, min(top_k, len(predictor.classes)), ood=threshold is not None, resume=resume)
-    tally = Tally(writer, predictor.classes, threshold)
+    predictor = model if isinstance(model, Predictor) else None
+    if predictor is None and not resume:  # opened before the out file is started, which a failure would empty
+        predictor = open_model(model)
+    # a resumed run reads only the model's files (classes, OOD threshold) until an input is left to predict
+    info = predictor if predictor is not None else read_model_info(model)
+    threshold = ood_threshold_of(info.card)  # None: a model without an OOD scorer answers as before
+    writer = RowWriter(out, min(top_k, len(info.classes)), ood=threshold is not None, resume=resume)
+    tally = Tally(writer, info.classes, threshold)
     total = sum(1 for _ in iter_inputs(inputs))
     left = sum(1 for _ in unanswered(inputs, writer.answered)) if writer.answered else total
+    if predictor is None and not left:  # every row is already in the file: no model to load
+        writer.close()
+        return tally.summary(info.source, info.version, total, 0.0, skipped=total)
+    if predictor is None:
+        try:
+            predictor = open_model(model)
+        except BaseException:
+            writer.close()
+            raise
+    size, policy, background = predictor.input_size, predictor.resize_policy, predictor.background
+    limit = pixel_limit(predictor, max_pixels)
     # (index, path, problem) of every input the reader has passed, in input order, until its row is written;
     # problem is "" for a file handed to the decoder
     pending: collections.deque = collections.deque()
