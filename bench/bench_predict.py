@@ -6,12 +6,20 @@ two sides are measured in interleaved pairs (median pair reported), and the
 ratio of process CPU time per image is printed too (the pipeline's decode and
 resize are extra work; CPU time shows how much).
 
-    python bench/bench_predict.py [--quick] [--backbone resnet50] [--size 224] [--images N]
+    python bench/bench_predict.py [--quick] [--backbone resnet50] [--size 224] [--images N] [--resume-only]
+
+Then `--resume` (issue 17): the real command, whole process, over the same
+folder twice: the first run, and `--resume` once every row is in the file
+(median of three), reported as resumed / first.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +59,41 @@ def build_export(tmp: Path, backbone: str, size: int) -> tuple[Path, Path]:
     return prepared.run_dir, result["path"]
 
 
+HERE = Path(__file__).resolve().parent
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # bytecode kept, as users run it
+
+
+def run_predict(version: Path, photos: Path, out: Path, batch_size: int, *extra: str) -> tuple[float, str]:
+    """(wall seconds, stderr) of `tl-app predict` in a fresh process."""
+    command = [sys.executable, "-m", "tl_app", "predict", str(version), str(photos), "--out", str(out), "--quiet",
+               "--batch-size", str(batch_size), *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent, env=ENV)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return seconds, proc.stderr
+
+
+def resume_figure(version: Path, photos: Path, tmp: Path, count: int, batch_size: int) -> dict:
+    """First whole-process run vs `--resume` with every row already in the file."""
+    out = tmp / "resume.csv"
+    first, _ = run_predict(version, photos, out, batch_size)
+    rows = out.read_bytes()
+    resumed = []
+    for _ in range(3):
+        seconds, said = run_predict(version, photos, out, batch_size, "--resume")
+        assert f"skipped {count} already in it" in said, said[-2000:]
+        resumed.append(seconds)
+    assert out.read_bytes() == rows  # nothing was left to predict: the file is unchanged
+    median = statistics.median(resumed)
+    print(f"tl-app predict --resume, {count} JPEGs, every row already done, whole process: first run {first:.1f}s, "
+          f"resumed {median:.2f}s (median of {', '.join(f'{r:.2f}' for r in resumed)}) = {median / first:.2f} of "
+          f"the first run ({first / median:.1f}x faster)", flush=True)
+    return {"first_s": round(first, 2), "resumed_s": round(median, 3), "resumed_runs_s": [round(r, 3) for r in resumed],
+            "resume_ratio": round(median / first, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -59,8 +102,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--resume-only", action="store_true", help="Only the --resume figure.")
     args = parser.parse_args()
-    from tl_app.models.opener import load_predictor
+    from tl_app.models.opener import open_model
     from tl_app.inference import predict_paths
     from tl_app.models.opener import load_run_model
 
@@ -69,7 +113,11 @@ def main() -> None:
         tmp = Path(tmp)
         run_dir, version = build_export(tmp, args.backbone, args.size)
         photos = write_photo_folder(tmp / "photos", count)
-        predictor = load_predictor(version)
+        resume = resume_figure(version, photos, tmp, count, args.batch_size)
+        if args.resume_only:
+            emit("predict_resume", {"images": count, "backbone": args.backbone, "size": args.size, **resume})
+            return
+        predictor = open_model(version)
         predict_paths(predictor, sorted(photos.rglob("*.jpg"))[: args.batch_size], out=tmp / "warm.csv",
                       batch_size=args.batch_size, echo=None)  # traces the pipeline and the signature
         model = load_run_model(run_dir)
@@ -101,7 +149,8 @@ def main() -> None:
     emit("predict", {"images": count, "rounds": args.rounds, "backbone": args.backbone, "size": args.size,
                      "predict_images_per_s": round(predict_ips, 2), "model_predict_images_per_s": round(raw_ips, 2),
                      "ratio": round(ratio, 3),
-                     "pair_ratios": [round(r, 3) for r in ratios], "cpu_time_ratio": round(cpu_ratio, 3)})
+                     "pair_ratios": [round(r, 3) for r in ratios], "cpu_time_ratio": round(cpu_ratio, 3),
+                     "resume": resume})
 
 
 if __name__ == "__main__":
