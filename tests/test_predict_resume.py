@@ -8,6 +8,7 @@ file, and every image has exactly one row, equal to a clean run's.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -135,6 +136,14 @@ def test_resume_refuses_a_file_with_other_columns_and_needs_an_out_file(run_dir,
     assert cli("predict", run_dir, folder, "--out", jsonl, "--top-k", "2", "--quiet").exit_code == 0
     other = cli("predict", run_dir, folder, "--out", jsonl, "--top-k", "1", "--quiet", "--resume")
     assert other.exit_code != 0 and "2 classes" in other.output and "1 classes" in other.output
+    # JSON lines resume too: the first row kept, the second's half line dropped, the rest predicted
+    complete = jsonl.read_text().splitlines(keepends=True)
+    jsonl.write_text(complete[0] + complete[1][:25])
+    resumed = cli("predict", run_dir, folder, "--out", jsonl, "--top-k", "2", "--quiet", "--resume")
+    assert resumed.exit_code == 0 and "skipped 1 already in it" in resumed.output, resumed.output
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert sorted(r["path"] for r in rows) == sorted(json.loads(line)["path"] for line in complete)
+    assert rows[0] == json.loads(complete[0]) and all(len(r["predictions"]) == 2 for r in rows)
 
     no_out = cli("predict", run_dir, folder, "--resume")
     assert no_out.exit_code != 0 and "--out" in no_out.output and "Traceback" not in no_out.output
