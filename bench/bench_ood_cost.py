@@ -5,7 +5,9 @@ with ``train.ood`` = ``--ood`` (knn, the default, or mahalanobis), copies it wit
 exports both as SavedModels and times ``predict_pixels`` on both in
 alternating rounds in this process (bench_calibration's timer). The figure is
 the ratio of per-image times, scored / plain; on a shared, loaded machine read
-ratios near 1 as "no measurable cost".
+ratios near 1 as "no measurable cost". A second row is issue 16's target:
+calibration and scoring together, against a third copy with neither (no
+temperature layer, no score).
 
     python bench/bench_ood_cost.py [--quick] [--size 64] [--weights none|hed-vgg16] [--ood knn|mahalanobis]
 """
@@ -51,16 +53,29 @@ def main() -> int:
         info = json.loads((plain_run / "run.json").read_text())
         info["ood"] = {"method": "none"}
         (plain_run / "run.json").write_text(json.dumps(info))
+        bare_run = work / "runs" / "bare"
+        shutil.copytree(plain_run, bare_run)
+        info["calibration"] = {"method": "none"}
+        (bare_run / "run.json").write_text(json.dumps(info))
+        temperature = json.loads((run_dir / "run.json").read_text()).get("calibration", {}).get("temperature")
         scored = export_run(run_dir, root=work / "models", name="scored", formats="savedmodel", echo=None)["path"]
         plain = export_run(plain_run, root=work / "models", name="plain", formats="savedmodel", echo=None)["path"]
+        bare = export_run(bare_run, root=work / "models", name="bare", formats="savedmodel", echo=None)["path"]
         cost = [time_ratio(scored, plain, args.size, batch, rounds) for batch in (1, 32)]
+        both = [time_ratio(scored, bare, args.size, batch, rounds) for batch in (1, 32)]
     for c in cost:
         print(f"inference, batch {c['batch']:>2}: {c['plain_ms']:.3f} ms/image without the OOD score, "
               f"{c['calibrated_ms']:.3f} with it: ratio {c['ratio']:.4f} (SavedModel predict_pixels, "
               f"median of {rounds} alternating rounds; {args.ood}, feature dim {record.get('dim')})")
+    for c in both:
+        print(f"inference, batch {c['batch']:>2}: {c['plain_ms']:.3f} ms/image with neither calibration nor score, "
+              f"{c['calibrated_ms']:.3f} with both (temperature {temperature}): ratio {c['ratio']:.4f}")
     emit("ood_cost", {"method": args.ood, "weights": args.weights, "size": args.size, "ood": record,
                       "inference_cost": [{"batch": c["batch"], "plain_ms": c["plain_ms"],
-                                          "scored_ms": c["calibrated_ms"], "ratio": c["ratio"]} for c in cost]})
+                                          "scored_ms": c["calibrated_ms"], "ratio": c["ratio"]} for c in cost],
+                      "calibration_and_score_cost": [{"batch": c["batch"], "bare_ms": c["plain_ms"],
+                                                      "both_ms": c["calibrated_ms"], "ratio": c["ratio"]}
+                                                     for c in both]})
     return 0
 
 
