@@ -197,6 +197,7 @@ class PredictConfig:
     batch_size: int = 32
     progress: bool = True
     max_pixels: int = 0  # per image; 0: the model card's (or run's) data.max_pixels, else 89478485
+    runtime: str = "keras"  # keras | onnxruntime (converted once beside the model, refused unless it matches Keras)
 
 
 @dataclass
@@ -356,6 +357,7 @@ def validate(config: Config) -> None:
     check_choice(config.train.ood, OODS, "train.ood")
     check_choice(config.features.dtype, ("float32", "float16"), "features.dtype")
     check_choice(config.features.runtime, ("keras", "onnxruntime"), "features.runtime")
+    check_choice(config.predict.runtime, ("keras", "onnxruntime"), "predict.runtime")
     check_choice(config.engine.name, ENGINES, "engine.name")
     if config.engine.num_workers < 1:
         raise ConfigError(f"engine.num_workers must be at least 1, got {config.engine.num_workers}.")
