@@ -29,6 +29,10 @@ ENGINES = ("local", "ray")
 CALIBRATIONS = ("none", "temperature")  # temperature: fitted on validation, applied inside every export
 OODS = ("none", "knn", "mahalanobis")  # knn | mahalanobis: an ood_score output and an "unknown" answer in exports
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold: the default pixel limit everywhere
+# test-time augmentation (predict/evaluate/export --tta N): the first N of: the image, its horizontal flip,
+# 5 crops (centre, then the corners) and their flips, each resized back to the input size (models.tta)
+TTA_VIEWS = 12
+FINETUNE_ONLY = ("ema", "mixup", "cutmix", "lr_decay_per_block")  # train.* keys only --strategy finetune reads
 
 
 @dataclass
@@ -160,6 +164,7 @@ class ExportConfig:
     name: str = ""
     formats: list = field(default_factory=lambda: ["savedmodel", "keras"])
     quantize: bool = False
+    tta: int = 1  # >1: test-time augmentation over this many views inside every exported format (see TTA_VIEWS)
 
 
 @dataclass
@@ -197,6 +202,7 @@ class PredictConfig:
     batch_size: int = 32
     progress: bool = True
     max_pixels: int = 0  # per image; 0: the model card's (or run's) data.max_pixels, else 89478485
+    tta: int = 1  # predict and evaluate: average the probabilities over this many views (1: one pass; TTA_VIEWS)
     runtime: str = "keras"  # keras | onnxruntime (converted once beside the model, refused unless it matches Keras)
 
 
@@ -404,6 +410,9 @@ def validate(config: Config) -> None:
         check_range(config, dotted, 1, None)
     check_range(config, "serve.max_pixels", 0, None)
     check_range(config, "predict.max_pixels", 0, None)
+    for dotted in ("predict.tta", "export.tta"):
+        check_range(config, dotted, 1, TTA_VIEWS, why="views: the image, its flip, 5 crops and their 5 flips; "
+                    "1 = a single pass")
     check_range(config, "serve.grpc_port", 0, 65535)
     check_range(config, "serve.header_timeout_s", 0.0, None, low_open=True)
     check_range(config, "serve.body_timeout_s", 0.0, None, low_open=True)
@@ -423,6 +432,16 @@ def validate(config: Config) -> None:
             or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in background)):
         raise ConfigError(f"data.background must be three integers 0..255 (an RGB colour such as [255, 255, 255]), "
                           f"got {background!r}.")
+
+
+def ignored_by_strategy(config: Config) -> list[str]:
+    """Fine-tuning-only train.* settings changed from their defaults in a run that does not fine-tune
+    (they would silently do nothing): "key = value" for each."""
+    if config.train.strategy == "finetune":
+        return []
+    defaults = TrainConfig()
+    return [f"train.{key} = {getattr(config.train, key)!r}" for key in FINETUNE_ONLY
+            if getattr(config.train, key) != getattr(defaults, key)]
 
 
 def check_range(config: Config, dotted: str, low, high, *, low_open: bool = False, high_open: bool = False,
