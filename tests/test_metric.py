@@ -109,6 +109,8 @@ def test_a_metric_run_predicts_exports_through_the_parity_gate_and_refuses_class
                           echo=None)
     # the gate raises on any disagreement; here it compared both formats' probabilities and unknown-scores
     assert {"savedmodel", "keras", "savedmodel_ood_score", "keras_ood_score"} <= set(exported["parity"])
+    # the export keeps the embedding space, so index/embed work on it as on the run
+    assert "projection.npz" in exported["files"] and (Path(exported["path"]) / "projection.npz").is_file()
     with pytest.raises(TlAppError, match="strategy metric"):
         edit_classes(run_dir, remove="circles", runs_dir=tmp_path / "runs", echo=None, extractor_class=None)
 
@@ -122,3 +124,55 @@ def test_evaluate_shows_the_runs_retrieval_figures(metric_run, tmp_path):
     assert metrics["retrieval"] == info["retrieval"]
     line = next(text for text in "\n".join(said).splitlines() if text.startswith("retrieval"))
     assert f"recall@1 {info['retrieval']['embeddings']['recall@1']:.3f}" in line and "features" in line
+
+
+def test_index_embed_and_similar_work_in_the_metric_runs_embedding_space_without_tensorflow(metric_run, tmp_path):
+    """The run's projection.npz equals its Keras projection; `index --embeddings RUN` and `embed RUN` use it
+    (cached features: in a process where TensorFlow cannot be imported); `similar` embeds queries the same way."""
+    import keras
+
+    from test_noop_extract import blocked_tl_app
+    from tl_app.features.extract import extract_features
+    from tl_app.insight.similarity import similar
+    from tl_app.insight.similarity_index import SimilarityIndex
+    from tl_app.models.embedding_space import Projection
+
+    run_dir, root, config = metric_run["run_dir"], metric_run["root"], metric_run["config"]
+    projection = Projection.load(run_dir / "projection.npz")
+    features = np.asarray(extract_features(config, echo=None).features, np.float32)
+    keras_projection = keras.saving.load_model(run_dir / "model.keras").get_layer("head").get_layer("projection")
+    expected = np.asarray(keras_projection.predict(features, verbose=0))
+    assert projection.dim == 128 and np.abs(projection(features) - expected).max() < 1e-5
+
+    cache = ["--cache-dir", config.features.cache_dir]
+    index_dir = tmp_path / "index"
+    built = blocked_tl_app(["index", str(root), "--embeddings", str(run_dir), "--out", str(index_dir), "--json",
+                            *cache], tmp_path)
+    assert built.returncode == 0, built.stderr
+    summary = json.loads(built.stdout)
+    assert summary["space"] == "embeddings" and summary["dim"] == 128 and summary["features"]["computed"] == 0
+    index = SimilarityIndex.load(index_dir)
+    assert np.abs(index.vectors - projection(features)).max() < 1e-5  # same images, same order as the cache
+
+    plot = tmp_path / "map.png"
+    mapped = blocked_tl_app(["embed", str(run_dir), "--out", str(plot), "--json", *cache], tmp_path)
+    assert mapped.returncode == 0, mapped.stderr
+    assert json.loads(mapped.stdout)["dim"] == 128 and plot.is_file()
+    plain = blocked_tl_app(["embed", str(run_dir), "--space", "features", "--out", str(plot), "--json", *cache],
+                           tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads(plain.stdout)["dim"] == 512
+
+    # a query goes through the backbone and the same projection: an indexed image finds itself at similarity 1
+    query = sorted((root / "circles").iterdir())[0]
+    hits = similar(index_dir, [query], k=3, echo=None, include_self=True)["queries"][0]["neighbours"]
+    assert hits[0]["path"] == str(query) and hits[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    # an index whose projection file was swapped is refused, not searched in the wrong space
+    Projection(*(a * 2 for a in (projection.hidden_kernel, projection.hidden_bias, projection.embedding_kernel,
+                                 projection.embedding_bias))).save(index_dir / "projection.npz")
+    from tl_app.core.errors import TlAppError
+    with pytest.raises(TlAppError, match="not the projection"):
+        similar(index_dir, [query], k=3, echo=None)
+    refused = blocked_tl_app(["index", str(root), "--embeddings", str(root), "--out", str(tmp_path / "no"),
+                              *cache], tmp_path)
+    assert refused.returncode != 0 and "is not a metric run" in refused.stderr and "Traceback" not in refused.stderr

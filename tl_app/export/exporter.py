@@ -20,6 +20,11 @@ TF Serving's row format requires). A run trained with an OOD scorer adds
 ``label`` [N] ("unknown" or the class name); its ``.keras`` has the two named
 outputs ``probabilities`` and ``ood_score``; TFLite and ONNX (fixed input size,
 no strings) answer ``probabilities``, ``ood_score`` and ``unknown``.
+
+Exported with ``tta`` > 1 (``tl-app export --tta N``), every format averages the
+probabilities over N fixed views in its graph (models.tta; ood_score is the
+image's own), the parity gate compares them with the Python path's average, and
+the card's ``tta`` says so; without it the export is the single pass it always was.
 """
 
 from __future__ import annotations
@@ -37,17 +42,19 @@ from tl_app.export.converters import convert_onnx, convert_tflite, onnx_outputs,
 from tl_app.export.parity import golden_set, parity_gate, source_images
 from tl_app.export.repository import parse_formats, publish
 from tl_app.export.savedmodel import build_serving_module, save_savedmodel
+from tl_app.models.embedding_space import PROJECTION_FILE
 from tl_app.models.artifacts import BYTES_SIGNATURE, CARD_FILE, KERAS_FILE, ONNX_FILE, PIXELS_SIGNATURE, SAVED_MODEL_FILE, TFLITE_FILE, check_model_name
 from tl_app.models.artifacts import MODEL_FILE, read_run_info
 from tl_app.models.opener import load_run_model, run_background
 from tl_app.core.files import slug
 from tl_app.models.calibration import recorded_temperature, with_temperature
 from tl_app.models.ood import recorded_ood, with_ood, with_verdict
+from tl_app.models.tta import check_views, tta_card, view_names, with_tta
 
 
 # ---- the entry point ---------------------------------------------------------------
 def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str | None = None,
-               formats=("savedmodel", "keras"), quantize: bool = False, echo=print) -> dict:
+               formats=("savedmodel", "keras"), quantize: bool = False, echo=print, tta: int = 1) -> dict:
     """Export a run directory; returns {name, version, path, files, parity, ...}."""
     started = time.perf_counter()
     say = echo or (lambda *_: None)
@@ -63,6 +70,10 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
         model = with_temperature(model, temperature)
     ood = recorded_ood(info, run_dir)
     scored = with_ood(model, *ood) if ood is not None else model  # + ood_score in every format
+    views = check_views(tta, "--tta")
+    served = with_tta(scored, views)  # tta > 1: the views and their average in every format's graph
+    if views > 1:
+        say(f"[export] test-time augmentation in the graph: {views} views averaged ({', '.join(view_names(views))})")
     classes = list(info["classes"])
     size = int(info["input_size"])
     policy = info.get("resize_policy") or "center_crop"
@@ -79,7 +90,7 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
         config_file = run_dir / "config.json"
         background = run_background(json.loads(config_file.read_text()) if config_file.is_file() else None,
                                     str(config_file))
-        module = build_serving_module(scored, classes, size, policy, background)
+        module = build_serving_module(served, classes, size, policy, background)
         sources, image_source = source_images(run_dir)
         golden = golden_set(sources)
         files = []
@@ -89,14 +100,14 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
             save_savedmodel(module, temp)
             files += [SAVED_MODEL_FILE, "variables/"]
         if "keras" in formats:
-            if temperature is None and ood is None:
+            if temperature is None and ood is None and views == 1:
                 shutil.copy2(run_dir / MODEL_FILE, temp / KERAS_FILE)
             else:
-                scored.save(temp / KERAS_FILE)
+                served.save(temp / KERAS_FILE)
             files.append(KERAS_FILE)
         if "tflite" in formats:
             say("[export] TFLite" + (" (dynamic-range quantised)" if quantize else " (float32)"))
-            convert_tflite(with_verdict(scored), temp / TFLITE_FILE, quantize)
+            convert_tflite(with_verdict(served), temp / TFLITE_FILE, quantize)
             runners["tflite"] = lambda pixels: tflite_outputs(temp / TFLITE_FILE, pixels)
             files.append(TFLITE_FILE)
         if "onnx" in formats:
@@ -108,10 +119,14 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
         parity = parity_gate(scored, golden, size, policy, background,
                              savedmodel_dir=temp if "savedmodel" in formats else None,
                              keras_file=temp / KERAS_FILE if "keras" in formats else None,
-                             runners=runners, quantized=("tflite",) if quantize else ())
+                             runners=runners, quantized=("tflite",) if quantize else (), views=views)
         parity["source"] = image_source
+        if (run_dir / PROJECTION_FILE).is_file():  # a metric run: its embedding space, for index/embed on the export
+            shutil.copy2(run_dir / PROJECTION_FILE, temp / PROJECTION_FILE)
+            files.append(PROJECTION_FILE)
         card = model_card(run_dir, info, name, 0, formats, quantize, background)
         card["parity"] = parity
+        card["tta"] = tta_card(views)
         card["files"] = files + [CARD_FILE]
         (temp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
         version = publish(temp, model_dir)

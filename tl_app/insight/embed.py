@@ -14,6 +14,7 @@ from tl_app.insight.feature_map import embed as map_features
 
 
 def embed(source: str | Path, method: str = "pca", out: str | Path = "embedding.png", config=None,
-          seed: int = 0, echo=print, extractor_class=None) -> dict:
+          seed: int = 0, echo=print, extractor_class=None, space: str = "auto") -> dict:
     """feature_map.embed with this process's Extractor unless another is handed in."""
-    return map_features(source, method, out, config, seed, echo, extractor_class=extractor_class or Extractor)
+    return map_features(source, method, out, config, seed, echo, extractor_class=extractor_class or Extractor,
+                        space=space)

@@ -24,16 +24,21 @@ from tl_app.features.gather import extract_features
 from tl_app.features.store import load_feature_dir
 from tl_app.core.config import Config
 from tl_app.insight.plots import scatter_2d
+from tl_app.models.embedding_space import Projection, projection_in
 from tl_app.models.artifacts import CARD_FILE, RUN_FILE, is_complete_version, list_versions, read_card, read_run_info, resolve_version_dir
 
 METHODS = ("pca", "tsne")
+SPACES = ("auto", "features", "embeddings")  # auto: a metric run's embeddings, else the backbone features
 SILHOUETTE_SAMPLE = 3000
 
 
-def load_points(source: str | Path, config=None, echo=print, *,
-                extractor_class: Callable) -> tuple[np.ndarray, list[str], list[str], str]:
+def load_points(source: str | Path, config=None, echo=print, *, extractor_class: Callable,
+                space: str = "auto") -> tuple[np.ndarray, list[str], list[str], str]:
     """(features N x D, label per row, classes, where they came from); ``extractor_class`` runs the backbone
-    for images missing from the cache (features.gather)."""
+    for images missing from the cache (features.gather). For a metric run (or its export), ``space`` auto or
+    embeddings maps its learned embeddings instead of the backbone features."""
+    if space not in SPACES:
+        raise ConfigError(unknown_choice("space", space, SPACES))
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source} does not exist. Expected a feature folder (tl-app extract), a similarity "
@@ -43,10 +48,18 @@ def load_points(source: str | Path, config=None, echo=print, *,
         labels = [item.get("label", "") for item in index.items]
         return np.asarray(index.vectors, np.float32), labels, sorted(set(labels)), f"similarity index {source}"
     recipe = model_recipe(source, config)
+    projection = metric_projection(source) if recipe is not None and space != "features" else None
+    if space == "embeddings" and projection is None:
+        raise DataError(f"{source} has no learned embeddings (projection.npz): only a run trained with "
+                        f"'--strategy metric', or its export, has them. Use --space features or auto.")
     if recipe is not None:  # a run or an exported model: its backbone and recipe, on the data it trained on
         feature_set = extract_features(recipe, echo=echo, extractor_class=extractor_class)
         origin = (f"{recipe.backbone.name} features (the recipe of {source}, pretrained backbone) of "
                   f"{recipe.data.root}")
+        if projection is not None:
+            labels = [r.label for r in feature_set.records]
+            return (projection(feature_set.features), labels, list(feature_set.classes) or sorted(set(labels)),
+                    f"metric embeddings ({projection.dim}-d) of {source}, from its {origin}")
     elif looks_like_feature_dir(source):
         feature_set = load_feature_dir(source)
         origin = f"feature folder {source}"
@@ -83,6 +96,26 @@ def model_recipe(source: Path, config=None) -> Config | None:
     if config is not None:
         overrides["features.cache_dir"] = config.features.cache_dir
     return recipe.with_overrides(overrides)
+
+
+def metric_projection(source: Path) -> Projection | None:
+    """The learned projection of a metric run, or of an exported model version of one; None otherwise."""
+    if (source / RUN_FILE).is_file():
+        return projection_in(source)
+    return projection_in(resolve_version_dir(source))
+
+
+def embedding_recipe(run: str | Path, data: str | Path, config=None) -> tuple[Config, Projection]:
+    """(the feature settings of metric run ``run`` applied to image folder ``data``, its projection), for an
+    index of ``data`` in the run's embedding space. The backbone, weights, size and layer are the run's: the
+    projection only fits the features it was trained on."""
+    run = Path(run)
+    recipe = model_recipe(run, config) if run.is_dir() else None
+    projection = metric_projection(run) if recipe is not None else None
+    if projection is None:
+        raise DataError(f"{run} is not a metric run or its export (expected run.json or a model card, and "
+                        f"projection.npz). Train one with 'tl-app train DATA --strategy metric'.")
+    return recipe.with_overrides({"data.root": str(data)}), projection
 
 
 def looks_like_feature_dir(path: Path) -> bool:
@@ -126,12 +159,13 @@ def silhouette(points: np.ndarray, labels: np.ndarray, seed: int = 0) -> float |
 
 
 def embed(source: str | Path, method: str = "pca", out: str | Path = "embedding.png", config=None,
-          seed: int = 0, echo=print, *, extractor_class: Callable) -> dict:
+          seed: int = 0, echo=print, *, extractor_class: Callable, space: str = "auto") -> dict:
     """Write the scatter PNG (and the coordinates as CSV next to it); returns a summary."""
     say = echo or (lambda *a, **k: None)
     if method not in METHODS:
         raise ConfigError(unknown_choice("embedding method", method, METHODS))
-    features, labels, classes, origin = load_points(source, config, echo, extractor_class=extractor_class)
+    features, labels, classes, origin = load_points(source, config, echo, extractor_class=extractor_class,
+                                                    space=space)
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[label] for label in labels], int)
     points, extra = project(features, method, seed)

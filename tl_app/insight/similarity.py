@@ -17,21 +17,26 @@ from tl_app.models.backbones import build_feature_model, get_spec
 from tl_app.data.pipeline import load_images
 from tl_app.insight.plots import GOOD, NEUTRAL, Tile, contact_sheet
 from tl_app.insight.similarity_index import (CHUNK_ROWS, INDEX_VERSION, META_FILE, VECTORS_FILE,  # noqa: F401
-                                             SimilarityIndex, item_of, naive_top_k, normalize, similarities, top_k)
+                                             SimilarityIndex, item_of, naive_top_k, normalize, query_projection,
+                                             similarities, top_k)
+from tl_app.models.embedding_space import Projection
 from tl_app.insight.similarity_index import build_index as index_images
 
 
-def build_index(config, out: str | Path, dtype: str = "float32", echo=print, extractor_class=None) -> dict:
+def build_index(config, out: str | Path, dtype: str = "float32", echo=print, extractor_class=None,
+                projection: Projection | None = None, projection_source: str = "") -> dict:
     """similarity_index.build_index with this process's Extractor unless another is handed in."""
-    return index_images(config, out, dtype, echo, extractor_class=extractor_class or Extractor)
+    return index_images(config, out, dtype, echo, extractor_class=extractor_class or Extractor,
+                        projection=projection, projection_source=projection_source)
 
 
 class QueryEmbedder:
     """Embeds query images with the index's recipe (same backbone, weights, size, resize)."""
 
-    def __init__(self, recipe: dict):
+    def __init__(self, recipe: dict, projection: Projection | None = None):
 
         self.recipe = recipe
+        self.projection = projection  # a metric run's embedding space, when the index holds its embeddings
         self.model = build_feature_model(get_spec(recipe["backbone"]), recipe["input_size"], recipe["weights"],
                                          recipe.get("seed", 0), recipe.get("layer", ""), recipe.get("pooling", "avg"))
 
@@ -47,9 +52,12 @@ class QueryEmbedder:
             except Exception as exc:  # noqa: BLE001 - a bad query is reported, not fatal
                 skipped.append({"path": str(path), "reason": f"could not be read as an image: {exc}"})
         if not images:
-            return np.zeros((0, self.model.output_shape[-1]), np.float32), kept, skipped
-        features = self.model.predict(np.stack(images), batch_size=32, verbose=0)
-        return np.asarray(features, np.float32), kept, skipped
+            width = self.projection.dim if self.projection is not None else self.model.output_shape[-1]
+            return np.zeros((0, width), np.float32), kept, skipped
+        features = np.asarray(self.model.predict(np.stack(images), batch_size=32, verbose=0), np.float32)
+        if self.projection is not None:
+            features = self.projection(features)
+        return features, kept, skipped
 
 
 def content_hash(path: str | Path) -> str | None:
@@ -78,7 +86,7 @@ def similar(index_dir: str | Path, queries, k: int = 5, sheet: str | Path | None
     if k < 1:
         raise ConfigError(f"-k must be at least 1, got {k}.")
     index = SimilarityIndex.load(index_dir)
-    features, kept, skipped = QueryEmbedder(index.recipe)(list(queries))
+    features, kept, skipped = QueryEmbedder(index.recipe, query_projection(index_dir, index.recipe))(list(queries))
     if include_self:
         results = index.search(features, k) if len(kept) else []
     else:  # copies of the query may be indexed more than once: ask for enough to still return k others

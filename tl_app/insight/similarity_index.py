@@ -23,6 +23,7 @@ import numpy as np
 
 from tl_app.core.errors import ConfigError, ModelNotFoundError, TlAppError
 from tl_app.features.gather import extract_features
+from tl_app.models.embedding_space import PROJECTION_FILE, Projection
 
 VECTORS_FILE = "vectors.npy"
 META_FILE = "index.json"
@@ -140,18 +141,46 @@ def item_of(record) -> dict:
     return {"path": record.path, "relpath": record.relpath, "label": record.label, "sha256": record.sha256}
 
 
-def build_index(config, out: str | Path, dtype: str = "float32", echo=print, *, extractor_class: Callable) -> dict:
+def build_index(config, out: str | Path, dtype: str = "float32", echo=print, *, extractor_class: Callable,
+                projection: Projection | None = None, projection_source: str = "") -> dict:
     """Index every usable image of ``config.data.root``, reusing the bottleneck feature cache;
-    ``extractor_class`` (as in features.gather) is made only when an image is missing from it."""
+    ``extractor_class`` (as in features.gather) is made only when an image is missing from it.
+
+    With a metric run's ``projection`` the index holds its embeddings, not the backbone features; the
+    projection is saved in the index folder and recorded in its recipe, so queries are embedded the same way.
+    """
     say = echo or (lambda *a, **k: None)
     feature_set = extract_features(config, echo=echo, extractor_class=extractor_class)
-    index = SimilarityIndex.from_features(feature_set.features, [item_of(r) for r in feature_set.records],
-                                          # the feature recipe, plus what a query needs to rebuild the model
-                                          dict(feature_set.recipe, weights=config.backbone.weights,
-                                               seed=config.backbone.seed, data_root=str(config.data.root)),
-                                          dtype)
+    # the feature recipe, plus what a query needs to rebuild the model
+    recipe = dict(feature_set.recipe, weights=config.backbone.weights, seed=config.backbone.seed,
+                  data_root=str(config.data.root))
+    vectors = feature_set.features
+    if projection is not None:
+        vectors = projection(np.asarray(vectors, np.float32))
+        recipe["projection"] = {"file": PROJECTION_FILE, "source": str(projection_source),
+                                "sha256": projection.digest(), "dim": projection.dim}
+    index = SimilarityIndex.from_features(vectors, [item_of(r) for r in feature_set.records], recipe, dtype)
     index.save(out)
+    if projection is not None:
+        projection.save(Path(out) / PROJECTION_FILE)
     stats = dict(feature_set.stats)
-    say(f"index: {len(index)} images x {index.vectors.shape[1]} features ({dtype}) -> {out}")
+    what = f"metric embeddings of {projection_source}" if projection is not None else "features"
+    say(f"index: {len(index)} images x {index.vectors.shape[1]} {what} ({dtype}) -> {out}")
     return {"index": str(out), "count": len(index), "dim": int(index.vectors.shape[1]), "dtype": dtype,
-            "features": stats}
+            "space": "embeddings" if projection is not None else "features", "features": stats}
+
+
+def query_projection(index_dir: str | Path, recipe: dict) -> Projection | None:
+    """The projection an index's queries must go through (None for a feature index); refuses a changed file."""
+    wanted = recipe.get("projection")
+    if not wanted:
+        return None
+    path = Path(index_dir) / wanted.get("file", PROJECTION_FILE)
+    if not path.is_file():
+        raise TlAppError(f"{index_dir} was built with a metric run's embeddings but {path.name} is missing; "
+                         f"rebuild it with 'tl-app index DATA --embeddings RUN --out {index_dir}'.")
+    projection = Projection.load(path)
+    if projection.digest() != wanted.get("sha256"):
+        raise TlAppError(f"{path} is not the projection {index_dir} was built with (its checksum differs); "
+                         f"rebuild the index with 'tl-app index DATA --embeddings RUN --out {index_dir}'.")
+    return projection

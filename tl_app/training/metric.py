@@ -5,7 +5,9 @@ image (and per cached augmented view), exactly as for the bottleneck route;
 a projection (Dense 256 -> ReLU -> Dense 128 -> unit length) learns an
 embedding where images of a class gather, by the supervised contrastive loss
 of Khosla et al. 2020 (temperature 0.1). Fine-tuning backbone blocks with the
-loss is not done yet: only the projection learns.
+loss is not done yet: only the projection learns. The projection is also saved
+as numpy arrays (projection.npz) so that ``tl-app index``/``embed`` pointed at
+the run work in its embedding space (models.embedding_space).
 
 No maintained Keras 3 implementation exists (tensorflow-addons' triplet loss
 and tensorflow-similarity are Keras 2 only and unmaintained), so the loss is
@@ -31,6 +33,7 @@ from tl_app.core.files import write_json
 from tl_app.features.extract import extract_features
 from tl_app.models.artifacts import MODEL_FILE
 from tl_app.models.backbones import build_feature_model
+from tl_app.models.embedding_space import PROJECTION_FILE, Projection
 from tl_app.models.fewshot_heads import knn_head, prototype_head
 from tl_app.models.projection import attach_head, build_projection, fold_input_standardization
 from tl_app.models.surgery import assemble
@@ -192,6 +195,10 @@ def train_projection(config: Config, prepared, echo=print) -> dict:
     trained, projection = projection, build_projection(x_train.shape[1])  # uncompiled: the model saves no loss
     projection.set_weights(trained.get_weights())
     fold_input_standardization(projection, mean, std)
+    # the same projection as numpy arrays: index, embed and their queries apply it without TensorFlow
+    hidden, embedding = projection.get_layer("hidden"), projection.get_layer("embedding")
+    Projection(*(np.asarray(w, np.float32) for w in hidden.get_weights() + embedding.get_weights())).save(
+        run_dir / PROJECTION_FILE)
 
     e_train, e_val = embed(projection, x_train), embed(projection, x_val)
     retrieval = {"protocol": "val queries vs train gallery, cosine",
@@ -226,7 +233,8 @@ def train_projection(config: Config, prepared, echo=print) -> dict:
                    metric={"loss": "supervised_contrastive", "temperature": TEMPERATURE,
                            "projection": [int(projection.get_layer("hidden").units),
                                           int(projection.get_layer("embedding").units)],
-                           "batch_size": batch_size, "backbone_trained": False},
+                           "batch_size": batch_size, "backbone_trained": False,
+                           "projection_file": PROJECTION_FILE},
                    features={k: feature_set.stats.get(k) for k in
                              ("used", "computed", "cached", "views_per_image", "dim")})
     say(f"projection: supervised contrastive loss {fmt(metrics['contrastive_loss'])} "
