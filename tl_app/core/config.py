@@ -154,6 +154,9 @@ class TrainConfig:
     mixup: float = 0.0  # finetune: Beta(alpha, alpha) of mixup; 0 = off
     cutmix: float = 0.0  # finetune: Beta(alpha, alpha) of CutMix; 0 = off (both on: one of the two per batch)
     lr_decay_per_block: float = 1.0  # finetune phase 2: each deeper unfrozen block learns this x slower; 1 = off
+    # metric: after the projection, also train the top backbone blocks (unfreeze_blocks/layers) with the
+    # contrastive loss for finetune_epochs on augmented images (BatchNorm frozen); false = projection only
+    metric_backbone: bool = False
 
 
 @dataclass
