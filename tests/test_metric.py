@@ -176,3 +176,58 @@ def test_index_embed_and_similar_work_in_the_metric_runs_embedding_space_without
     refused = blocked_tl_app(["index", str(root), "--embeddings", str(root), "--out", str(tmp_path / "no"),
                               *cache], tmp_path)
     assert refused.returncode != 0 and "is not a metric run" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.slow
+def test_metric_backbone_trains_the_top_block_and_index_uses_that_backbone(metric_run, tmp_path):
+    """train.metric_backbone: phase 2 trains block5 (only) with the contrastive loss; the run keeps that
+    backbone's weights, so `index --embeddings RUN` embeds with the trained backbone, exactly as the model does
+    (with the pretrained backbone's cached features the index would sit in a different space)."""
+    import keras
+
+    from test_noop_extract import blocked_tl_app
+    from tl_app import api
+    from tl_app.cli import main
+    from tl_app.data.pipeline import load_images
+    from tl_app.insight.similarity_index import SimilarityIndex
+    from tl_app.models.backbones import build_base, get_spec
+    from tl_app.models.embedding_space import Projection
+    from click.testing import CliRunner
+
+    config = small_config(metric_run["base"], metric_run["root"], backbone="vgg16")
+    config.backbone.weights = "hed-vgg16"
+    config.train.strategy, config.train.seed, config.train.name = "metric", 0, "metric-backbone"
+    config.train.metric_backbone, config.train.finetune_epochs = True, 2
+    run_dir = Path(api.train(config, echo=None)["run_dir"])
+    info = json.loads((run_dir / "run.json").read_text())
+    phase2 = info["metric"]["phase2"]
+    assert info["metric"]["backbone_trained"] and phase2["epochs_trained"] >= 1
+    assert phase2["unfrozen_layers"] == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    history = json.loads((run_dir / "history.json").read_text())["epochs"]
+    assert [e["phase"] for e in history][-phase2["epochs_trained"]:] == [2] * phase2["epochs_trained"]
+
+    model = keras.saving.load_model(run_dir / "model.keras")
+    pretrained = build_base(get_spec("vgg16"), 32, "hed-vgg16")
+    trained = model.get_layer("vgg16")
+    for name, changed in (("block5_conv3", True), ("block4_conv3", False), ("block1_conv1", False)):
+        same = all(np.array_equal(a, b) for a, b in zip(trained.get_layer(name).get_weights(),
+                                                          pretrained.get_layer(name).get_weights()))
+        assert same != changed, name
+
+    cache = ["--cache-dir", config.features.cache_dir]
+    index_dir = tmp_path / "index"
+    built = CliRunner().invoke(main, ["index", str(metric_run["root"]), "--embeddings", str(run_dir), "--out",
+                                      str(index_dir), "--json", *cache], catch_exceptions=False)
+    assert built.exit_code == 0, built.output
+    assert json.loads(built.output)["features"]["computed"] > 0  # not the pretrained backbone's cached features
+    index = SimilarityIndex.load(index_dir)
+    paths = [item["path"] for item in index.items[:12]]
+    assert model.layers[-1].name == "head"  # image, preprocess, vgg16, pool, head: features are pool's output
+    features = keras.Model(model.input, model.layers[-2].output)(load_images(paths, 32, info["resize_policy"]))
+    expected = Projection.load(run_dir / "projection.npz")(np.asarray(features))
+    assert np.abs(index.vectors[:12] - expected).max() < 1e-4
+    # and once computed, the trained backbone's features are cached like any others: no TensorFlow needed
+    again = blocked_tl_app(["index", str(metric_run["root"]), "--embeddings", str(run_dir), "--out",
+                            str(tmp_path / "again"), "--json", *cache], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(SimilarityIndex.load(tmp_path / "again").vectors, index.vectors)

@@ -42,7 +42,7 @@ from tl_app.export.converters import convert_onnx, convert_tflite, onnx_outputs,
 from tl_app.export.parity import golden_set, parity_gate, source_images
 from tl_app.export.repository import parse_formats, publish
 from tl_app.export.savedmodel import build_serving_module, save_savedmodel
-from tl_app.models.embedding_space import PROJECTION_FILE
+from tl_app.models.embedding_space import BACKBONE_FILE, PROJECTION_FILE
 from tl_app.models.artifacts import BYTES_SIGNATURE, CARD_FILE, KERAS_FILE, ONNX_FILE, PIXELS_SIGNATURE, SAVED_MODEL_FILE, TFLITE_FILE, check_model_name
 from tl_app.models.artifacts import MODEL_FILE, read_run_info
 from tl_app.models.opener import load_run_model, run_background
@@ -121,9 +121,10 @@ def export_run(run_dir: str | Path, root: str | Path = "saved_models", name: str
                              keras_file=temp / KERAS_FILE if "keras" in formats else None,
                              runners=runners, quantized=("tflite",) if quantize else (), views=views)
         parity["source"] = image_source
-        if (run_dir / PROJECTION_FILE).is_file():  # a metric run: its embedding space, for index/embed on the export
-            shutil.copy2(run_dir / PROJECTION_FILE, temp / PROJECTION_FILE)
-            files.append(PROJECTION_FILE)
+        for kept in (PROJECTION_FILE, BACKBONE_FILE):  # a metric run's embedding space, for index/embed on it
+            if (run_dir / kept).is_file():
+                shutil.copy2(run_dir / kept, temp / kept)
+                files.append(kept)
         card = model_card(run_dir, info, name, 0, formats, quantize, background)
         card["parity"] = parity
         card["tta"] = tta_card(views)

@@ -24,7 +24,7 @@ from tl_app.features.gather import extract_features
 from tl_app.features.store import load_feature_dir
 from tl_app.core.config import Config
 from tl_app.insight.plots import scatter_2d
-from tl_app.models.embedding_space import Projection, projection_in
+from tl_app.models.embedding_space import BACKBONE_FILE, Projection, projection_in
 from tl_app.models.artifacts import CARD_FILE, RUN_FILE, is_complete_version, list_versions, read_card, read_run_info, resolve_version_dir
 
 METHODS = ("pca", "tsne")
@@ -79,8 +79,10 @@ def model_recipe(source: Path, config=None) -> Config | None:
     if (source / RUN_FILE).is_file():
         info, config_file = read_run_info(source), source / "config.json"
         saved = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        folder = source
     elif (source / CARD_FILE).is_file() or any(is_complete_version(source / str(v)) for v in list_versions(source)):
-        info = read_card(resolve_version_dir(source))
+        folder = resolve_version_dir(source)
+        info = read_card(folder)
         saved = info.get("config") or {}
     else:
         return None
@@ -93,6 +95,8 @@ def model_recipe(source: Path, config=None) -> Config | None:
     overrides = {"data.root": str(root)}
     if info.get("backbone"):
         overrides["backbone.name"] = info["backbone"]
+    if (folder / BACKBONE_FILE).is_file():  # a metric run that trained its backbone: features from that backbone
+        overrides["backbone.weights"] = str((folder / BACKBONE_FILE).resolve())
     if config is not None:
         overrides["features.cache_dir"] = config.features.cache_dir
     return recipe.with_overrides(overrides)

@@ -23,6 +23,9 @@ import numpy as np
 from tl_app.core.errors import TlAppError
 
 PROJECTION_FILE = "projection.npz"
+# a metric run that also trained backbone blocks (train.metric_backbone) keeps that backbone's weights here, so
+# features for its projection come from the trained backbone, never from the pretrained one's feature cache
+BACKBONE_FILE = "backbone.weights.h5"
 ARRAYS = ("hidden_kernel", "hidden_bias", "embedding_kernel", "embedding_bias")
 
 

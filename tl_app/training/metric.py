@@ -1,11 +1,11 @@
 """The metric strategy: a projection head trained with a supervised contrastive loss on cached features.
 
-Similarity learning, first version: the backbone stays frozen and runs once per
+Similarity learning. Phase 1: the backbone stays frozen and runs once per
 image (and per cached augmented view), exactly as for the bottleneck route;
 a projection (Dense 256 -> ReLU -> Dense 128 -> unit length) learns an
 embedding where images of a class gather, by the supervised contrastive loss
-of Khosla et al. 2020 (temperature 0.1). Fine-tuning backbone blocks with the
-loss is not done yet: only the projection learns. The projection is also saved
+of Khosla et al. 2020 (temperature 0.1). With train.metric_backbone = true a second
+phase also trains the top backbone blocks with the loss (training.metric_backbone). The projection is also saved
 as numpy arrays (projection.npz) so that ``tl-app index``/``embed`` pointed at
 the run work in its embedding space (models.embedding_space).
 
@@ -28,18 +28,19 @@ import math
 import numpy as np
 
 from tl_app.core.config import Config
-from tl_app.core.errors import DataError
+from tl_app.core.errors import ConfigError, DataError
 from tl_app.core.files import write_json
 from tl_app.features.extract import extract_features
 from tl_app.models.artifacts import MODEL_FILE
 from tl_app.models.backbones import build_feature_model
-from tl_app.models.embedding_space import PROJECTION_FILE, Projection
+from tl_app.models.embedding_space import BACKBONE_FILE, PROJECTION_FILE, Projection
 from tl_app.models.fewshot_heads import knn_head, prototype_head
 from tl_app.models.projection import attach_head, build_projection, fold_input_standardization
-from tl_app.models.surgery import assemble
+from tl_app.models.surgery import assemble, find_backbone
 from tl_app.training.bottleneck import views_of
 from tl_app.training.callbacks import EpochRecorder, interactive
 from tl_app.training.fewshot import head_metrics
+from tl_app.training.metric_backbone import backbone_features, train_backbone
 from tl_app.training.ood import fit_ood, ood_text
 from tl_app.training.optim import make_optimizer
 from tl_app.training.retrieval import retrieval_metrics, retrieval_text
@@ -160,6 +161,9 @@ def train_projection(config: Config, prepared, echo=print) -> dict:
         raise DataError(f"The metric strategy needs training images of every class (it fits a prototype or k-NN "
                         f"head on the embeddings); none in train for: {', '.join(absent or feature_set.classes)}. "
                         f"Add images or lower data.val_fraction.")
+    if config.train.metric_backbone and config.backbone.layer:
+        raise ConfigError(f"train.metric_backbone trains the top of the whole backbone; it cannot be combined with "
+                          f"backbone.layer = {config.backbone.layer!r}. Remove one of the two.")
     features = np.asarray(feature_set.features, np.float32)
     x_train, y_train = features[train_rows], labels[train_rows]
     x_val, y_val = features[val_rows], labels[val_rows]
@@ -195,6 +199,21 @@ def train_projection(config: Config, prepared, echo=print) -> dict:
     trained, projection = projection, build_projection(x_train.shape[1])  # uncompiled: the model saves no loss
     projection.set_weights(trained.get_weights())
     fold_input_standardization(projection, mean, std)
+    plain_train, plain_val = x_train, x_val  # the cached backbone features: retrieval's "before"
+    feature_model, phase2 = feature_set.feature_model, None
+    if feature_model is None:
+        b = config.backbone
+        feature_model = build_feature_model(prepared.spec, prepared.input_size, b.weights, b.seed, b.layer, b.pooling)
+    if config.train.metric_backbone and config.train.finetune_epochs > 0:
+        train_records = [feature_set.records[i] for i in train_rows]
+        val_records = [feature_set.records[i] for i in val_rows]
+        phase2 = train_backbone(config, prepared, feature_model, projection, train_records, val_records,
+                                supervised_contrastive_loss, MIN_BATCH, run_dir, epochs, echo)
+        # the backbone changed: its features are no longer the cached ones; index/embed load these weights
+        find_backbone(feature_model, prepared.spec).save_weights(run_dir / BACKBONE_FILE)
+        phase2["backbone_weights"] = BACKBONE_FILE
+        x_train, x_val = (backbone_features(feature_model, records, prepared.input_size, prepared.resize_policy,
+                                            config.data.background) for records in (train_records, val_records))
     # the same projection as numpy arrays: index, embed and their queries apply it without TensorFlow
     hidden, embedding = projection.get_layer("hidden"), projection.get_layer("embedding")
     Projection(*(np.asarray(w, np.float32) for w in hidden.get_weights() + embedding.get_weights())).save(
@@ -202,7 +221,7 @@ def train_projection(config: Config, prepared, echo=print) -> dict:
 
     e_train, e_val = embed(projection, x_train), embed(projection, x_val)
     retrieval = {"protocol": "val queries vs train gallery, cosine",
-                 "features": retrieval_metrics(x_val, y_val, x_train, y_train),
+                 "features": retrieval_metrics(plain_val, y_val, plain_train, y_train),
                  "embeddings": retrieval_metrics(e_val, y_val, e_train, y_train)}
     h = config.head
     kind = "knn" if h.kind == "knn" else "prototype"
@@ -221,10 +240,6 @@ def train_projection(config: Config, prepared, echo=print) -> dict:
                "contrastive_loss": float(min(losses)) if losses else None}
     write_json(run_dir / "metrics.json", metrics)
 
-    feature_model = feature_set.feature_model
-    if feature_model is None:
-        b = config.backbone
-        feature_model = build_feature_model(prepared.spec, prepared.input_size, b.weights, b.seed, b.layer, b.pooling)
     model = assemble(feature_model, head)
     model.save(run_dir / MODEL_FILE)
     write_run_info(run_dir, status="finished", metrics=metrics, retrieval=retrieval,
@@ -233,7 +248,7 @@ def train_projection(config: Config, prepared, echo=print) -> dict:
                    metric={"loss": "supervised_contrastive", "temperature": TEMPERATURE,
                            "projection": [int(projection.get_layer("hidden").units),
                                           int(projection.get_layer("embedding").units)],
-                           "batch_size": batch_size, "backbone_trained": False,
+                           "batch_size": batch_size, "backbone_trained": phase2 is not None, "phase2": phase2,
                            "projection_file": PROJECTION_FILE},
                    features={k: feature_set.stats.get(k) for k in
                              ("used", "computed", "cached", "views_per_image", "dim")})
