@@ -23,6 +23,7 @@ from tl_app.data.images import decode_pil
 from tl_app.data.pipeline import resize_images
 from tl_app.models.artifacts import BYTES_SIGNATURE, PIXELS_SIGNATURE
 from tl_app.models.ood import LAYER_NAME as OOD_SCORE, VERDICT, ood_layer_of, split_outputs
+from tl_app.models.tta import average_views
 
 FLOAT_TOLERANCE = 1e-4  # max |probability difference| for SavedModel, .keras, TFLite and ONNX float32
 SCORE_TOLERANCE = 1e-4  # ood_score: max |difference| / max(1, |reference|) (a distance, not a probability)
@@ -241,13 +242,15 @@ def savedmodel_bytes_outputs(loaded, golden: list[Golden], scores_wanted: list |
 # ---- the gate ---------------------------------------------------------------------------
 def parity_gate(model, golden: list[Golden], input_size: int, policy: str, background, *,
                 savedmodel_dir: Path | None = None, keras_file: Path | None = None,
-                runners: dict | None = None, quantized: tuple = ()) -> dict:
+                runners: dict | None = None, quantized: tuple = (), views: int = 1) -> dict:
     """Check every written format against ``model`` on ``golden``; raise ExportError listing every disagreement.
 
     ``runners`` maps a format name to a function of float32 pixels [N, size, size, 3]
     (TFLite, ONNX) that returns probabilities, or a dict of named outputs; a scored
     model's runners must also answer ``ood_score`` and ``unknown``. Names in
-    ``quantized`` are held to top-1 (and verdict) agreement.
+    ``quantized`` are held to top-1 (and verdict) agreement. ``views`` > 1 (export --tta): the formats carry
+    test-time augmentation in their graph, and the reference is the Python path's average of ``model`` (the
+    single-pass classifier) over the same views (models.tta.average_views), as predict --tta computes it.
     """
     import numpy as np
     import tensorflow as tf
@@ -255,7 +258,9 @@ def parity_gate(model, golden: list[Golden], input_size: int, policy: str, backg
     accepted = [g for g in golden if not g.refused]
     names = [g.name for g in accepted]
     pixels = reference_pixels(golden, input_size, policy, background)
-    reference, reference_scores = split_outputs(model.predict(pixels, verbose=0, batch_size=32))
+    reference, reference_scores = split_outputs(average_views(
+        lambda x: model.predict(x, verbose=0, batch_size=32), pixels, views) if views > 1
+        else model.predict(pixels, verbose=0, batch_size=32))
     report: dict = {"images": len(accepted), "refused_inputs": [g.name for g in golden if g.refused]}
     problems: list[str] = []
     if savedmodel_dir is not None:

@@ -178,6 +178,11 @@ def ood_layer_of(model) -> MahalanobisScore | KnnScore | None:
     for layer in getattr(model, "layers", []):
         if isinstance(layer, (MahalanobisScore, KnnScore)):
             return layer
+    for layer in getattr(model, "layers", []):  # a wrapper (test-time augmentation) holds the scored model
+        if isinstance(layer, keras.Model):
+            found = ood_layer_of(layer)
+            if found is not None:
+                return found
     return None
 
 
