@@ -27,7 +27,8 @@ from tl_app.core.errors import ConfigError
 from tl_app.data.images import probe_header
 from tl_app.core.progress import Progress
 from tl_app.data.scan import IMAGE_SUFFIXES, walk
-from tl_app.models.opener import Predictor, ood_threshold_of, open_model, read_model_info
+from tl_app.models.opener import Predictor, ood_threshold_of, read_model_info
+from tl_app.export.predict_runtime import open_predictor
 from tl_app.models.ood import LAYER_NAME as OOD_SCORE, UNKNOWN_LABEL
 from tl_app.data.images import probe_file
 from tl_app.data.pipeline import load_image
@@ -271,11 +272,14 @@ class Tally:
 
 # ---- the entry point -------------------------------------------------------------------
 def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, batch_size: int = 32,
-                  echo=print, progress: bool | None = None, max_pixels: int = 0, resume: bool = False) -> dict:
+                  echo=print, progress: bool | None = None, max_pixels: int = 0, resume: bool = False,
+                  runtime: str = "keras") -> dict:
     """Predict every image among ``inputs``; rows go to ``out`` (CSV/JSONL) or stdout, in input order.
 
     With ``resume`` the rows ``out`` already holds (from an interrupted run) are kept and their inputs
     skipped; the rest are appended in input order.
+
+    ``runtime``: keras, or onnxruntime (tl_app.export.predict_runtime: converted once, checked against Keras).
 
     ``model`` is a path (see tl_app.models.opener.open_model) or a loaded Predictor. Returns a
     summary: predicted, bad, total, seconds, images_per_second, bad_files. An image over ``pixel_limit``
@@ -288,9 +292,11 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
     if resume and not out:
         raise ConfigError("--resume continues the rows of an --out file, and none was given: "
                           "pass the first run's file, e.g. --out preds.csv --resume.")
+    if isinstance(model, Predictor) and runtime != "keras":
+        model = model.source  # converted from its files
     predictor = model if isinstance(model, Predictor) else None
     if predictor is None and not resume:  # opened before the out file is started, which a failure would empty
-        predictor = open_model(model)
+        predictor = open_predictor(model, runtime)
     # a resumed run reads only the model's files (classes, OOD threshold) until an input is left to predict
     info = predictor if predictor is not None else read_model_info(model)
     threshold = ood_threshold_of(info.card)  # None: a model without an OOD scorer answers as before
@@ -303,7 +309,7 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
         return tally.summary(info.source, info.version, total, 0.0, skipped=total)
     if predictor is None:
         try:
-            predictor = open_model(model)
+            predictor = open_predictor(model, runtime)
         except BaseException:
             writer.close()
             raise

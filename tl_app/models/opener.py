@@ -16,6 +16,7 @@ import numpy as np
 import tl_app.data.augment  # noqa: F401  (registers tl-app's custom Keras layers for loading)
 import tl_app.models.backbones  # noqa: F401  (same)
 import tl_app.models.fewshot_heads  # noqa: F401  (same: the k-NN and prototype heads)
+from tl_app.models.tta import without_tta  # (registers the test-time augmentation layers too)
 from tl_app.models.calibration import recorded_temperature, with_temperature  # (registers TemperatureScaling too)
 from tl_app.models.ood import LAYER_NAME as OOD_SCORE, SCORED, recorded_ood, split_outputs, with_ood, without_ood
 from tl_app.core.config import Config
@@ -187,28 +188,46 @@ def open_model(path: str | Path, keras: bool = False) -> Predictor:
     return opened
 
 
+def config_data_of(info: ModelInfo) -> dict | None:
+    """The run's saved configuration: config.json of a run, the model card's copy for an export."""
+    if (info.source / RUN_FILE).is_file():
+        config_file = info.source / "config.json"
+        return json.loads(config_file.read_text()) if config_file.is_file() else None
+    return info.card.get("config")  # the run's configuration travels in the model card
+
+
+def calibrated_model(info: ModelInfo, target: Path):
+    """The Keras classifier in ``target``; a run's gets its recorded temperature (an export's has it inside)."""
+    model = load_model_file(target)
+    temperature = recorded_temperature(info.card) if (info.source / RUN_FILE).is_file() else None
+    if temperature is not None:  # a run answers as its export will: with training's calibration
+        model = with_temperature(model, temperature)
+    return model
+
+
+def scored_model(info: ModelInfo, model):
+    """``model`` with a run's recorded OOD score attached (an export's model.keras already carries it)."""
+    ood = recorded_ood(info.card, info.source if (info.source / RUN_FILE).is_file() else None)
+    return with_ood(model, *ood) if ood is not None else model
+
+
 def _open(info: ModelInfo, target: Path) -> Predictor:
     source = info.source
-    model = run_dir = config_data = None
+    model = run_dir = None
     if (source / RUN_FILE).is_file():
         run_dir = source
-        config_file = source / "config.json"
-        config_data = json.loads(config_file.read_text()) if config_file.is_file() else None
-    else:
-        config_data = info.card.get("config")  # the run's configuration travels in the model card
+    config_data = config_data_of(info)
     if target.name == SAVED_MODEL_FILE:
         signature = open_savedmodel(source)[1].get(PIXELS_SIGNATURE)
         if signature is None:
             raise ModelNotFoundError(f"{source} has no {PIXELS_SIGNATURE!r} signature; export it with tl-app.")
         predict_fn, kind = savedmodel_outputs(signature), "savedmodel"
     elif target.is_file():
-        model = load_model_file(target)
-        temperature = recorded_temperature(info.card) if run_dir is not None else None
-        if temperature is not None:  # a run answers as its export will: with training's calibration
-            model = with_temperature(model, temperature)
-        ood = recorded_ood(info.card, run_dir)
-        scored = with_ood(model, *ood) if ood is not None else model  # ... and with its OOD score
-        model = without_ood(model)  # evaluation and explanations see the plain (calibrated) classifier
+        model = calibrated_model(info, target)
+        scored = scored_model(info, model)  # ... with its OOD score
+        # evaluation and explanations see the plain (calibrated) single-pass classifier; an export --tta
+        # model.keras keeps its views in predict_fn (as its SavedModel does), and evaluate averages them itself
+        model = without_ood(without_tta(model))
         predict_fn, kind = keras_outputs(scored, info.input_size), "keras"
     else:
         raise ModelNotFoundError(

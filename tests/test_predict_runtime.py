@@ -1,0 +1,125 @@
+"""Issue 17: `tl-app predict --runtime onnxruntime` runs a conversion made once beside the model, checked against
+Keras, and writes the rows the Keras runtime writes; a conversion that does not match is refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from factories import small_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, sample_dir):
+    """A tiny bottleneck run (VGG16, random weights, 32 px) with the default k-NN OOD scorer, and noise images."""
+    from tl_app import api
+
+    base = tmp_path_factory.mktemp("predict-runtime")
+    config = small_config(base, sample_dir, backbone="vgg16")
+    config.train.strategy, config.train.epochs, config.train.batch_size = "bottleneck", 1, 8
+    run_dir = Path(api.train(config, echo=None)["run_dir"])
+    assert json.loads((run_dir / "run.json").read_text())["ood"]["method"] == "knn"
+    noise = base / "noise"
+    noise.mkdir()
+    rng = np.random.default_rng(3)
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise / f"noise_{k}.png")
+    return {"run_dir": run_dir, "inputs": [str(sample_dir), str(noise)], "base": base}
+
+
+def read_rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open()))
+
+
+@pytest.mark.slow
+def test_onnxruntime_rows_equal_the_keras_rows(scored_run, cli, tmp_path):
+    from tl_app.export.predict_runtime import FOLDER
+
+    run_dir = scored_run["run_dir"]
+    keras_out, onnx_out = tmp_path / "keras.csv", tmp_path / "onnx.csv"
+    assert cli("predict", run_dir, *scored_run["inputs"], "--out", keras_out, "-q").exit_code == 0
+    result = cli("predict", run_dir, *scored_run["inputs"], "--out", onnx_out, "-q", "--runtime", "onnxruntime")
+    assert result.exit_code == 0, result.output
+    converted = sorted((run_dir / FOLDER).glob("classifier-*"))  # key.onnx, key.parity.json
+    assert [p.name.split(".", 1)[1] for p in converted] == ["onnx", "parity.json"]
+    record = json.loads(converted[1].read_text())
+    assert record["ok"] and record["top1_agreement"] == 1.0 and record["ood_score"]["ok"]
+
+    expected, got = read_rows(keras_out), read_rows(onnx_out)
+    assert len(got) == len(expected) == 36 + 6 and "ood_score" in got[0]
+    assert {r["unknown"] for r in expected} == {"true", "false"}  # both verdicts are exercised
+    numbers = [k for k in got[0] if k.startswith("probability_")] + ["ood_score"]
+    for want, have in zip(expected, got):  # path, classes in order, label, unknown: equal; numbers within 1e-4
+        assert {k: v for k, v in have.items() if k not in numbers} == {k: v for k, v in want.items()
+                                                                       if k not in numbers}
+        for k in numbers:
+            assert float(have[k]) == pytest.approx(float(want[k]), rel=1e-4, abs=1e-4)
+
+    # the second run reuses the conversion (nothing rewritten)
+    stamp = converted[0].stat().st_mtime_ns
+    assert cli("predict", run_dir, *scored_run["inputs"], "--out", onnx_out, "-q", "--runtime",
+               "onnxruntime").exit_code == 0
+    assert converted[0].stat().st_mtime_ns == stamp
+
+
+def test_a_changed_model_gets_another_conversion_key(scored_run, tmp_path):
+    import shutil
+
+    from tl_app.export.predict_runtime import conversion_key, model_target
+    from tl_app.models.opener import read_model_info
+
+    copy = tmp_path / "run"
+    shutil.copytree(scored_run["run_dir"], copy, ignore=shutil.ignore_patterns(".runtime"))
+    info = read_model_info(copy)
+    key = conversion_key(info, model_target(info))
+    assert key == conversion_key(read_model_info(scored_run["run_dir"]), model_target(info))  # same files
+
+    record = json.loads((copy / "run.json").read_text())
+    record["ood"]["threshold"] = float(record["ood"]["threshold"]) * 0.5  # a recalibrated scorer
+    (copy / "run.json").write_text(json.dumps(record))
+    assert conversion_key(read_model_info(copy), model_target(info)) != key
+    (copy / "run.json").write_text(json.dumps({**record, "ood": info.card["ood"]}))
+    assert conversion_key(read_model_info(copy), model_target(info)) == key
+    with open(copy / "model.keras", "ab") as handle:  # other model bytes
+        handle.write(b"\0")
+    assert conversion_key(read_model_info(copy), model_target(info)) != key
+
+
+@pytest.mark.slow
+def test_a_conversion_that_does_not_match_keras_is_refused(scored_run, tmp_path):
+    from tl_app.core.errors import TlAppError
+    from tl_app.export.predict_runtime import FOLDER, open_predictor, tf2onnx_classifier
+    from tl_app.models.ood import without_ood
+
+    run_dir = scored_run["run_dir"]
+    for earlier in (run_dir / FOLDER).glob("classifier-*"):  # a checked conversion would be reused
+        earlier.unlink()
+
+    def wrong_network(model, path, size):  # a small other network in place of the model
+        import keras
+
+        images = keras.Input((size, size, 3))
+        pooled = keras.layers.GlobalAveragePooling2D()(images)
+        probabilities = keras.layers.Dense(len(json.loads((run_dir / "run.json").read_text())["classes"]),
+                                           activation="softmax")(pooled)
+        tf2onnx_classifier(keras.Model(images, {"probabilities": probabilities,
+                                                "ood_score": keras.ops.mean(pooled, axis=-1)}), path, size)
+
+    def unscored(model, path, size):  # a converter that dropped the OOD scorer
+        import keras
+
+        images = keras.Input((size, size, 3))
+        tf2onnx_classifier(keras.Model(images, without_ood(model)(images)), path, size)
+
+    for converter, reason in ((wrong_network, "probabilities differ"), (unscored, "no ood_score output")):
+        with pytest.raises(TlAppError, match=f"does not match Keras.*{reason}"):
+            open_predictor(run_dir, "onnxruntime", converter=converter)
+        assert not list((run_dir / FOLDER).glob("*classifier-*"))  # nothing kept, no temporary left

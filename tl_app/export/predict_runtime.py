@@ -1,0 +1,235 @@
+"""Where batch prediction runs the classifier: Keras (the SavedModel or model.keras), or ONNX Runtime.
+
+For ``onnxruntime`` the classifier (with its temperature and OOD score, as
+predict answers) is converted once and kept beside the model in a hidden
+``.runtime/`` folder, named by a key of the model file's bytes, its recorded
+temperature and OOD scorer and the converter and library versions, so a changed
+model never reuses a stale conversion. The conversion is used only after it
+matched Keras on a calibration batch when it was made: the same top-1 class,
+probabilities within 1e-4 and the OOD score within 1e-4 (relative to its size)
+with the same verdict; otherwise it is refused with what differed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tl_app.core.errors import ConfigError, ModelNotFoundError, TlAppError
+from tl_app.core.config import Config
+from tl_app.core.files import atomic_write_text
+from tl_app.features.runtime import PARITY_TOLERANCE, parity
+from tl_app.models.artifacts import KERAS_FILE, MODEL_FILE, RUN_FILE
+from tl_app.models.ood import LAYER_NAME as OOD_SCORE, OOD_FILE, PROBABILITIES, split_outputs
+from tl_app.models.opener import (ModelInfo, Predictor, calibrated_model, config_data_of, ood_threshold_of,
+                                  open_model, read_model_info, scored_model)
+
+PREDICT_RUNTIMES = ("keras", "onnxruntime")
+FOLDER = ".runtime"
+PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime")
+
+
+def model_target(info: ModelInfo) -> Path:
+    """The .keras file the conversion starts from (a run's model.keras, an export's model.keras)."""
+    target = info.source / (MODEL_FILE if (info.source / RUN_FILE).is_file() else KERAS_FILE)
+    if not target.is_file():
+        raise ModelNotFoundError(
+            f"{info.source} has no {KERAS_FILE}, which --runtime onnxruntime converts from. Export with the keras "
+            f"format (tl-app export RUN_DIR --format savedmodel,keras), pass the run directory, or use "
+            f"--runtime keras.")
+    return target
+
+
+def versions() -> dict:
+    found = {}
+    for package in PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def conversion_key(info: ModelInfo, target: Path) -> str:
+    """Everything that changes what the converted model answers: the model file's bytes, a run's temperature
+    and OOD scorer (kept beside model.keras), the input size and the libraries."""
+    digest = hashlib.sha256()
+    with open(target, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    extra = {"temperature": info.card.get("temperature"), "ood": info.card.get("ood"),
+             "calibration": info.card.get("calibration"), "input_size": info.input_size, "versions": versions()}
+    digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    scorer = info.source / OOD_FILE
+    if (info.source / RUN_FILE).is_file() and scorer.is_file():
+        digest.update(scorer.read_bytes())
+    return digest.hexdigest()[:24]
+
+
+def tf2onnx_classifier(model, path: Path, input_size: int) -> None:
+    """The scored Keras classifier to ONNX: pixels in, ``probabilities`` (and ``ood_score``) out."""
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec([None, input_size, input_size, 3], tf.float32, name="images"),)
+
+    def outputs(images):
+        probabilities, score = split_outputs(model(images, training=False))
+        out = {PROBABILITIES: tf.cast(probabilities, tf.float32)}
+        if score is not None:
+            out[OOD_SCORE] = tf.cast(score, tf.float32)
+        return out
+
+    tf2onnx.convert.from_function(tf.function(outputs), input_signature=spec, opset=17, output_path=str(path))
+
+
+class OnnxClassifier:
+    """A converted classifier in an ONNX Runtime session: pixels -> {probabilities, ood_score}."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort  # only here: the onnx extra is optional
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.names = [output.name.split(":")[0] for output in self.session.get_outputs()]
+
+    def __call__(self, images) -> dict:
+        values = self.session.run(None, {self.input: np.ascontiguousarray(np.asarray(images), np.float32)})
+        out = dict(zip(self.names, values))
+        if OOD_SCORE in out:
+            out[OOD_SCORE] = np.asarray(out[OOD_SCORE]).reshape(-1)
+        return out
+
+
+def calibration_images(input_size: int) -> np.ndarray:
+    """Fixed pixels in 0..255, the same in every check: noise, flat colours and gradients."""
+    rng = np.random.default_rng(17)
+    noise = rng.uniform(0, 255, (4, input_size, input_size, 3))
+    flat = np.broadcast_to(np.array([[0, 0, 0], [255, 255, 255], [200, 40, 40], [30, 160, 90]], np.float64)
+                           [:, None, None, :], (4, input_size, input_size, 3))
+    ramp = np.linspace(0, 255, input_size)
+    gradient = np.stack([np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), -1),
+                         np.stack(np.broadcast_arrays(ramp[:, None], 128.0 + 0 * ramp[None, :], ramp[None, :]), -1)])
+    return np.concatenate([noise, flat, gradient]).astype(np.float32)
+
+
+def classifier_parity(expected: dict, got: dict, threshold: float | None) -> dict:
+    """{ok, probabilities, top1_agreement, ood_score?, verdict_agreement?, reason?} of a conversion against Keras.
+
+    A top-1 class (or a verdict) counts as disagreeing only where Keras' own margin is wider than the
+    tolerance: a near tie may flip within 1e-4 and that is the tolerance's business, not the class's.
+    """
+    probs, other = np.asarray(expected[PROBABILITIES], np.float32), got.get(PROBABILITIES)
+    if other is None:
+        return {"ok": False, "reason": "no probabilities output"}
+    result = {"probabilities": parity(probs, other)}
+    reasons = [] if result["probabilities"]["ok"] else [
+        result["probabilities"].get("reason") or f"probabilities differ by up to "
+        f"{result['probabilities']['max_abs_diff']:.3g} (allowed {result['probabilities']['allowed']:.3g})"]
+    if result["probabilities"]["ok"]:
+        ordered = np.sort(probs, axis=-1)
+        clear = ordered[:, -1] - ordered[:, -2] > 2 * PARITY_TOLERANCE if probs.shape[-1] > 1 else np.ones(len(probs), bool)
+        same = np.argmax(probs, -1) == np.argmax(np.asarray(other).reshape(probs.shape), -1)
+        result["top1_agreement"] = float(np.mean(same[clear])) if clear.any() else 1.0
+        if not same[clear].all():
+            reasons.append(f"top-1 class agreement {result['top1_agreement']:.3f} instead of 1")
+    if OOD_SCORE in expected:
+        if OOD_SCORE not in got:
+            reasons.append("no ood_score output")
+        else:
+            score = np.asarray(expected[OOD_SCORE], np.float32).reshape(-1)
+            result[OOD_SCORE] = parity(score, np.asarray(got[OOD_SCORE]).reshape(-1))
+            if not result[OOD_SCORE]["ok"]:
+                reasons.append(result[OOD_SCORE].get("reason") or f"ood_score differs by up to "
+                               f"{result[OOD_SCORE]['max_abs_diff']:.3g} (allowed {result[OOD_SCORE]['allowed']:.3g})")
+            elif threshold is not None:
+                other_score = np.asarray(got[OOD_SCORE]).reshape(-1)
+                clear = np.abs(score - threshold) > result[OOD_SCORE]["allowed"]
+                same = (score > threshold) == (other_score > threshold)
+                result["verdict_agreement"] = float(np.mean(same[clear])) if clear.any() else 1.0
+                if not same[clear].all():
+                    reasons.append(f"unknown-verdict agreement {result['verdict_agreement']:.3f} instead of 1")
+    result["ok"] = not reasons
+    if reasons:
+        result["reason"] = "; ".join(reasons)
+    return result
+
+
+def keras_answers(model, images: np.ndarray) -> dict:
+    probabilities, score = split_outputs(model(images, training=False))
+    out = {PROBABILITIES: np.asarray(probabilities, np.float32)}
+    if score is not None:
+        out[OOD_SCORE] = np.asarray(score, np.float32).reshape(-1)
+    return out
+
+
+def converted_classifier(info: ModelInfo, converter: Callable = tf2onnx_classifier) -> tuple[Path, dict]:
+    """(the checked .onnx file, its parity record), converting and checking it first when none matches the key."""
+    found = versions()
+    if found["onnxruntime"] is None or found["tf2onnx"] is None:
+        raise ConfigError("--runtime onnxruntime needs onnxruntime and tf2onnx, which are not installed. Install "
+                          "them with: pip install 'tl-app[onnx]', or use --runtime keras.")
+    target = model_target(info)
+    key = conversion_key(info, target)
+    folder = info.source / FOLDER
+    path, record = folder / f"classifier-{key}.onnx", folder / f"classifier-{key}.parity.json"
+    try:
+        checked = json.loads(record.read_text())
+    except (OSError, ValueError):
+        checked = {}
+    if path.is_file() and checked.get("ok"):
+        return path, checked
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise TlAppError(f"--runtime onnxruntime keeps its converted model in {folder}, which cannot be written "
+                         f"({exc.strerror}). Use a copy of the model in a writable folder, or --runtime keras.") from None
+    model = scored_model(info, calibrated_model(info, target))
+    tmp = folder / f".tmp-{os.getpid()}-{path.name}"
+    try:
+        try:
+            converter(model, tmp, info.input_size)
+        except Exception as exc:  # the converter's own failure, reported with its reason
+            raise TlAppError(f"The model could not be converted to ONNX ({type(exc).__name__}: {str(exc)[:300]}). "
+                             f"Use --runtime keras.") from None
+        images = calibration_images(info.input_size)
+        result = classifier_parity(keras_answers(model, images), OnnxClassifier(tmp)(images),
+                                   ood_threshold_of(info.card))
+        if not result["ok"]:
+            raise TlAppError(f"The ONNX conversion of {info.source} does not match Keras ({result['reason']}), so it "
+                             f"is refused: predictions must not depend on the runtime. Use --runtime keras.")
+        for stale in folder.glob("classifier-*"):  # conversions of an earlier state of the model
+            stale.unlink(missing_ok=True)
+        os.replace(tmp, path)
+        result.update(versions=found, key=key, images=len(images))
+        atomic_write_text(record, json.dumps(result, indent=1, default=float))
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path, result
+
+
+def open_predictor(model, runtime: str = "keras", converter: Callable = tf2onnx_classifier) -> Predictor:
+    """The Predictor batch prediction uses: ``open_model``'s for keras, a checked ONNX conversion otherwise.
+
+    ``model`` is a path or an opened Predictor (its source is converted for onnxruntime).
+    """
+    if runtime not in PREDICT_RUNTIMES:
+        raise ConfigError(f"Unknown runtime {runtime!r} for predict: expected one of {', '.join(PREDICT_RUNTIMES)}.")
+    if runtime == "keras":
+        return model if isinstance(model, Predictor) else open_model(model)
+    info = read_model_info(model.source if isinstance(model, Predictor) else model)
+    path, _ = converted_classifier(info, converter)
+    config_data = config_data_of(info)
+    run_dir = info.source if (info.source / RUN_FILE).is_file() else None
+    return Predictor(info.classes, info.input_size, info.resize_policy, info.source, "onnxruntime",
+                     OnnxClassifier(path), name=info.name, version=info.version, card=info.card,
+                     background=info.background, run_dir=run_dir,
+                     config=Config.from_dict(config_data) if config_data else None)
