@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from tl_app.core.config import Config
+from tl_app.core.config import Config, ignored_by_strategy
 from tl_app.core.errors import ConfigError
 from tl_app.data.sample import write_ood_samples, write_sample_dataset  # noqa: F401  (entry points)
 from tl_app.data.scan import inspect_dict, print_report, scan, scan_dataset  # noqa: F401
@@ -69,6 +69,10 @@ def train(config: Config, resume: str | Path | None = None, echo=print, more_epo
             selection = select(config, config.backbone.candidates or None, config.backbone.select_budget, echo=echo)
             config = config.with_overrides({"backbone.name": selection["recommended"]})
         get_spec(config.backbone.name)  # an unknown name fails before any work
+        ignored = ignored_by_strategy(config)
+        if ignored and echo:
+            echo(f"warning: {', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} only to --strategy "
+                 f"finetune; ignored with --strategy {config.train.strategy}")
         found = None
         if config.train.lr_find:  # the range test first (on the cached features the run then reuses)
             found = lr_find(config, out=None, echo=echo)
@@ -152,7 +156,7 @@ def export(config: Config, run_dir: str | Path, name: str | None = None, echo=pr
     """Export a run under config.export.root with config.export's formats and quantisation."""
     settings = config.export
     return export_run(run_dir, root=settings.root, name=name or settings.name or None, formats=settings.formats,
-                      quantize=settings.quantize, echo=echo)
+                      quantize=settings.quantize, echo=echo, tta=settings.tta)
 
 
 def predict(config: Config, model, inputs, out: str | Path | None = None, echo=print, resume: bool = False) -> dict:
@@ -165,13 +169,16 @@ def predict(config: Config, model, inputs, out: str | Path | None = None, echo=p
     if config.engine.name == "ray" and settings.runtime != "keras":
         raise ConfigError(f"--runtime {settings.runtime} works with the local engine only: drop --engine ray, or "
                           f"use --runtime keras with it.")
+    if config.engine.name == "ray" and settings.tta > 1:
+        raise ConfigError(f"--tta {settings.tta} works with the local engine only: drop --engine ray, or export the "
+                          f"model with --tta {settings.tta} (the views then run inside it) and predict without --tta.")
     if config.engine.name == "ray":  # Ray Data actors, one model each (docs/scale-out.md)
         return predict_paths_ray(model, inputs, config, out=out, top_k=settings.top_k,
                                  batch_size=settings.batch_size, echo=echo, progress=settings.progress,
                                  max_pixels=settings.max_pixels)
     return predict_paths(model, inputs, out=out, top_k=settings.top_k, batch_size=settings.batch_size, echo=echo,
                          progress=settings.progress, max_pixels=settings.max_pixels, resume=resume,
-                         runtime=settings.runtime)
+                         runtime=settings.runtime, tta=settings.tta)
 
 
 def serve(config: Config, root: str | Path | None = None, log_level: str = "warning", echo=print) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import glob
 import io
 import json
@@ -30,6 +31,7 @@ from tl_app.data.scan import IMAGE_SUFFIXES, walk
 from tl_app.models.opener import Predictor, ood_threshold_of, read_model_info
 from tl_app.export.predict_runtime import open_predictor
 from tl_app.models.ood import LAYER_NAME as OOD_SCORE, UNKNOWN_LABEL
+from tl_app.models.tta import tta_function, views_to_run
 from tl_app.data.images import probe_file
 from tl_app.data.pipeline import load_image
 
@@ -273,13 +275,15 @@ class Tally:
 # ---- the entry point -------------------------------------------------------------------
 def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, batch_size: int = 32,
                   echo=print, progress: bool | None = None, max_pixels: int = 0, resume: bool = False,
-                  runtime: str = "keras") -> dict:
+                  runtime: str = "keras", tta: int = 1) -> dict:
     """Predict every image among ``inputs``; rows go to ``out`` (CSV/JSONL) or stdout, in input order.
 
     With ``resume`` the rows ``out`` already holds (from an interrupted run) are kept and their inputs
     skipped; the rest are appended in input order.
 
     ``runtime``: keras, or onnxruntime (tl_app.export.predict_runtime: converted once, checked against Keras).
+    ``tta`` > 1: probabilities averaged over that many views of each image (models.tta; the OOD score is the
+    image's own); refused for a model exported with --tta, which averages in its graph already.
 
     ``model`` is a path (see tl_app.models.opener.open_model) or a loaded Predictor. Returns a
     summary: predicted, bad, total, seconds, images_per_second, bad_files. An image over ``pixel_limit``
@@ -299,6 +303,7 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
         predictor = open_predictor(model, runtime)
     # a resumed run reads only the model's files (classes, OOD threshold) until an input is left to predict
     info = predictor if predictor is not None else read_model_info(model)
+    views = views_to_run(tta, info.card)
     threshold = ood_threshold_of(info.card)  # None: a model without an OOD scorer answers as before
     writer = RowWriter(out, min(top_k, len(info.classes)), ood=threshold is not None, resume=resume)
     tally = Tally(writer, info.classes, threshold)
@@ -313,6 +318,8 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
         except BaseException:
             writer.close()
             raise
+    if views > 1:
+        predictor = dataclasses.replace(predictor, predict_fn=tta_function(predictor.predict_fn, views))
     size, policy, background = predictor.input_size, predictor.resize_policy, predictor.background
     limit = pixel_limit(predictor, max_pixels)
     # (index, path, problem) of every input the reader has passed, in input order, until its row is written;

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 import click
-from tl_app.cli.common import echo_json, load_api
+from tl_app.cli.common import build_config, echo_json, load_api, pipeline_options
 
 
 @click.command()
@@ -18,6 +18,9 @@ from tl_app.cli.common import echo_json, load_api
 @click.option("--ood-folder", type=click.Path(), default=None,
               help="Images from none of the model's classes: AUROC and false acceptances of Mahalanobis "
                    "(backbone features) vs max-softmax against the evaluated split.")
+@click.option("--tta", type=int, default=None, metavar="N",
+              help="Test-time augmentation: average the probabilities over N views (1-12, in this order: the "
+                   "image, its horizontal flip, 5 crops, their 5 flips; default predict.tta = 1, one pass).")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")
 @click.option("--episodes", type=int, default=None,
               help="Few-shot mode: N-way K-shot episodes on the model's backbone features (e.g. 600).")
@@ -25,8 +28,9 @@ from tl_app.cli.common import echo_json, load_api
 @click.option("--shot", "shots", default="1,5,10", show_default=True,
               help="Few-shot mode: support images per class, comma-separated.")
 @click.option("--queries", type=int, default=15, show_default=True, help="Few-shot mode: query images per class.")
-def evaluate(model, data, split, out_dir, top_k, top_losses, batch_size, ood_folder, as_json, episodes, way, shots,
-             queries):
+@pipeline_options
+def evaluate(model, data, split, out_dir, top_k, top_losses, batch_size, ood_folder, tta, as_json, episodes, way,
+             shots, queries, pipeline, sets):
     """Accuracy, per-class metrics, confusion matrix and top losses of a model on a folder.
 
     \b
@@ -41,8 +45,10 @@ def evaluate(model, data, split, out_dir, top_k, top_losses, batch_size, ood_fol
     Examples:
       tl-app evaluate runs/flowers
       tl-app evaluate saved_models/flowers holdout/ --split all --out eval/
+      tl-app evaluate runs/flowers --tta 5       # averaged over the image, its flip and 3 crops
       tl-app evaluate runs/flowers --episodes 600 --way 5 --shot 1,5,10
     """
+    config = build_config(pipeline, sets, **{"predict.tta": tta})
     api = load_api()
     if episodes is not None:
         report = api.fewshot_episodes(model, data, episodes=episodes, way=way, shots=shots, queries=queries,
@@ -52,7 +58,8 @@ def evaluate(model, data, split, out_dir, top_k, top_losses, batch_size, ood_fol
         return
 
     metrics = api.evaluate(model, data, split=split, out_dir=out_dir, top_k=top_k, batch_size=batch_size,
-                             top_losses=top_losses, ood_folder=ood_folder, echo=None if as_json else click.echo)
+                             top_losses=top_losses, ood_folder=ood_folder, echo=None if as_json else click.echo,
+                             tta=config.predict.tta)
     if as_json:
         echo_json(metrics)
 

@@ -12,19 +12,23 @@ from tl_app.cli.common import build_config, echo_json, load_api, pipeline_option
 @click.option("--format", "formats", default=None,
               help="Comma-separated: savedmodel,keras,tflite,onnx (default savedmodel,keras).")
 @click.option("--quantize", is_flag=True, default=None, help="Dynamic-range quantised TFLite.")
+@click.option("--tta", type=int, default=None, metavar="N",
+              help="Put test-time augmentation in the graph of every format: probabilities averaged over N views "
+                   "(1-12: the image, its flip, 5 crops, their 5 flips). Default 1: a single pass, as before.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pipeline_options
-def export(run_dir, name, root, formats, quantize, as_json, pipeline, sets):
+def export(run_dir, name, root, formats, quantize, tta, as_json, pipeline, sets):
     """Export a run to ROOT/<name>/<version>/ (TF Serving layout) with a model card.
 
     \b
     Examples:
       tl-app export runs/flowers --name flowers
       tl-app export runs/flowers --format savedmodel,keras,tflite --quantize
+      tl-app export runs/flowers --tta 5     # TF Serving answers the average over 5 views
       tl-app export runs/flowers -p pipelines/quickstart.toml --set export.root=/srv/models
     """
     config = build_config(pipeline, sets, **{"export.name": name, "export.root": root, "export.formats": formats,
-                                             "export.quantize": quantize})
+                                             "export.quantize": quantize, "export.tta": tta})
     api = load_api()
 
     result = api.export(config, run_dir, echo=None if as_json else click.echo)

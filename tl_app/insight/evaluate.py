@@ -24,6 +24,7 @@ from tl_app.data.scan import scan
 from tl_app.insight.plots import (BAD, GOOD, Tile, confusion_matrix_plot, contact_sheet, grid_rows, reliability_diagram,
                                  risk_coverage_plot)
 from tl_app.models.calibration import scale_probabilities, temperature_of
+from tl_app.models.tta import card_views, check_views, tta_function, view_names, views_to_run
 from tl_app.training.calibration import calibration_figures, reliability_bins, risk_coverage
 from tl_app.training.retrieval import retrieval_text
 from tl_app.insight.ood import folder_images, ood_figures, ood_text
@@ -172,13 +173,15 @@ def apply_training_splits(manifest, trained) -> tuple[dict, list]:
     return {"new": len(unseen), "gone": gone, "changed": changed}, unseen
 
 
-def predict_records(loaded: Predictor, records, batch_size: int = 32, background=(255, 255, 255)):
-    """Probabilities for each record that decodes; returns (probs, kept record indices)."""
+def predict_records(loaded: Predictor, records, batch_size: int = 32, background=(255, 255, 255), views: int = 1):
+    """Probabilities for each record that decodes (averaged over ``views`` test-time views); returns
+    (probs, kept record indices)."""
     dataset = make_dataset(records, loaded.input_size, loaded.resize_policy, batch_size, with_index=True,
                            background=background)
+    run = tta_function(loaded.model.predict_on_batch, views)
     probs, kept = [], []
     for images, index in dataset:
-        probs.append(np.asarray(loaded.model.predict_on_batch(images), np.float32))
+        probs.append(np.asarray(run(images), np.float32))
         kept.append(index.numpy())
     if not probs:
         return np.zeros((0, len(loaded.classes)), np.float32), np.zeros(0, int)
@@ -187,13 +190,19 @@ def predict_records(loaded: Predictor, records, batch_size: int = 32, background
 
 def evaluate(model_path: str | Path, data: str | Path | None = None, split: str | None = None,
              out_dir: str | Path | None = None, top_k: int = 5, batch_size: int = 32, top_losses: int = 16,
-             ood_folder: str | Path | None = None, echo=print) -> dict:
-    """Run the model over a folder's split and write every evaluation artifact; returns metrics."""
+             ood_folder: str | Path | None = None, echo=print, tta: int = 1) -> dict:
+    """Run the model over a folder's split and write every evaluation artifact; returns metrics.
+
+    ``tta`` > 1: probabilities averaged over that many views (models.tta). A model exported with --tta is
+    evaluated over its own views (what it serves), and asking it for more is refused.
+    """
     say = echo or (lambda *a, **k: None)
+    check_views(tta)
     if ood_folder is not None and not Path(ood_folder).is_dir():
         raise DataError(f"--ood-folder {str(ood_folder)!r} is not a folder. Expected a folder of images from "
                         f"none of the model's classes (any layout).")
     loaded = open_model(model_path, keras=True)
+    views = max(views_to_run(tta, loaded.card), card_views(loaded.card))  # loaded.model is the single pass
     data_root = data or loaded.card.get("data_root")
     if not data_root:
         raise DataError("No DATA folder given and the model does not record its training data; pass DATA.")
@@ -232,8 +241,9 @@ def evaluate(model_path: str | Path, data: str | Path | None = None, split: str 
         if record.label in unknown:
             skipped.append({"path": record.path, "reason": f"class {record.label!r} is not a class of the model"})
     records = [r for r in records if r.label in model_index]
-    say(f"evaluating {loaded.label} on {len(records)} images ({split} split of {data_root})")
-    probs, kept = predict_records(loaded, records, batch_size, tuple(data_config.background))
+    say(f"evaluating {loaded.label} on {len(records)} images ({split} split of {data_root})"
+        + (f" averaged over {views} test-time views" if views > 1 else ""))
+    probs, kept = predict_records(loaded, records, batch_size, tuple(data_config.background), views)
     dropped = sorted(set(range(len(records))) - set(kept.tolist()))
     skipped += [{"path": records[i].path, "reason": "could not be decoded at evaluation time"} for i in dropped]
     used = [records[i] for i in kept]
@@ -250,6 +260,7 @@ def evaluate(model_path: str | Path, data: str | Path | None = None, split: str 
         "splits_from": "the run's manifest" if changes is not None else "a fresh scan",
         **({"data_changes": changes} if changes is not None else {}),
         "skipped": skipped, "skipped_count": len(skipped),
+        "tta": {"views": views, "order": view_names(views)},
     })
 
     out = Path(out_dir) if out_dir else default_out_dir(loaded)
@@ -351,8 +362,10 @@ def informative_top_k(metrics: dict) -> bool:
 def summary_text(metrics: dict) -> str:
     """The evaluation as a small text table for the terminal."""
     top = f"top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}  " if informative_top_k(metrics) else ""
+    views = (metrics.get("tta") or {}).get("views", 1)
     lines = [f"accuracy {metrics['accuracy']:.4f}  {top}"
-             f"nll {metrics['nll']:.4f}  (n={metrics['count']}, split={metrics['split']})"]
+             f"nll {metrics['nll']:.4f}  (n={metrics['count']}, split={metrics['split']}"
+             + (f", {views} test-time views" if views > 1 else "") + ")"]
     width = max(5, *(len(c) for c in metrics["per_class"]))
     lines.append(f"{'class'.ljust(width)}  precision  recall     f1  support")
     for name, row in metrics["per_class"].items():

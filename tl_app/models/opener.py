@@ -16,6 +16,7 @@ import numpy as np
 import tl_app.data.augment  # noqa: F401  (registers tl-app's custom Keras layers for loading)
 import tl_app.models.backbones  # noqa: F401  (same)
 import tl_app.models.fewshot_heads  # noqa: F401  (same: the k-NN and prototype heads)
+from tl_app.models.tta import without_tta  # (registers the test-time augmentation layers too)
 from tl_app.models.calibration import recorded_temperature, with_temperature  # (registers TemperatureScaling too)
 from tl_app.models.ood import LAYER_NAME as OOD_SCORE, SCORED, recorded_ood, split_outputs, with_ood, without_ood
 from tl_app.core.config import Config
@@ -224,7 +225,9 @@ def _open(info: ModelInfo, target: Path) -> Predictor:
     elif target.is_file():
         model = calibrated_model(info, target)
         scored = scored_model(info, model)  # ... with its OOD score
-        model = without_ood(model)  # evaluation and explanations see the plain (calibrated) classifier
+        # evaluation and explanations see the plain (calibrated) single-pass classifier; an export --tta
+        # model.keras keeps its views in predict_fn (as its SavedModel does), and evaluate averages them itself
+        model = without_ood(without_tta(model))
         predict_fn, kind = keras_outputs(scored, info.input_size), "keras"
     else:
         raise ModelNotFoundError(
