@@ -15,8 +15,10 @@ def quickstart(pipeline, data, as_json):
 
     \b
     Writes datasets/sample if missing, trains a head on cached ResNet50
-    features, exports to saved_models/quickstart/<version>, predicts and
-    evaluates. Works offline (random weights, said plainly).
+    (ImageNet) features, exports to saved_models/quickstart/<version>,
+    predicts and evaluates. Works offline: without ImageNet weights it says
+    so and uses VGG16 with the packaged hed-vgg16 weights (edge-tuned, not
+    ImageNet), or random weights when that package is missing.
 
     \b
     Example:
