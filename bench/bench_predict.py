@@ -7,10 +7,16 @@ ratio of process CPU time per image is printed too (the pipeline's decode and
 resize are extra work; CPU time shows how much).
 
     python bench/bench_predict.py [--quick] [--backbone resnet50] [--size 224] [--images N] [--resume-only]
+                                  [--runtime-only]
 
 Then `--resume` (issue 17): the real command, whole process, over the same
 folder twice: the first run, and `--resume` once every row is in the file
 (median of three), reported as resumed / first.
+
+P9 (issue 17): the real command, whole process, over the same files with
+`--runtime onnxruntime` (converted and checked once before, not timed) and with
+the Keras runtime (the SavedModel), in interleaved pairs: images/s of onnxruntime
+/ Keras (median pair), whole process and the command's own images/s.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def build_export(tmp: Path, backbone: str, size: int) -> tuple[Path, Path]:
     model = assemble(features, build_head(3, int(features.output.shape[-1]), config.head))
     model.save(prepared.run_dir / MODEL_FILE)
     write_run_info(prepared.run_dir, metrics={})
-    result = export_run(prepared.run_dir, root=tmp / "saved_models", name="bench", formats="savedmodel",
+    result = export_run(prepared.run_dir, root=tmp / "saved_models", name="bench", formats="savedmodel,keras",
                         echo=None)
     return prepared.run_dir, result["path"]
 
@@ -94,6 +100,43 @@ def resume_figure(version: Path, photos: Path, tmp: Path, count: int, batch_size
             "resume_ratio": round(median / first, 3)}
 
 
+def said_rate(stderr: str) -> float:
+    """The command's own images/s (its summary line: model calls and I/O, no process start)."""
+    import re
+
+    found = re.search(r"\(([0-9.]+) images/s\)", stderr)
+    return float(found.group(1)) if found else float("nan")
+
+
+def runtime_figure(version: Path, photos: Path, tmp: Path, count: int, batch_size: int, rounds: int) -> dict:
+    """P9: `tl-app predict --runtime onnxruntime` vs the Keras runtime, whole process, same files."""
+    convert_s, _ = run_predict(version, photos, tmp / "convert.csv", batch_size, "--runtime", "onnxruntime")
+    pairs = []
+    for _ in range(rounds):  # interleaved: a neighbour's load hits both sides of a pair alike
+        keras_s, keras_said = run_predict(version, photos, tmp / "keras.csv", batch_size)
+        onnx_s, onnx_said = run_predict(version, photos, tmp / "onnx.csv", batch_size, "--runtime", "onnxruntime")
+        pairs.append({"keras_s": keras_s, "onnx_s": onnx_s, "keras_rate": said_rate(keras_said),
+                      "onnx_rate": said_rate(onnx_said)})
+    whole = sorted(p["keras_s"] / p["onnx_s"] for p in pairs)
+    steady = sorted(p["onnx_rate"] / p["keras_rate"] for p in pairs)
+    keras_rows = (tmp / "keras.csv").read_text().splitlines()
+    onnx_rows = (tmp / "onnx.csv").read_text().splitlines()
+    same_labels = sum(a.split(",")[1] == b.split(",")[1] for a, b in zip(keras_rows[1:], onnx_rows[1:]))
+    out = {"ratio_whole_process": round(whole[len(whole) // 2], 3), "pair_ratios_whole": [round(r, 3) for r in whole],
+           "ratio_command": round(steady[len(steady) // 2], 3), "pair_ratios_command": [round(r, 3) for r in steady],
+           "keras_s": [round(p["keras_s"], 2) for p in pairs], "onnx_s": [round(p["onnx_s"], 2) for p in pairs],
+           "first_onnx_run_with_conversion_s": round(convert_s, 2), "top1_equal": same_labels,
+           "rows": len(keras_rows) - 1}
+    print(f"P9 tl-app predict --runtime onnxruntime / Keras runtime (SavedModel), {count} JPEGs, whole process: "
+          f"{out['ratio_whole_process']:.2f}x images/s (median of {rounds} interleaved pairs: "
+          f"{', '.join(f'{r:.2f}' for r in whole)}; keras {', '.join(f'{x:.1f}s' for x in out['keras_s'])}, "
+          f"onnxruntime {', '.join(f'{x:.1f}s' for x in out['onnx_s'])}); the command's own images/s "
+          f"{out['ratio_command']:.2f}x (pairs {', '.join(f'{r:.2f}' for r in steady)}); target >= 1.2x; first "
+          f"onnxruntime run incl. conversion and parity check {convert_s:.1f}s; top-1 equal in "
+          f"{same_labels}/{out['rows']} rows", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -103,6 +146,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--resume-only", action="store_true", help="Only the --resume figure.")
+    parser.add_argument("--runtime-only", action="store_true", help="Only the P9 --runtime figure.")
     args = parser.parse_args()
     from tl_app.models.opener import open_model
     from tl_app.inference import predict_paths
@@ -113,6 +157,10 @@ def main() -> None:
         tmp = Path(tmp)
         run_dir, version = build_export(tmp, args.backbone, args.size)
         photos = write_photo_folder(tmp / "photos", count)
+        runtime = runtime_figure(version, photos, tmp, count, args.batch_size, args.rounds)
+        if args.runtime_only:
+            emit("predict_runtime", {"images": count, "backbone": args.backbone, "size": args.size, **runtime})
+            return
         resume = resume_figure(version, photos, tmp, count, args.batch_size)
         if args.resume_only:
             emit("predict_resume", {"images": count, "backbone": args.backbone, "size": args.size, **resume})
@@ -150,7 +198,7 @@ def main() -> None:
                      "predict_images_per_s": round(predict_ips, 2), "model_predict_images_per_s": round(raw_ips, 2),
                      "ratio": round(ratio, 3),
                      "pair_ratios": [round(r, 3) for r in ratios], "cpu_time_ratio": round(cpu_ratio, 3),
-                     "resume": resume})
+                     "resume": resume, "runtime": runtime})
 
 
 if __name__ == "__main__":
