@@ -113,10 +113,11 @@ def test_tta_1_answers_exactly_as_before(trained_run, tmp_path, cli):
 def test_exported_tta_answers_as_predict_tta_and_records_it(trained_run, tmp_path):
     import tensorflow as tf
 
-    from tl_app.core.errors import ConfigError
+    from tl_app.core.errors import ConfigError, TlAppError
     from tl_app.export.exporter import export_run
     from tl_app.inference import predict_paths
     from tl_app.models.artifacts import PIXELS_SIGNATURE
+    from tl_app.training.class_edit import edit_classes
 
     run_dir = trained_run["run_dir"]
     result = export_run(run_dir, root=tmp_path / "models", name="tta", formats="savedmodel,keras", echo=None, tta=5)
@@ -144,6 +145,8 @@ def test_exported_tta_answers_as_predict_tta_and_records_it(trained_run, tmp_pat
 
     with pytest.raises(ConfigError, match="already averages 5 views"):
         predict_paths(version, paths, out=tmp_path / "twice.csv", tta=3, echo=None, progress=False)
+    with pytest.raises(TlAppError, match="exported with --tta 5"):  # classes edits would drop the views unsaid
+        edit_classes(version, remove="circles", echo=None, extractor_class=None)
 
 
 @pytest.mark.parametrize("args, key", [

@@ -85,6 +85,11 @@ def open_source(source: str | Path) -> dict:
     if not (version_dir / KERAS_FILE).is_file():
         raise TlAppError(f"{version_dir} has no {KERAS_FILE}, which 'classes' edits. Export the run with the keras "
                          f"format (tl-app export RUN --formats savedmodel,keras) and try again.")
+    views = int(((card.get("tta") or {}).get("views")) or 1)
+    if views > 1:  # its model.keras holds the views around the head; an edit would publish it without saying so
+        raise TlAppError(f"{version_dir} was exported with --tta {views} (test-time views in its graph), which "
+                         f"'classes' does not edit. Edit its run instead ({card.get('run_dir') or 'runs/<name>'}), "
+                         f"then export the new run with --tta {views}.")
     info = {k: card.get(k) for k in ("classes", "backbone", "weights", "weights_fingerprint", "input_size",
                                      "resize_policy", "strategy", "metrics", "dataset_fingerprint", "data_root")}
     info["preprocess"] = (card.get("preprocessing") or {}).get("mode", "")
