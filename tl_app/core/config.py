@@ -111,6 +111,7 @@ class FeaturesConfig:
     augment_views: int = 0
     out: str = ""  # extract writes here; empty: runs/<name>/features
     runtime: str = "keras"  # keras | onnxruntime (converted once, used only if it matches Keras within 1e-4)
+    precision: str = "fp32"  # fp32 | bf16 (Keras mixed_bfloat16) | int8 (ONNX Runtime); others gated: cosine >= 0.999
 
 
 @dataclass
@@ -367,6 +368,10 @@ def validate(config: Config) -> None:
     check_choice(config.features.dtype, ("float32", "float16"), "features.dtype")
     check_choice(config.features.runtime, ("keras", "onnxruntime"), "features.runtime")
     check_choice(config.predict.runtime, ("keras", "onnxruntime"), "predict.runtime")
+    check_choice(config.features.precision, ("fp32", "bf16", "int8"), "features.precision")
+    if config.features.precision != "fp32" and config.features.runtime == "onnxruntime":
+        raise ConfigError(f"features.precision = {config.features.precision!r} picks its own runtime (bf16: Keras, "
+                          f"int8: ONNX Runtime quantised); drop --runtime onnxruntime, or use --precision fp32.")
     check_choice(config.engine.name, ENGINES, "engine.name")
     if config.engine.num_workers < 1:
         raise ConfigError(f"engine.num_workers must be at least 1, got {config.engine.num_workers}.")
