@@ -372,6 +372,9 @@ def validate(config: Config) -> None:
     if config.features.precision != "fp32" and config.features.runtime == "onnxruntime":
         raise ConfigError(f"features.precision = {config.features.precision!r} picks its own runtime (bf16: Keras, "
                           f"int8: ONNX Runtime quantised); drop --runtime onnxruntime, or use --precision fp32.")
+    if config.features.precision != "fp32" and config.engine.name == "ray":
+        raise ConfigError(f"features.precision = {config.features.precision!r} works with the local engine only: "
+                          f"drop --engine ray, or use --precision fp32 with it.")
     check_choice(config.engine.name, ENGINES, "engine.name")
     if config.engine.num_workers < 1:
         raise ConfigError(f"engine.num_workers must be at least 1, got {config.engine.num_workers}.")
