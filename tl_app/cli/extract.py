@@ -47,12 +47,16 @@ what is missing, and an interrupted run resumes.
 @click.option("--runtime", type=click.Choice(["keras", "onnxruntime"]), default=None,
               help="Where the backbone runs (default keras). onnxruntime: converted once, kept next to the "
                    "cache and used only if it matches Keras within 1e-4; the cache is shared.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default=None,
+              help="Arithmetic of the backbone (default fp32). bf16: Keras mixed_bfloat16; int8: ONNX Runtime "
+                   "quantised. Either is refused unless its features keep a cosine >= 0.999 with fp32; its "
+                   "features are cached apart.")
 @click.option("--cache-dir", default=None, help="Feature cache folder (default .cache/features).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary at the end.")
 @engine_options
 @pipeline_options
 def extract(data, backbone, weights, input_size, layer, pooling, resize_policy, out_dir, dtype, augment_views,
-            batch_size, runtime, cache_dir, as_json, pipeline, sets, **engine):
+            batch_size, runtime, precision, cache_dir, as_json, pipeline, sets, **engine):
     """Compute bottleneck features for every usable image of DATA.
 
     \b
@@ -61,13 +65,14 @@ def extract(data, backbone, weights, input_size, layer, pooling, resize_policy, 
       tl-app extract photos/ -b resnet50 --layer conv4_block6_out --pooling max --json
       tl-app extract photos/ -b resnet50 --augment-views 4 --dtype float16
       tl-app extract photos/ -b resnet50 --runtime onnxruntime
+      tl-app extract photos/ -b resnet50 --precision int8
     """
     config = build_config(pipeline, sets, **{
         "data.root": data, "backbone.name": backbone, "backbone.weights": weights,
         "backbone.input_size": input_size, "backbone.layer": layer, "backbone.pooling": pooling,
         "data.resize_policy": resize_policy, "features.out": out_dir, "features.dtype": dtype,
         "features.augment_views": augment_views, "data.batch_size": batch_size,
-        "features.cache_dir": cache_dir, "features.runtime": runtime,
+        "features.cache_dir": cache_dir, "features.runtime": runtime, "features.precision": precision,
         **engine_overrides(engine),
     })
     require_data_folder(config.data.root)

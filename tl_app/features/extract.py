@@ -19,7 +19,7 @@ from tl_app.features.cache import FeatureCache, recipe_dir
 from tl_app.features.gather import default_out_dir  # noqa: F401  (re-exported)
 from tl_app.features.gather import extract_features as gather_features
 from tl_app.features.recipe import Recipe
-from tl_app.features.runtime import open_runtime
+from tl_app.features.runtime import open_bf16, open_int8, open_runtime
 from tl_app.features.store import FeatureSet
 from tl_app.models.backbones import get_spec, build_feature_model
 from tl_app.data.pipeline import make_dataset
@@ -81,12 +81,32 @@ class Extractor:
         return self.model
 
     def runtime(self):
-        """features.runtime: Keras, or ONNX Runtime on a copy converted once and checked against Keras."""
+        """features.runtime: Keras, or ONNX Runtime on a copy converted once and checked against Keras;
+        features.precision bf16/int8: a reduced-precision copy, gated against float32 Keras."""
         if self._runtime is None:
-            self._runtime = open_runtime(self.config.features.runtime, self.build(),
-                                         recipe_dir(self.config.features.cache_dir, self.recipe),
-                                         self.recipe.input_size)
+            folder = recipe_dir(self.config.features.cache_dir, self.recipe)
+            precision = self.config.features.precision
+            if precision == "int8":
+                self._runtime = open_int8(self.build(), folder, self.recipe.input_size)
+            elif precision == "bf16":
+                self._runtime = open_bf16(self.build(), self.build_bf16(), self.recipe.input_size)
+            else:
+                self._runtime = open_runtime(self.config.features.runtime, self.build(), folder,
+                                             self.recipe.input_size)
         return self._runtime
+
+    def build_bf16(self):
+        """The same feature model under Keras' mixed_bfloat16 policy (the global policy is restored after)."""
+        import keras
+
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("mixed_bfloat16")
+        try:
+            b = self.config.backbone
+            return build_feature_model(get_spec(b.name), self.recipe.input_size, b.weights, b.seed, b.layer,
+                                       b.pooling)
+        finally:
+            keras.config.set_dtype_policy(previous)
 
     def dim(self) -> int:
         return int(np.prod(self.build().output_shape[1:]))

@@ -44,9 +44,13 @@ class Recipe:
     libraries: str = ""  # TensorFlow, Keras and Pillow versions: kernels and decoders change with them
     dtype_policy: str = "float32"  # a global mixed_float16 computes other features
     decoder: str = DECODER_RULE
+    precision: str = "fp32"  # features.precision: bf16/int8 features differ, so they are another recipe
 
     def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        if fields["precision"] == "fp32":  # keys from before precisions existed stay valid
+            del fields["precision"]
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def with_augment(self, augment: dict) -> "Recipe":
@@ -70,6 +74,7 @@ def recipe_for(config: Config) -> Recipe:
         libraries=library_versions(),
         dtype_policy=global_dtype_policy(),
         decoder=DECODER_RULE,
+        precision=config.features.precision,
     )
 
 

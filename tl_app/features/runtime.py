@@ -7,6 +7,13 @@ only after its outputs matched Keras on a calibration batch when it was
 converted (max |difference| <= PARITY_TOLERANCE x the largest |feature|, at
 least 1e-4 absolute); a conversion that does not match is refused, never
 used. Because the outputs are equal, both runtimes share one cache recipe.
+
+Reduced precision (features.precision) is an explicit choice with its own
+recipe, since its features differ: ``int8`` is the ONNX conversion quantised
+by ONNX Runtime (dynamic: int8 weights, activations quantised per batch),
+``bf16`` the Keras model under the mixed_bfloat16 policy. Either is used only
+if its features keep a cosine >= PRECISION_COSINE with float32 Keras on every
+image of the calibration batch; otherwise it is refused with the measured cosine.
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ from tl_app.core.errors import TlAppError
 from tl_app.core.files import atomic_write_text
 
 RUNTIMES = ("keras", "onnxruntime")
+PRECISIONS = ("fp32", "bf16", "int8")
+PRECISION_COSINE = 0.999
+INT8_FILE = "backbone.int8.onnx"
+INT8_RECORD = "backbone.int8.gate.json"
 PARITY_TOLERANCE = 1e-4
 ONNX_FILE = "backbone.onnx"
 PARITY_FILE = "backbone.onnx.parity.json"
@@ -143,3 +154,82 @@ def convert_checked(model, folder: Path, input_size: int, converter: Callable, v
         if tmp.exists():
             tmp.unlink()
     return folder / ONNX_FILE
+
+
+# ---- reduced precision ---------------------------------------------------------------
+def cosine_gate(expected: np.ndarray, got: np.ndarray) -> dict:
+    """Per-image cosine of reduced-precision features with float32 Keras'; ok when the lowest is >= the gate."""
+    expected = np.asarray(expected, np.float64).reshape(len(expected), -1)
+    got = np.asarray(got, np.float64)
+    if got.size != expected.size:
+        return {"ok": False, "min_cosine": float("nan"), "reason": f"output shape {tuple(got.shape)} instead of "
+                f"{tuple(expected.shape)}"}
+    got = got.reshape(expected.shape)
+    norms = np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1)
+    cosine = np.where(norms > 0, np.sum(expected * got, axis=1) / np.maximum(norms, 1e-30),
+                      np.where(np.linalg.norm(expected, axis=1) == np.linalg.norm(got, axis=1), 1.0, 0.0))
+    low = float(np.min(cosine)) if len(cosine) else 1.0
+    return {"ok": bool(np.isfinite(low) and low >= PRECISION_COSINE), "min_cosine": low,
+            "mean_cosine": float(np.mean(cosine)) if len(cosine) else 1.0, "gate": PRECISION_COSINE,
+            "images": int(len(cosine))}
+
+
+def refuse_precision(precision: str, result: dict) -> None:
+    if not result["ok"]:
+        measured = result.get("reason") or f"lowest feature cosine {result['min_cosine']:.5f}"
+        raise TlAppError(f"--precision {precision} is refused for this backbone: its features are too far from "
+                         f"float32 ({measured} on the calibration batch; the gate is cosine >= {PRECISION_COSINE}). "
+                         f"Use --precision fp32.")
+
+
+def ort_quantize_dynamic(source: Path, target: Path) -> None:
+    """int8 weights, activations quantised per batch (ONNX Runtime's dynamic quantisation)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+
+
+def open_int8(model, folder: str | Path, input_size: int, converter: Callable = tf2onnx_convert,
+              quantizer: Callable = ort_quantize_dynamic) -> OnnxRuntime:
+    """The int8 backbone: converted, quantised and gated once into ``folder`` (the int8 recipe's)."""
+    folder = Path(folder)
+    path, record = folder / INT8_FILE, folder / INT8_RECORD
+    versions = onnx_versions()
+    if versions["onnxruntime"] is None or versions["tf2onnx"] is None:
+        raise TlAppError("--precision int8 needs onnxruntime and tf2onnx, which are not installed. Install "
+                         "them with: pip install 'tl-app[onnx]', or use --precision fp32.")
+    try:
+        checked = json.loads(record.read_text())
+    except (OSError, ValueError):
+        checked = {}
+    if path.is_file() and checked.get("ok") and checked.get("versions") == versions:
+        return OnnxRuntime(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    full, tmp = folder / f".tmp-{os.getpid()}-fp32-{ONNX_FILE}", folder / f".tmp-{os.getpid()}-{INT8_FILE}"
+    try:
+        try:
+            converter(model, full, input_size)
+            quantizer(full, tmp)
+        except Exception as exc:  # the converter's or quantiser's own failure, with its reason
+            raise TlAppError(f"The backbone could not be quantised to int8 ({type(exc).__name__}: "
+                             f"{str(exc)[:300]}). Use --precision fp32.") from None
+        sample = calibration_batch(input_size)
+        result = cosine_gate(np.asarray(model.predict_on_batch(sample)), OnnxRuntime(tmp)(sample))
+        refuse_precision("int8", result)
+        os.replace(tmp, path)
+        atomic_write_text(record, json.dumps({**result, "versions": versions, "input_size": input_size,
+                                              "precision": "int8"}, indent=1))
+    finally:
+        for leftover in (full, tmp):
+            if leftover.exists():
+                leftover.unlink()
+    return OnnxRuntime(path)
+
+
+def open_bf16(model, bf16_model, input_size: int) -> KerasRuntime:
+    """The Keras backbone under mixed_bfloat16 (``bf16_model``, float32 ``model``'s weights), gated against it."""
+    bf16_model.set_weights(model.get_weights())
+    sample = calibration_batch(input_size)
+    refuse_precision("bf16", cosine_gate(np.asarray(model.predict_on_batch(sample)),
+                                         np.asarray(bf16_model.predict_on_batch(sample), np.float32)))
+    return KerasRuntime(bf16_model)

@@ -1,0 +1,89 @@
+"""Issue 17: --precision bf16|int8 is an explicit choice with its own accuracy gate (feature cosine >= 0.999 with
+float32 Keras on the calibration batch) and its own cache recipe; a reduced copy that misses the gate is refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tl_app.core.errors import TlAppError
+from tl_app.features.cache import recipe_dir
+from tl_app.features.extract import extract_features
+from tl_app.features.recipe import recipe_for
+from tl_app.features.runtime import INT8_FILE, INT8_RECORD, PRECISION_COSINE, cosine_gate, open_bf16, open_int8
+
+
+@pytest.fixture
+def vgg_config(tiny_config, tmp_path):
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        folder = tmp_path / "photos" / ("a" if k % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    return tiny_config.with_overrides({"backbone.name": "vgg16", "backbone.input_size": 32,
+                                       "data.root": str(tmp_path / "photos"), "data.batch_size": 4,
+                                       "features.cache_dir": str(tmp_path / "cache")})
+
+
+def cosines(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_the_precision_is_its_own_recipe_and_fp32_keys_are_unchanged(vgg_config):
+    import hashlib
+    from dataclasses import asdict
+
+    fp32 = recipe_for(vgg_config)
+    fields = {k: v for k, v in asdict(fp32).items() if k != "precision"}  # the key before precisions existed
+    assert fp32.key() == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+    keys = {p: recipe_for(vgg_config.with_overrides({"features.precision": p})).key() for p in ("bf16", "int8")}
+    assert len({fp32.key(), *keys.values()}) == 3
+
+
+@pytest.mark.slow
+def test_int8_and_bf16_features_pass_the_gate_and_are_cached_apart(vgg_config):
+    reference = extract_features(vgg_config, echo=None)
+    for precision in ("int8", "bf16"):
+        config = vgg_config.with_overrides({"features.precision": precision})
+        reduced = extract_features(config, echo=None)
+        assert reduced.stats["computed"] == reference.stats["computed"] == 4  # not served from the fp32 cache
+        assert cosines(reduced.features, reference.features).min() >= PRECISION_COSINE
+        folder = recipe_dir(config.features.cache_dir, recipe_for(config))
+        assert json.loads((folder / "recipe.json").read_text())["precision"] == precision
+        if precision == "int8":
+            record = json.loads((folder / INT8_RECORD).read_text())
+            assert (folder / INT8_FILE).is_file() and record["ok"] and record["min_cosine"] >= PRECISION_COSINE
+
+
+def test_reduced_copies_that_lose_the_features_are_refused_with_the_measured_cosine(tmp_path):
+    import keras
+
+    from tl_app.models.backbones import build_feature_model, get_spec
+    from tl_app.features.runtime import tf2onnx_convert
+
+    model = build_feature_model(get_spec("vgg16"), 32, "none", seed=0)
+
+    def wrong_network(_model, path, size):  # a small other network with the same output width
+        images = keras.Input((size, size, 3))
+        out = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(512, 1)(images))
+        tf2onnx_convert(keras.Model(images, out), path, size)
+
+    with pytest.raises(TlAppError, match=r"--precision int8 is refused.*lowest feature cosine -?[0-9.]+"):
+        open_int8(model, tmp_path, 32, converter=wrong_network)
+    assert list(tmp_path.iterdir()) == []  # nothing kept, no temporary left
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:  # max pooling where the model averages (a 2x2 last map at 64 px): same weights and width
+        other = build_feature_model(get_spec("vgg16"), 64, "none", seed=0, pooling="max")
+    finally:
+        keras.config.set_dtype_policy(previous)
+    with pytest.raises(TlAppError, match=r"--precision bf16 is refused.*lowest feature cosine [0-9.]+"):
+        open_bf16(build_feature_model(get_spec("vgg16"), 64, "none", seed=0), other, 64)
+
+    same = np.random.default_rng(0).normal(size=(3, 8))
+    assert cosine_gate(same, same)["ok"] and not cosine_gate(same, same + 0.2 * np.abs(same).max())["ok"]
