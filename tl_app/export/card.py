@@ -31,6 +31,8 @@ def ood_card(info: dict) -> dict:
 PREPROCESS_TEXT = {
     "caffe": "RGB->BGR, minus the ImageNet channel means (103.939, 116.779, 123.68); inside the model",
     "tf": "pixels scaled from 0..255 to -1..1; inside the model",
+    "raw": "0..255 RGB pixels go to the backbone, which normalises them with its own built-in layers "
+           "(keras.applications include_preprocessing); inside the model",
 }
 
 

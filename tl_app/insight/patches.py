@@ -24,7 +24,8 @@ from tl_app.core.errors import ConfigError, DataError, TlAppError, unknown_choic
 from tl_app.data.images import EXIF_ORIENTATION, decode_pil
 from tl_app.data.pipeline import effective_policy, make_dataset
 from tl_app.data.scan import scan
-from tl_app.models.backbones import REGISTRY, BackbonePreprocess, build_base, get_spec, resolve_input_size
+from tl_app.models.backbones import REGISTRY, BackbonePreprocess, build_base, canonical_name, get_spec
+from tl_app.models.backbones import resolve_input_size
 from tl_app.models.opener import open_model
 from tl_app.models.receptive_field import Field, receptive_field, spatial_layers
 from tl_app.models.surgery import find_backbone
@@ -143,7 +144,7 @@ def probe_for(source, layer: str = "", weights: str = "none", input_size: int = 
         return Probe(_call(_layer_model(source, layer)), layer, receptive_field(source, layer), size,
                      resize_policy, f"model {source.name}")
     name = str(source)
-    if name.lower().replace("-", "").replace("_", "") in REGISTRY and not Path(name).exists():
+    if canonical_name(name) is not None and not Path(name).exists():
         spec = get_spec(name)
         size = resolve_input_size(spec, input_size)
         base = build_base(spec, size, weights)

@@ -20,7 +20,8 @@ from keras import layers, ops
 
 from tl_app.core.errors import ConfigError, unknown_choice
 from tl_app.core.errors import TlAppError
-from tl_app.models.registry import BACKBONES, KERAS_APPS, BackboneInfo, registry_key  # noqa: F401
+from tl_app.models.registry import BACKBONES, KERAS_APPS, PREPROCESS_MODES, BackboneInfo  # noqa: F401
+from tl_app.models.registry import canonical_name, registry_key  # noqa: F401
 from tl_app.models.registry import resolve_input_size  # noqa: F401  (re-exported: callers import it from here)
 from tl_app.models.weights import cache_path, file_digest, load_weight_file
 from tl_app.models import weights as weights_mod
@@ -32,8 +33,16 @@ class BackboneSpec(BackboneInfo):
 
     constructor: Callable[..., keras.Model] = None
 
+    def block_of(self, layer_name: str) -> str:
+        """The block a layer belongs to: the longest block name its name starts with ('' for none).
+
+        Longest, so that MobileNetV3's ``expanded_conv_10_project`` is block ``expanded_conv_10``, not
+        ``expanded_conv_1`` or ``expanded_conv``.
+        """
+        return max((block for block in self.blocks if layer_name.startswith(block)), key=len, default="")
+
     def block_layers(self, model: keras.Model, block: str) -> list[keras.layers.Layer]:
-        return [layer for layer in model.layers if layer.name.startswith(block + "_")]
+        return [layer for layer in model.layers if self.block_of(layer.name) == block]
 
 
 REGISTRY: dict[str, BackboneSpec] = {
@@ -45,10 +54,10 @@ REGISTRY: dict[str, BackboneSpec] = {
 
 def get_spec(name: str) -> BackboneSpec:
     """The registry entry for a name; unknown names list the valid ones."""
-    key = registry_key(name)
-    if key not in REGISTRY:
+    canonical = canonical_name(name)
+    if canonical is None:
         raise ConfigError(unknown_choice("backbone", name, REGISTRY))
-    return REGISTRY[key]
+    return REGISTRY[canonical]
 
 
 @keras.saving.register_keras_serializable(package="tl_app")
@@ -57,18 +66,22 @@ class BackbonePreprocess(layers.Layer):
 
     caffe: RGB -> BGR, minus the ImageNet channel means (VGG, ResNet v1).
     tf: scale 0..255 to -1..1 (ResNet v2).
+    raw: unchanged 0..255 pixels; the backbone normalises them with its own layers (EfficientNetV2,
+    ConvNeXt, MobileNetV3 are built with keras' include_preprocessing), which are saved with it.
     """
 
     CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
     def __init__(self, mode: str = "caffe", **kwargs):
         super().__init__(**kwargs)
-        if mode not in ("caffe", "tf"):
-            raise ValueError(f"unknown preprocessing mode {mode!r}")
+        if mode not in PREPROCESS_MODES:
+            raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {', '.join(PREPROCESS_MODES)}")
         self.mode = mode
 
     def call(self, images):
         images = ops.cast(images, self.compute_dtype)
+        if self.mode == "raw":
+            return images
         if self.mode == "tf":
             return images / 127.5 - 1.0
         bgr = ops.flip(images, axis=-1)
@@ -97,10 +110,26 @@ def build_base(spec: BackboneSpec, input_size: int, weights: str = "none", seed:
     size = resolve_input_size(spec, input_size)
     keras.utils.set_random_seed(seed)
     base = spec.constructor(include_top=False, weights=None, input_shape=(size, size, 3))
+    name_keras_layers(base, spec)
     path = weights_mod.resolve_weights(spec, weights)
     if path is not None:
         weights_mod.load_weight_file(base, path, spec)
     return base
+
+
+def name_keras_layers(base: keras.Model, spec: BackboneSpec) -> None:
+    """Stable names where keras.applications leaves them to a global counter.
+
+    The network is named as the registry names it (Keras says ``efficientnetv2-b0``,
+    ``MobileNetV3Small``), so the assembled model finds it by ``spec.name``. ConvNeXt's final
+    LayerNormalization and MobileNetV3's final hard-swish get the names the registry gives them
+    (``last_conv_layer``, and ConvNeXt's top block). Weight files do not depend on layer names:
+    keras.applications' .h5 files load in layer order, Keras 3 files by class and position.
+    """
+    base.name = spec.name
+    last = base.layers[-1]
+    if spec.last_conv_layer not in {layer.name for layer in base.layers} and spec.block_of(spec.last_conv_layer):
+        last.name = spec.last_conv_layer
 
 
 def build_feature_model(
@@ -164,5 +193,5 @@ def import_weights(file: str | Path, spec, match: str = "name", name: str = "") 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    official = file_digest(target, "md5") == spec.weights_md5
+    official = file_digest(target, spec.weights_hash_algorithm) == spec.weights_hash
     return {"backbone": spec.name, "file": str(target), "official": official}

@@ -8,7 +8,7 @@ instant, and a mistyped name is refused in milliseconds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tl_app.core.errors import ConfigError, unknown_choice
 
@@ -21,7 +21,7 @@ class BackboneInfo:
 
     name: str
     application: str  # the keras.applications class, e.g. "ResNet50"
-    preprocess: str  # "caffe" (BGR, mean subtracted) or "tf" (scaled to [-1, 1])
+    preprocess: str  # "caffe" (BGR, mean subtracted), "tf" (scaled to [-1, 1]) or "raw" (see PREPROCESS_MODES)
     default_size: int
     min_size: int
     feature_width: int
@@ -29,12 +29,31 @@ class BackboneInfo:
     last_conv_layer: str  # for Grad-CAM
     params: int  # without the classification top
     weights_file: str  # the Keras cache file name of the ImageNet "notop" weights
-    weights_md5: str
+    weights_hash: str  # as keras.applications checks it: md5 (32 hex digits) or sha256 (64)
     weights_url: str
+    # images/s at default_size, batch 32, against ResNet50 in the same run (see SPEED_VS_RESNET50)
+    speed_vs_resnet50: float = 0.0
 
     @property
     def weights_origin(self) -> str:
         return self.weights_url + self.weights_file
+
+    @property
+    def weights_hash_algorithm(self) -> str:
+        """Keras' own rule (keras.utils.get_file): a 64-digit hash is sha256, else md5."""
+        return "sha256" if len(self.weights_hash) == 64 else "md5"
+
+    @property
+    def float32_mb(self) -> float:
+        return round(self.params * 4 / 1e6, 1)
+
+
+PREPROCESS_MODES = {
+    "caffe": "RGB->BGR, minus the ImageNet channel means (VGG, ResNet v1)",
+    "tf": "0..255 scaled to -1..1 (ResNet v2)",
+    "raw": "0..255 RGB handed to the backbone, which normalises it with its own built-in layers "
+           "(keras.applications include_preprocessing: EfficientNetV2, ConvNeXt, MobileNetV3)",
+}
 
 
 def _resnet(name: str, application: str, params: int, md5: str, v2: bool) -> BackboneInfo:
@@ -49,7 +68,7 @@ def _resnet(name: str, application: str, params: int, md5: str, v2: bool) -> Bac
         last_conv_layer="post_relu" if v2 else "conv5_block3_out",
         params=params,
         weights_file=f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        weights_md5=md5,
+        weights_hash=md5,
         weights_url=KERAS_APPS + "resnet/",
     )
 
@@ -66,8 +85,69 @@ def _vgg(name: str, application: str, params: int, md5: str, last_conv: str) -> 
         last_conv_layer=last_conv,
         params=params,
         weights_file=f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        weights_md5=md5,
+        weights_hash=md5,
         weights_url=KERAS_APPS + f"{name}/",
+    )
+
+
+def _efficientnetv2(name: str, application: str, variant: str, default_size: int, params: int,
+                    md5: str) -> BackboneInfo:
+    return BackboneInfo(
+        name=name,
+        application=application,
+        preprocess="raw",  # B0-B3: ImageNet mean/std; S/M/L: x/128 - 1 (keras' own layers)
+        default_size=default_size,
+        min_size=32,
+        feature_width=1280,
+        blocks=("top", "block6", "block5", "block4", "block3", "block2", "block1", "stem"),
+        last_conv_layer="top_activation",
+        params=params,
+        weights_file=f"efficientnetv2-{variant}_notop.h5",
+        weights_hash=md5,
+        weights_url=KERAS_APPS + "efficientnet_v2/",
+    )
+
+
+def _convnext(name: str, application: str, params: int, sha256: str) -> BackboneInfo:
+    """Stages top first, each downsampling layer its own block; the final LayerNormalization (unnamed in
+    Keras) is named ``<name>_stage_3_final_layernorm`` by ``backbones.build_base``, so it trains with stage 3."""
+    stages = []
+    for i in (3, 2, 1, 0):
+        stages.append(f"{name}_stage_{i}")
+        stages.append(f"{name}_downsampling_block_{i - 1}" if i else f"{name}_stem")
+    return BackboneInfo(
+        name=name,
+        application=application,
+        preprocess="raw",  # ImageNet mean/std (keras' prestem Normalization)
+        default_size=224,
+        min_size=32,
+        feature_width=768,
+        blocks=tuple(stages),
+        last_conv_layer=f"{name}_stage_3_final_layernorm",
+        params=params,
+        weights_file=f"{name}_notop.h5",
+        weights_hash=sha256,
+        weights_url=KERAS_APPS + "convnext/",
+    )
+
+
+def _mobilenetv3(name: str, application: str, size: str, expanded: int, width: int, params: int,
+                 md5: str) -> BackboneInfo:
+    """One block per inverted-residual block, top first; the final hard-swish activation (unnamed in
+    Keras) is named ``conv_1_activation`` by ``backbones.build_base``, so Grad-CAM sees activated maps."""
+    return BackboneInfo(
+        name=name,
+        application=application,
+        preprocess="raw",  # x/127.5 - 1 (keras' Rescaling layer)
+        default_size=224,
+        min_size=32,
+        feature_width=width,
+        blocks=("conv_1", *(f"expanded_conv_{i}" for i in range(expanded, 0, -1)), "expanded_conv", "conv"),
+        last_conv_layer="conv_1_activation",
+        params=params,
+        weights_file=f"weights_mobilenet_v3_{size}_224_1.0_float_no_top_v2.h5",
+        weights_hash=md5,
+        weights_url=KERAS_APPS + "mobilenet_v3/",
     )
 
 
@@ -82,8 +162,44 @@ BACKBONES: dict[str, BackboneInfo] = {
         _resnet("resnet50v2", "ResNet50V2", 23_564_800, "fac2f116257151a9d068a22e544a4917", True),
         _resnet("resnet101v2", "ResNet101V2", 42_626_560, "c0ed64b8031c3730f411d2eb4eea35b5", True),
         _resnet("resnet152v2", "ResNet152V2", 58_331_648, "ed17cf2e0169df9d443503ef94b23b33", True),
+        _efficientnetv2("efficientnetv2b0", "EfficientNetV2B0", "b0", 224, 5_919_312,
+                        "893217f2bb855e2983157299931e43ff"),
+        _efficientnetv2("efficientnetv2s", "EfficientNetV2S", "s", 384, 20_331_360,
+                        "af0682fb74e8c54910f2d4393339c070"),
+        _convnext("convnext_tiny", "ConvNeXtTiny", 27_820_128,
+                  "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1"),
+        _convnext("convnext_small", "ConvNeXtSmall", 49_454_688,
+                  "6fc8009faa2f00c1c1dfce59feea9b0745eb260a7dd11bee65c8e20843da6eab"),
+        _mobilenetv3("mobilenetv3small", "MobileNetV3Small", "small", 10, 576, 939_120,
+                     "d3e8ec802a04aa4fc771ee12a9a9b836"),
+        _mobilenetv3("mobilenetv3large", "MobileNetV3Large", "large", 14, 960, 2_996_352,
+                     "07fb09a5933dd0c8eaafa16978110389"),
     )
 }
+
+
+# Measured by `bench/bench_backbone.py --quick` (compiled forward pass on in-memory float32 tensors, each at its
+# default size, batch 32, random weights, 2 timed batches) on a shared 2-core CPU (AVX2, TensorFlow 2.21,
+# Keras 3.15), ResNet50 measured first and last (6.94 and 6.35 images/s).
+# The machine was busy (load average 4-7) and each figure comes from one short timing: read them as
+# rough ranks for this kind of CPU, and re-run the bench on the machine that matters.
+SPEED_VS_RESNET50 = {
+    "convnext_small": 0.05,
+    "convnext_tiny": 0.08,
+    "efficientnetv2b0": 1.34,
+    "efficientnetv2s": 0.18,
+    "mobilenetv3large": 3.44,
+    "mobilenetv3small": 8.51,
+    "resnet101": 0.44,
+    "resnet101v2": 0.48,
+    "resnet152": 0.24,
+    "resnet152v2": 0.2,
+    "resnet50": 1.0,
+    "resnet50v2": 0.64,
+    "vgg16": 0.2,
+    "vgg19": 0.19,
+}
+BACKBONES = {name: replace(info, speed_vs_resnet50=SPEED_VS_RESNET50.get(name, 0.0)) for name, info in BACKBONES.items()}
 
 
 def registry_key(name: str) -> str:
@@ -91,12 +207,21 @@ def registry_key(name: str) -> str:
     return str(name).lower().replace("-", "").replace("_", "")
 
 
+_BY_KEY = {registry_key(info.name): info for info in BACKBONES.values()}
+
+
+def canonical_name(name: str) -> str | None:
+    """The registry's own spelling of a backbone name (``ConvNeXt-Tiny`` -> ``convnext_tiny``), or None."""
+    info = _BY_KEY.get(registry_key(name))
+    return info.name if info is not None else None
+
+
 def get_info(name: str) -> BackboneInfo:
     """The registry entry for a name; unknown names list the valid ones and the closest match."""
-    key = registry_key(name)
-    if key not in BACKBONES:
+    canonical = canonical_name(name)
+    if canonical is None:
         raise ConfigError(unknown_choice("backbone", name, BACKBONES))
-    return BACKBONES[key]
+    return BACKBONES[canonical]
 
 
 def resolve_input_size(spec: BackboneInfo, input_size: int = 0) -> int:

@@ -228,7 +228,7 @@ def download_imagenet(spec) -> Path:
                 spec.weights_file,
                 spec.weights_origin,
                 cache_subdir="models",
-                file_hash=spec.weights_md5,
+                file_hash=spec.weights_hash,
                 cache_dir=str(keras_home()),
             )
         )
@@ -352,7 +352,7 @@ def weights_status(specs) -> list[dict]:
         path = cache_path(spec)
         row = {"backbone": spec.name, "file": str(path), "present": path.is_file(), "official": None}
         if path.is_file():
-            row["official"] = file_digest(path, "md5") == spec.weights_md5
+            row["official"] = file_digest(path, spec.weights_hash_algorithm) == spec.weights_hash
             row["size_mb"] = round(path.stat().st_size / 1e6, 1)
         rows.append(row)
     return rows
