@@ -38,9 +38,20 @@ def export(run_dir, name, root, formats, quantize, tta, as_json, pipeline, sets)
         click.echo(f"exported {result['name']} version {result['version']}: {result['path']}")
         for fmt, figures in result["parity"].items():
             if isinstance(figures, dict):
-                click.echo(f"  parity {fmt}: max |diff| {figures['max_abs_diff']:.2e} "
-                           f"(tolerance {figures['tolerance']:g}) on {result['parity']['images']} "
+                click.echo(f"  parity {fmt}: {parity_figure(figures)} on {result['parity']['images']} "
                            f"{result['parity']['source']}")
+
+
+def parity_figure(figures: dict) -> str:
+    """One gate's figure: probabilities by absolute difference, OOD scores by relative, verdicts by agreement."""
+    tolerance = f" (tolerance {figures['tolerance']:g})" if "tolerance" in figures else ""
+    if "max_abs_diff" in figures:
+        return f"max |diff| {figures['max_abs_diff']:.2e}{tolerance}"
+    if "max_rel_diff" in figures:
+        return f"max relative diff {figures['max_rel_diff']:.2e}{tolerance}"
+    if "agreement" in figures:
+        return f"agreement {figures['agreement']:.1%}{tolerance}"
+    return ", ".join(f"{k} {v}" for k, v in figures.items())
 
 
 COMMANDS = [export]
