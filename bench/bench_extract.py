@@ -8,6 +8,11 @@
    printed next to it.
    P1b: the same extraction with --runtime onnxruntime (converted once, parity
    checked, not timed) over the same honest Keras baseline. Target >= 1.2x.
+   P1c: extraction with --precision int8 (ONNX Runtime, quantised) and bf16
+   (Keras mixed_bfloat16), each gated once (feature cosine >= 0.999, not timed),
+   over the same honest float32 Keras baseline. Target >= 2x. A refused gate is
+   printed with its cosine. XLA: the baseline's tf.function with jit_compile=True,
+   over the same baseline (resnet50 only in quick mode; --only precision).
 2. a second extraction of the unchanged folder vs the first, in-process (the
    whole-process figure, P2, is bench_noop's). Target >= 50x faster.
 3. peak RSS extracting many vs few images, one fresh subprocess per size. Target <= 1.3x.
@@ -133,6 +138,79 @@ def throughput(name: str, folder: Path, tmp: Path, p: dict) -> dict:
     return out
 
 
+def xla_throughput(model, size: int, batch: int, batches: int, warmup: int = 2) -> float:
+    """Images/s of model(x, training=False) in a tf.function compiled by XLA (jit_compile=True)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    pool = [rng.uniform(0, 255, (batch, size, size, 3)).astype("float32") for _ in range(min(batches, 4))]
+    call = tf.function(lambda x: model(x, training=False), jit_compile=True)
+    for _ in range(warmup):
+        np.asarray(call(tf.constant(pool[0])))
+    start = time.perf_counter()
+    for k in range(batches):
+        np.asarray(call(tf.constant(pool[k % len(pool)])))
+    return round(batch * batches / (time.perf_counter() - start), 2)
+
+
+def precision_throughput(name: str, folder: Path, tmp: Path, p: dict) -> dict:
+    """P1c: steady extraction at reduced precision (gate passed once, not timed) over the honest float32 Keras
+    baseline measured before and after; XLA's compiled call over the same baseline."""
+    from tl_app.core.errors import TlAppError
+    from tl_app.data.scan import scan_dataset
+    from tl_app.features.cache import recipe_dir
+    from tl_app.features.extract import Extractor, extract_features
+    from tl_app.features.recipe import recipe_for
+    from tl_app.features.runtime import INT8_RECORD
+    from tl_app.models.backbones import build_feature_model, get_spec
+
+    manifest = scan_dataset(make_config(folder, tmp / f"cache-{name}-p", p["size"], name))
+    model = build_feature_model(get_spec(name), p["size"], "none")
+    before = honest_throughput(model, p["size"], batch=32, batches=p["baseline_batches"])
+    xla = [xla_throughput(model, p["size"], 32, p["baseline_batches"])]
+    out: dict = {}
+    for precision in ("int8", "bf16"):
+        config = make_config(folder, tmp / f"cache-{name}-{precision}", p["size"], name,
+                             features__precision=precision)
+        recipe = recipe_for(config)
+        try:
+            _, gate_s = timed(Extractor(config, recipe).runtime)  # converted and gated once
+        except TlAppError as exc:
+            out[precision] = {"refused": str(exc)}
+            print(f"{name:<9} P1c --precision {precision}: refused on this machine: {exc}", flush=True)
+            continue
+        cache = recipe_dir(config.features.cache_dir, recipe)
+        record = cache / INT8_RECORD
+        rates = []
+        for r in range(p["rounds"]):
+            for shard in cache.glob("shard-*.npy"):  # same converted model, empty feature cache
+                shard.unlink()
+            run = extract_features(config, manifest, tmp / f"out-{name}-{precision}", None)
+            rates.append(run.stats["compute_images_per_s"])
+        out[precision] = {"steady_images_per_s": sorted(rates)[len(rates) // 2], "rounds": rates,
+                          "gate_s": round(gate_s, 1),
+                          "min_cosine": json.loads(record.read_text())["min_cosine"] if record.is_file() else None}
+    after = honest_throughput(model, p["size"], batch=32, batches=p["baseline_batches"])
+    xla.append(xla_throughput(model, p["size"], 32, p["baseline_batches"]))
+    ways = ("tf_function", "predict_on_batch", "predict")
+    baseline = max((before[way] + after[way]) / 2 for way in ways)
+    out["baseline_images_per_s"] = round(baseline, 2)
+    out["xla_images_per_s"] = round(sum(xla) / 2, 2)
+    out["ratio_xla"] = round(out["xla_images_per_s"] / baseline, 3)
+    for precision in ("int8", "bf16"):
+        if "steady_images_per_s" in out[precision]:
+            x = out[precision]
+            x["ratio_steady"] = round(x["steady_images_per_s"] / baseline, 3)
+            print(f"{name:<9} P1c extract steady --precision {precision} {x['steady_images_per_s']:6.2f} img/s / "
+                  f"honest Keras fp32 baseline {baseline:.2f} = {x['ratio_steady']:.2f}x (target >= 2x; rounds "
+                  f"{', '.join(f'{r / baseline:.2f}' for r in x['rounds'])}; gate passed"
+                  + (f", lowest cosine {x['min_cosine']:.5f}" if x["min_cosine"] is not None else "")
+                  + f", {x['gate_s']:.1f}s once)", flush=True)
+    print(f"{name:<9} XLA: tf.function(jit_compile=True) {out['xla_images_per_s']:.2f} img/s / honest Keras "
+          f"baseline = {out['ratio_xla']:.2f}x (in-memory tensors, before and after)", flush=True)
+    return out
+
+
 # ---- 3: peak RSS ---------------------------------------------------------------
 def child_rss(folder: str, cache: str, size: int) -> None:
     """Run in a fresh process: extract to a folder, print peak RSS (bytes) as JSON."""
@@ -246,14 +324,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller counts and input sizes (about a minute or two)")
     parser.add_argument("--child-rss", nargs=3, metavar=("FOLDER", "CACHE", "SIZE"), help=argparse.SUPPRESS)
-    parser.add_argument("--only", nargs="*", default=None, help="throughput rss route")
+    parser.add_argument("--only", nargs="*", default=None, help="throughput precision rss route")
     args = parser.parse_args()
     if args.child_rss:
         child_rss(args.child_rss[0], args.child_rss[1], int(args.child_rss[2]))
         return
     warnings.filterwarnings("ignore", category=UserWarning, module="keras")  # tf.data length notices
     p = QUICK if args.quick else FULL
-    only = set(args.only or ["throughput", "rss", "route"])
+    only = set(args.only or ["throughput", "precision", "rss", "route"])
     results: dict = {"mode": "quick" if args.quick else "full", "params": {k: v for k, v in p.items()}}
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp_name:
         tmp = Path(tmp_name)
@@ -262,6 +340,13 @@ def main() -> None:
             print(f"{p['images']} JPEGs ~500x375 -> {p['size']}x{p['size']}, batch 32, random weights", flush=True)
             for name in ("resnet50", "vgg16"):
                 results[name] = throughput(name, folder, tmp, p)
+        if "precision" in only:
+            if not (tmp / "photos").exists():
+                folder = write_photo_folder(tmp / "photos", p["images"])
+            print(f"{p['images']} JPEGs ~500x375 -> {p['size']}x{p['size']}, batch 32, random weights, reduced "
+                  f"precision", flush=True)
+            for name in ("resnet50",) if args.quick else ("resnet50", "vgg16"):
+                results[f"precision_{name}"] = precision_throughput(name, tmp / "photos", tmp, p)
         if "rss" in only:
             results["peak_rss"] = peak_rss(tmp, p)
         if "route" in only:
