@@ -45,18 +45,32 @@ def test_the_precision_is_its_own_recipe_and_fp32_keys_are_unchanged(vgg_config)
 
 
 @pytest.mark.slow
-def test_int8_and_bf16_features_pass_the_gate_and_are_cached_apart(vgg_config):
+def test_bf16_features_pass_the_gate_and_are_cached_apart(vgg_config):
     reference = extract_features(vgg_config, echo=None)
-    for precision in ("int8", "bf16"):
-        config = vgg_config.with_overrides({"features.precision": precision})
-        reduced = extract_features(config, echo=None)
-        assert reduced.stats["computed"] == reference.stats["computed"] == 4  # not served from the fp32 cache
-        assert cosines(reduced.features, reference.features).min() >= PRECISION_COSINE
-        folder = recipe_dir(config.features.cache_dir, recipe_for(config))
-        assert json.loads((folder / "recipe.json").read_text())["precision"] == precision
-        if precision == "int8":
-            record = json.loads((folder / INT8_RECORD).read_text())
-            assert (folder / INT8_FILE).is_file() and record["ok"] and record["min_cosine"] >= PRECISION_COSINE
+    config = vgg_config.with_overrides({"features.precision": "bf16"})
+    reduced = extract_features(config, echo=None)
+    assert reduced.stats["computed"] == reference.stats["computed"] == 4  # not served from the fp32 cache
+    assert cosines(reduced.features, reference.features).min() >= PRECISION_COSINE
+    folder = recipe_dir(config.features.cache_dir, recipe_for(config))
+    assert json.loads((folder / "recipe.json").read_text())["precision"] == "bf16"
+
+
+@pytest.mark.slow
+def test_int8_is_kept_only_with_its_gate_passed_and_refused_with_the_cosine_otherwise(tmp_path):
+    from tl_app.models.backbones import build_feature_model, get_spec
+    from tl_app.features.runtime import ort_quantize_dynamic
+
+    model = build_feature_model(get_spec("vgg16"), 32, "none", seed=0)
+    # the static default at 32 px measured a lowest cosine of 0.9985 here: refused, nothing kept
+    with pytest.raises(TlAppError, match=r"--precision int8 is refused.*lowest feature cosine 0\.99[0-9]+"):
+        open_int8(model, tmp_path / "static", 32)
+    assert not (tmp_path / "static" / INT8_FILE).exists() and not list((tmp_path / "static").glob(".tmp-*"))
+
+    runtime = open_int8(model, tmp_path / "dynamic", 32, quantizer=ort_quantize_dynamic)  # 0.9999 here
+    record = json.loads((tmp_path / "dynamic" / INT8_RECORD).read_text())
+    assert record["ok"] and record["min_cosine"] >= PRECISION_COSINE and record["precision"] == "int8"
+    images = np.random.default_rng(5).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    assert cosines(runtime(images), model.predict_on_batch(images)).min() >= 0.99
 
 
 def test_reduced_copies_that_lose_the_features_are_refused_with_the_measured_cosine(tmp_path):
