@@ -110,7 +110,7 @@ class FeaturesConfig:
     dtype: str = "float32"
     augment_views: int = 0
     out: str = ""  # extract writes here; empty: runs/<name>/features
-    runtime: str = "keras"  # keras | onnxruntime (converted once, used only if it matches Keras within 1e-4)
+    runtime: str = "keras"  # keras | onnxruntime | tflite (converted once, used only if it matches Keras within 1e-4)
     precision: str = "fp32"  # fp32 | bf16 (Keras mixed_bfloat16) | int8 (ONNX Runtime); others gated: cosine >= 0.999
 
 
@@ -366,12 +366,12 @@ def validate(config: Config) -> None:
     check_choice(config.train.calibration, CALIBRATIONS, "train.calibration")
     check_choice(config.train.ood, OODS, "train.ood")
     check_choice(config.features.dtype, ("float32", "float16"), "features.dtype")
-    check_choice(config.features.runtime, ("keras", "onnxruntime"), "features.runtime")
+    check_choice(config.features.runtime, ("keras", "onnxruntime", "tflite"), "features.runtime")
     check_choice(config.predict.runtime, ("keras", "onnxruntime"), "predict.runtime")
     check_choice(config.features.precision, ("fp32", "bf16", "int8"), "features.precision")
-    if config.features.precision != "fp32" and config.features.runtime == "onnxruntime":
+    if config.features.precision != "fp32" and config.features.runtime != "keras":
         raise ConfigError(f"features.precision = {config.features.precision!r} picks its own runtime (bf16: Keras, "
-                          f"int8: ONNX Runtime quantised); drop --runtime onnxruntime, or use --precision fp32.")
+                          f"int8: ONNX Runtime quantised); drop --runtime, or use --precision fp32.")
     if config.features.precision != "fp32" and config.engine.name == "ray":
         raise ConfigError(f"features.precision = {config.features.precision!r} works with the local engine only: "
                           f"drop --engine ray, or use --precision fp32 with it.")
