@@ -44,8 +44,8 @@ what is missing, and an interrupted run resumes.
 @click.option("--augment-views", type=int, default=None,
               help="Also store K augmented views per training image ([augment] settings).")
 @click.option("--batch-size", type=int, default=None)
-@click.option("--runtime", type=click.Choice(["keras", "onnxruntime"]), default=None,
-              help="Where the backbone runs (default keras). onnxruntime: converted once, kept next to the "
+@click.option("--runtime", type=click.Choice(["keras", "onnxruntime", "tflite"]), default=None,
+              help="Where the backbone runs (default keras). onnxruntime, tflite (XNNPACK): converted once, kept next to the "
                    "cache and used only if it matches Keras within 1e-4; the cache is shared.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default=None,
               help="Arithmetic of the backbone (default fp32). bf16: Keras mixed_bfloat16; int8: ONNX Runtime "

@@ -30,7 +30,9 @@ import numpy as np
 from tl_app.core.errors import TlAppError
 from tl_app.core.files import atomic_write_text
 
-RUNTIMES = ("keras", "onnxruntime")
+RUNTIMES = ("keras", "onnxruntime", "tflite")
+TFLITE_FILE = "backbone.tflite"
+TFLITE_PARITY_FILE = "backbone.tflite.parity.json"
 PRECISIONS = ("fp32", "bf16", "int8")
 PRECISION_COSINE = 0.999
 INT8_FILE = "backbone.int8.onnx"
@@ -68,6 +70,47 @@ class OnnxRuntime:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input: np.ascontiguousarray(images, np.float32)})[0]
+
+
+class TfliteRuntime:
+    """A converted feature model in TensorFlow Lite's interpreter (XNNPACK, its default CPU delegate)."""
+
+    name = "tflite"
+
+    def __init__(self, path: str | Path):
+        import warnings
+
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tf.lite.Interpreter's move-to-LiteRT notice
+            self.interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
+        self.input = self.interpreter.get_input_details()[0]["index"]
+        self.output = self.interpreter.get_output_details()[0]["index"]
+        self.batch = None
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, np.float32)
+        if self.batch != images.shape:  # one resize per batch shape (extraction pads to one)
+            self.interpreter.resize_tensor_input(self.input, list(images.shape))
+            self.interpreter.allocate_tensors()
+            self.batch = images.shape
+        self.interpreter.set_tensor(self.input, images)
+        self.interpreter.invoke()
+        return np.array(self.interpreter.get_tensor(self.output))
+
+
+def tflite_convert(model, path: Path, input_size: int) -> None:
+    """The Keras feature model to a float32 .tflite (raw pixels in, features out; batch resized at run time)."""
+    import contextlib
+    import io
+
+    import tensorflow as tf
+
+    # from the Keras model itself: a tf.function's Keras 3 variables are not frozen (garbage at run time)
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    with contextlib.redirect_stdout(io.StringIO()):
+        path.write_bytes(converter.convert())
 
 
 def tf2onnx_convert(model, path: Path, input_size: int) -> None:
@@ -110,10 +153,13 @@ def parity(expected: np.ndarray, got: np.ndarray) -> dict:
 
 
 def open_runtime(name: str, model, folder: str | Path, input_size: int,
-                 converter: Callable = tf2onnx_convert) -> KerasRuntime | OnnxRuntime:
-    """The runtime ``name`` for ``model``; onnxruntime converts once into ``folder`` and checks parity."""
+                 converter: Callable | None = None) -> KerasRuntime | OnnxRuntime | TfliteRuntime:
+    """The runtime ``name`` for ``model``; onnxruntime and tflite convert once into ``folder`` and check parity."""
     if name == "keras":
         return KerasRuntime(model)
+    if name == "tflite":
+        return open_tflite(model, Path(folder), input_size, converter or tflite_convert)
+    converter = converter or tf2onnx_convert
     if name != "onnxruntime":
         raise TlAppError(f"Unknown runtime {name!r}: expected one of {', '.join(RUNTIMES)}.")
     folder = Path(folder)
@@ -155,6 +201,41 @@ def convert_checked(model, folder: Path, input_size: int, converter: Callable, v
         if tmp.exists():
             tmp.unlink()
     return folder / ONNX_FILE
+
+
+def open_tflite(model, folder: Path, input_size: int, converter: Callable) -> TfliteRuntime:
+    """The TFLite copy of ``model``: converted once into ``folder``, used only within the parity tolerance."""
+    import tensorflow as tf
+
+    path, record = folder / TFLITE_FILE, folder / TFLITE_PARITY_FILE
+    versions = {"tensorflow": tf.__version__}
+    try:
+        checked = json.loads(record.read_text())
+    except (OSError, ValueError):
+        checked = {}
+    if path.is_file() and checked.get("ok") and checked.get("versions") == versions:
+        return TfliteRuntime(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{os.getpid()}-{TFLITE_FILE}"
+    try:
+        try:
+            converter(model, tmp, input_size)
+        except Exception as exc:  # the converter's own failure, reported with its reason
+            raise TlAppError(f"The backbone could not be converted to TFLite ({type(exc).__name__}: "
+                             f"{str(exc)[:300]}). Use --runtime keras.") from None
+        sample = calibration_batch(input_size)
+        result = parity(np.asarray(model.predict_on_batch(sample)), TfliteRuntime(tmp)(sample))
+        if not result["ok"]:
+            detail = result.get("reason") or (f"max |difference| {result['max_abs_diff']:.3g}, "
+                                              f"allowed {result['allowed']:.3g}")
+            raise TlAppError(f"The TFLite conversion of the backbone does not match Keras ({detail}), so it is "
+                             f"refused: features must not depend on the runtime. Use --runtime keras.")
+        os.replace(tmp, path)
+        atomic_write_text(record, json.dumps({**result, "versions": versions, "input_size": input_size}, indent=1))
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return TfliteRuntime(path)
 
 
 # ---- reduced precision ---------------------------------------------------------------
