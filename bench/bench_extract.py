@@ -12,7 +12,8 @@
    (Keras mixed_bfloat16), each gated once (feature cosine >= 0.999, not timed),
    over the same honest float32 Keras baseline. Target >= 2x. A refused gate is
    printed with its cosine. XLA: the baseline's tf.function with jit_compile=True,
-   over the same baseline (resnet50 only in quick mode; --only precision).
+   over the same baseline (resnet50 only in quick mode; --only precision). The
+   same section times --runtime tflite (XNNPACK, full precision) for P1b.
 2. a second extraction of the unchanged folder vs the first, in-process (the
    whole-process figure, P2, is bench_noop's). Target >= 50x faster.
 3. peak RSS extracting many vs few images, one fresh subprocess per size. Target <= 1.3x.
@@ -169,15 +170,16 @@ def precision_throughput(name: str, folder: Path, tmp: Path, p: dict) -> dict:
     before = honest_throughput(model, p["size"], batch=32, batches=p["baseline_batches"])
     xla = [xla_throughput(model, p["size"], 32, p["baseline_batches"])]
     out: dict = {}
-    for precision in ("int8", "bf16"):
-        config = make_config(folder, tmp / f"cache-{name}-{precision}", p["size"], name,
-                             features__precision=precision)
+    variants = {"int8": {"features__precision": "int8"}, "bf16": {"features__precision": "bf16"},
+                "tflite": {"features__runtime": "tflite"}}  # tflite: full precision (parity 1e-4), P1b's row
+    for precision, setting in variants.items():
+        config = make_config(folder, tmp / f"cache-{name}-{precision}", p["size"], name, **setting)
         recipe = recipe_for(config)
         try:
             _, gate_s = timed(Extractor(config, recipe).runtime)  # converted and gated once
         except TlAppError as exc:
             out[precision] = {"refused": str(exc)}
-            print(f"{name:<9} P1c --precision {precision}: refused on this machine: {exc}", flush=True)
+            print(f"{name:<9} {precision}: refused on this machine: {exc}", flush=True)
             continue
         cache = recipe_dir(config.features.cache_dir, recipe)
         record = cache / INT8_RECORD
@@ -197,12 +199,14 @@ def precision_throughput(name: str, folder: Path, tmp: Path, p: dict) -> dict:
     out["baseline_images_per_s"] = round(baseline, 2)
     out["xla_images_per_s"] = round(sum(xla) / 2, 2)
     out["ratio_xla"] = round(out["xla_images_per_s"] / baseline, 3)
-    for precision in ("int8", "bf16"):
+    for precision in variants:
         if "steady_images_per_s" in out[precision]:
             x = out[precision]
             x["ratio_steady"] = round(x["steady_images_per_s"] / baseline, 3)
-            print(f"{name:<9} P1c extract steady --precision {precision} {x['steady_images_per_s']:6.2f} img/s / "
-                  f"honest Keras fp32 baseline {baseline:.2f} = {x['ratio_steady']:.2f}x (target >= 2x; rounds "
+            row = "P1b extract steady --runtime" if precision == "tflite" else "P1c extract steady --precision"
+            print(f"{name:<9} {row} {precision} {x['steady_images_per_s']:6.2f} img/s / "
+                  f"honest Keras fp32 baseline {baseline:.2f} = {x['ratio_steady']:.2f}x (target >= "
+                  f"{'1.2' if precision == 'tflite' else '2'}x; rounds "
                   f"{', '.join(f'{r / baseline:.2f}' for r in x['rounds'])}; gate passed"
                   + (f", lowest cosine {x['min_cosine']:.5f}" if x["min_cosine"] is not None else "")
                   + f", {x['gate_s']:.1f}s once)", flush=True)
