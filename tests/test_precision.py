@@ -56,19 +56,17 @@ def test_bf16_features_pass_the_gate_and_are_cached_apart(vgg_config):
 
 
 @pytest.mark.slow
-def test_int8_is_kept_only_with_its_gate_passed_and_refused_with_the_cosine_otherwise(tmp_path):
+def test_int8_is_kept_with_its_gate_record_when_it_passes(tmp_path):
+    """(The static default at 32 px measured a lowest cosine of 0.9985 here and is refused; the wrong-network
+    test below covers refusals, so this one passes the gate with the dynamic quantiser, 0.9999 here.)"""
     from tl_app.models.backbones import build_feature_model, get_spec
     from tl_app.features.runtime import ort_quantize_dynamic
 
     model = build_feature_model(get_spec("vgg16"), 32, "none", seed=0)
-    # the static default at 32 px measured a lowest cosine of 0.9985 here: refused, nothing kept
-    with pytest.raises(TlAppError, match=r"--precision int8 is refused.*lowest feature cosine 0\.99[0-9]+"):
-        open_int8(model, tmp_path / "static", 32)
-    assert not (tmp_path / "static" / INT8_FILE).exists() and not list((tmp_path / "static").glob(".tmp-*"))
-
     runtime = open_int8(model, tmp_path / "dynamic", 32, quantizer=ort_quantize_dynamic)  # 0.9999 here
     record = json.loads((tmp_path / "dynamic" / INT8_RECORD).read_text())
     assert record["ok"] and record["min_cosine"] >= PRECISION_COSINE and record["precision"] == "int8"
+    assert (tmp_path / "dynamic" / INT8_FILE).is_file()
     images = np.random.default_rng(5).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
     assert cosines(runtime(images), model.predict_on_batch(images)).min() >= 0.99
 
