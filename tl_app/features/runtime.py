@@ -162,59 +162,55 @@ def open_runtime(name: str, model, folder: str | Path, input_size: int,
     converter = converter or tf2onnx_convert
     if name != "onnxruntime":
         raise TlAppError(f"Unknown runtime {name!r}: expected one of {', '.join(RUNTIMES)}.")
-    folder = Path(folder)
-    path, record = folder / ONNX_FILE, folder / PARITY_FILE
     versions = onnx_versions()
     if versions["onnxruntime"] is None or versions["tf2onnx"] is None:
         raise TlAppError("--runtime onnxruntime needs onnxruntime and tf2onnx, which are not installed. Install "
                          "them with: pip install 'tl-app[onnx]', or use --runtime keras.")
-    try:
-        checked = json.loads(record.read_text())
-    except (OSError, ValueError):
-        checked = {}
-    if path.is_file() and checked.get("ok") and checked.get("versions") == versions:
-        return OnnxRuntime(path)
-    return OnnxRuntime(convert_checked(model, folder, input_size, converter, versions))
-
-
-def convert_checked(model, folder: Path, input_size: int, converter: Callable, versions: dict) -> Path:
-    """Convert to a temporary file, compare with Keras on the calibration batch, then rename into place."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{os.getpid()}-{ONNX_FILE}"
-    try:
-        try:
-            converter(model, tmp, input_size)
-        except Exception as exc:  # the converter's own failure, reported with its reason
-            raise TlAppError(f"The backbone could not be converted to ONNX ({type(exc).__name__}: "
-                             f"{str(exc)[:300]}). Use --runtime keras.") from None
-        sample = calibration_batch(input_size)
-        result = parity(np.asarray(model.predict_on_batch(sample)), OnnxRuntime(tmp)(sample))
-        if not result["ok"]:
-            detail = result.get("reason") or (f"max |difference| {result['max_abs_diff']:.3g}, "
-                                              f"allowed {result['allowed']:.3g}")
-            raise TlAppError(f"The ONNX conversion of the backbone does not match Keras ({detail}), so it is "
-                             f"refused: features must not depend on the runtime. Use --runtime keras.")
-        os.replace(tmp, folder / ONNX_FILE)
-        atomic_write_text(folder / PARITY_FILE, json.dumps({**result, "versions": versions,
-                                                            "input_size": input_size}, indent=1))
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return folder / ONNX_FILE
+    return open_converted(model, Path(folder), input_size, converter, versions, OnnxRuntime, "ONNX",
+                          ONNX_FILE, PARITY_FILE)
 
 
 def open_tflite(model, folder: Path, input_size: int, converter: Callable) -> TfliteRuntime:
     """The TFLite copy of ``model``: converted once into ``folder``, used only within the parity tolerance."""
     import tensorflow as tf
 
-    path, record = folder / TFLITE_FILE, folder / TFLITE_PARITY_FILE
-    versions = {"tensorflow": tf.__version__}
+    return open_converted(model, folder, input_size, converter, {"tensorflow": tf.__version__}, TfliteRuntime,
+                          "TFLite", TFLITE_FILE, TFLITE_PARITY_FILE)
+
+
+def open_converted(model, folder: Path, input_size: int, converter: Callable, versions: dict, runtime_class,
+                   label: str, file: str, parity_file: str):
+    """``runtime_class`` on the converted copy of ``model`` in ``folder``: reused when its recorded parity
+    check passed with these library ``versions``, else converted to a temporary file, compared with Keras on
+    the calibration batch, and renamed into place only if it matches (refused otherwise)."""
+    path, record = folder / file, folder / parity_file
     try:
         checked = json.loads(record.read_text())
     except (OSError, ValueError):
         checked = {}
     if path.is_file() and checked.get("ok") and checked.get("versions") == versions:
-        return TfliteRuntime(path)
+        return runtime_class(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{os.getpid()}-{file}"
+    try:
+        try:
+            converter(model, tmp, input_size)
+        except Exception as exc:  # the converter's own failure, reported with its reason
+            raise TlAppError(f"The backbone could not be converted to {label} ({type(exc).__name__}: "
+                             f"{str(exc)[:300]}). Use --runtime keras.") from None
+        sample = calibration_batch(input_size)
+        result = parity(np.asarray(model.predict_on_batch(sample)), runtime_class(tmp)(sample))
+        if not result["ok"]:
+            detail = result.get("reason") or (f"max |difference| {result['max_abs_diff']:.3g}, "
+                                              f"allowed {result['allowed']:.3g}")
+            raise TlAppError(f"The {label} conversion of the backbone does not match Keras ({detail}), so it is "
+                             f"refused: features must not depend on the runtime. Use --runtime keras.")
+        os.replace(tmp, path)
+        atomic_write_text(record, json.dumps({**result, "versions": versions, "input_size": input_size}, indent=1))
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return runtime_class(path)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".tmp-{os.getpid()}-{TFLITE_FILE}"
     try:
