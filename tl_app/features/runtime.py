@@ -211,27 +211,6 @@ def open_converted(model, folder: Path, input_size: int, converter: Callable, ve
         if tmp.exists():
             tmp.unlink()
     return runtime_class(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{os.getpid()}-{TFLITE_FILE}"
-    try:
-        try:
-            converter(model, tmp, input_size)
-        except Exception as exc:  # the converter's own failure, reported with its reason
-            raise TlAppError(f"The backbone could not be converted to TFLite ({type(exc).__name__}: "
-                             f"{str(exc)[:300]}). Use --runtime keras.") from None
-        sample = calibration_batch(input_size)
-        result = parity(np.asarray(model.predict_on_batch(sample)), TfliteRuntime(tmp)(sample))
-        if not result["ok"]:
-            detail = result.get("reason") or (f"max |difference| {result['max_abs_diff']:.3g}, "
-                                              f"allowed {result['allowed']:.3g}")
-            raise TlAppError(f"The TFLite conversion of the backbone does not match Keras ({detail}), so it is "
-                             f"refused: features must not depend on the runtime. Use --runtime keras.")
-        os.replace(tmp, path)
-        atomic_write_text(record, json.dumps({**result, "versions": versions, "input_size": input_size}, indent=1))
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return TfliteRuntime(path)
 
 
 # ---- reduced precision ---------------------------------------------------------------
