@@ -66,6 +66,23 @@ def tiny_config(tmp_path, sample_dir):
     return config
 
 
+@pytest.fixture
+def runtime_config(tiny_config, tmp_path):
+    """VGG16 at 32 px on four random images: for the backbone runtimes and precisions, where the conversion,
+    not the image count, is what a test checks."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        folder = tmp_path / "photos" / ("a" if k % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    return tiny_config.with_overrides({"backbone.name": "vgg16", "backbone.input_size": 32,
+                                       "data.root": str(tmp_path / "photos"), "data.batch_size": 4,
+                                       "features.cache_dir": str(tmp_path / "cache")})
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, sample_dir):
     """One run exported as savedmodel,keras,tflite (built once per session, shared by export/predict/server)."""

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tl_app.core.errors import TlAppError
 from tl_app.features.cache import recipe_dir
@@ -16,38 +15,26 @@ from tl_app.features.recipe import recipe_for
 from tl_app.features.runtime import INT8_FILE, INT8_RECORD, PRECISION_COSINE, cosine_gate, open_bf16, open_int8
 
 
-@pytest.fixture
-def vgg_config(tiny_config, tmp_path):
-    rng = np.random.default_rng(0)
-    for k in range(4):
-        folder = tmp_path / "photos" / ("a" if k % 2 else "b")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{k}.png")
-    return tiny_config.with_overrides({"backbone.name": "vgg16", "backbone.input_size": 32,
-                                       "data.root": str(tmp_path / "photos"), "data.batch_size": 4,
-                                       "features.cache_dir": str(tmp_path / "cache")})
-
-
 def cosines(a, b) -> np.ndarray:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def test_the_precision_is_its_own_recipe_and_fp32_keys_are_unchanged(vgg_config):
+def test_the_precision_is_its_own_recipe_and_fp32_keys_are_unchanged(runtime_config):
     import hashlib
     from dataclasses import asdict
 
-    fp32 = recipe_for(vgg_config)
+    fp32 = recipe_for(runtime_config)
     fields = {k: v for k, v in asdict(fp32).items() if k != "precision"}  # the key before precisions existed
     assert fp32.key() == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
-    keys = {p: recipe_for(vgg_config.with_overrides({"features.precision": p})).key() for p in ("bf16", "int8")}
+    keys = {p: recipe_for(runtime_config.with_overrides({"features.precision": p})).key() for p in ("bf16", "int8")}
     assert len({fp32.key(), *keys.values()}) == 3
 
 
 @pytest.mark.slow
-def test_bf16_features_pass_the_gate_and_are_cached_apart(vgg_config):
-    reference = extract_features(vgg_config, echo=None)
-    config = vgg_config.with_overrides({"features.precision": "bf16"})
+def test_bf16_features_pass_the_gate_and_are_cached_apart(runtime_config):
+    reference = extract_features(runtime_config, echo=None)
+    config = runtime_config.with_overrides({"features.precision": "bf16"})
     reduced = extract_features(config, echo=None)
     assert reduced.stats["computed"] == reference.stats["computed"] == 4  # not served from the fp32 cache
     assert cosines(reduced.features, reference.features).min() >= PRECISION_COSINE

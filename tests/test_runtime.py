@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tl_app.core.errors import TlAppError
 from tl_app.features.cache import recipe_dir
@@ -16,25 +15,12 @@ from tl_app.features.runtime import ONNX_FILE, PARITY_FILE, open_runtime, tf2onn
 from tl_app.models.backbones import build_feature_model, get_spec
 
 
-@pytest.fixture
-def vgg_config(tiny_config, tmp_path):
-    """Four images: the conversion, not the image count, is what this tests."""
-    rng = np.random.default_rng(0)
-    for k in range(4):
-        folder = tmp_path / "photos" / ("a" if k % 2 else "b")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{k}.png")
-    return tiny_config.with_overrides({"backbone.name": "vgg16", "backbone.input_size": 32,
-                                       "data.root": str(tmp_path / "photos"), "data.batch_size": 4,
-                                       "features.cache_dir": str(tmp_path / "cache")})
-
-
 @pytest.mark.slow
-def test_onnxruntime_features_match_keras_and_share_the_recipe(vgg_config, tmp_path):
-    keras_run = extract_features(vgg_config, echo=None)
-    onnx_config = vgg_config.with_overrides({"features.runtime": "onnxruntime",
+def test_onnxruntime_features_match_keras_and_share_the_recipe(runtime_config, tmp_path):
+    keras_run = extract_features(runtime_config, echo=None)
+    onnx_config = runtime_config.with_overrides({"features.runtime": "onnxruntime",
                                              "features.cache_dir": str(tmp_path / "cache-onnx")})
-    assert recipe_for(onnx_config).key() == recipe_for(vgg_config).key()  # equal outputs, one recipe
+    assert recipe_for(onnx_config).key() == recipe_for(runtime_config).key()  # equal outputs, one recipe
     onnx_run = extract_features(onnx_config, echo=None)
     assert onnx_run.stats["computed"] == keras_run.stats["computed"] > 0
     expected = np.asarray(keras_run.features)

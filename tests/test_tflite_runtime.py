@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tl_app.core.errors import TlAppError
 from tl_app.features.cache import recipe_dir
@@ -18,15 +17,8 @@ from tl_app.models.backbones import build_feature_model, get_spec
 
 
 @pytest.mark.slow
-def test_tflite_features_match_keras_and_share_the_recipe(tiny_config, tmp_path):
-    rng = np.random.default_rng(0)
-    for k in range(4):
-        folder = tmp_path / "photos" / ("a" if k % 2 else "b")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{k}.png")
-    config = tiny_config.with_overrides({"backbone.name": "vgg16", "backbone.input_size": 32,
-                                         "data.root": str(tmp_path / "photos"), "data.batch_size": 4,
-                                         "features.cache_dir": str(tmp_path / "cache")})
+def test_tflite_features_match_keras_and_share_the_recipe(runtime_config, tmp_path):
+    config = runtime_config
     keras_run = extract_features(config, echo=None)
     lite = config.with_overrides({"features.runtime": "tflite", "features.cache_dir": str(tmp_path / "cache-lite")})
     assert recipe_for(lite).key() == recipe_for(config).key()  # equal outputs, one recipe
