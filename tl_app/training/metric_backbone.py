@@ -92,5 +92,4 @@ def train_backbone(config: Config, prepared, feature_model, projection, train_re
     return {"epochs": t.finetune_epochs, "epochs_trained": len(history.history.get("loss", [])),
             "best_epoch": int(np.argmin(losses)) + 1 if losses else 0,
             "contrastive_loss": float(min(losses)) if losses else None, "unfrozen_layers": unfrozen,
-            "batch_size": batch_size, "augmented": augmenter is not None, "batchnorm": "frozen (inference mode)",
-            "history_rows": len(epochs_log) - first}
+            "batch_size": batch_size, "augmented": augmenter is not None, "batchnorm": "frozen (inference mode)"}
