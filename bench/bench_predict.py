@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import emit, write_photo_folder
+from common import emit, target_row, write_photo_folder
 
 
 def build_export(tmp: Path, backbone: str, size: int) -> tuple[Path, Path]:
@@ -137,6 +137,15 @@ def runtime_figure(version: Path, photos: Path, tmp: Path, count: int, batch_siz
     return out
 
 
+def p9_row(runtime: dict, count: int, backbone: str, size: int) -> list[dict]:
+    """Issue 17's P9: images/s of `predict --runtime onnxruntime` over Keras `predict` on the same files."""
+    keras_s, onnx_s = statistics.median(runtime["keras_s"]), statistics.median(runtime["onnx_s"])
+    return [target_row("P9", f"tl-app predict --runtime onnxruntime, whole process, {count} JPEGs, {backbone} at "
+                              f"{size} px", count / onnx_s, "img/s", count / keras_s,
+                       "tl-app predict with the Keras runtime (SavedModel) on the same files, interleaved pairs",
+                       runtime["ratio_whole_process"], ">= 1.2")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -159,7 +168,8 @@ def main() -> None:
         photos = write_photo_folder(tmp / "photos", count)
         runtime = runtime_figure(version, photos, tmp, count, args.batch_size, args.rounds)
         if args.runtime_only:
-            emit("predict_runtime", {"images": count, "backbone": args.backbone, "size": args.size, **runtime})
+            emit("predict_runtime", {"images": count, "backbone": args.backbone, "size": args.size, **runtime},
+                 p9_row(runtime, count, args.backbone, args.size))
             return
         resume = resume_figure(version, photos, tmp, count, args.batch_size)
         if args.resume_only:
@@ -198,7 +208,7 @@ def main() -> None:
                      "predict_images_per_s": round(predict_ips, 2), "model_predict_images_per_s": round(raw_ips, 2),
                      "ratio": round(ratio, 3),
                      "pair_ratios": [round(r, 3) for r in ratios], "cpu_time_ratio": round(cpu_ratio, 3),
-                     "resume": resume, "runtime": runtime})
+                     "resume": resume, "runtime": runtime}, p9_row(runtime, count, args.backbone, args.size))
 
 
 if __name__ == "__main__":

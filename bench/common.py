@@ -52,9 +52,20 @@ def timed(fn, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
-def emit(name: str, results: dict) -> None:
-    """The last line of every benchmark: one JSON document."""
-    print(json.dumps({"bench": name, **results}, sort_keys=True))
+def emit(name: str, results: dict, rows: list[dict] | None = None) -> None:
+    """The last line of every benchmark: one JSON document (with its target rows, if any, under "rows")."""
+    print(json.dumps({"bench": name, **results, **({"rows": rows} if rows else {})}, sort_keys=True))
+
+
+def target_row(row: str, what: str, value: float, unit: str, baseline: float | None, baseline_what: str,
+               ratio: float, target: str) -> dict:
+    """One line of an issue's target table: the measured figure, the baseline it was divided by (measured in
+    the same run), the ratio and the goal; ``met`` reads the goal (">= 1.2", "<= 1.3") against the ratio."""
+    op, goal = target.split()[:2]
+    met = ratio >= float(goal) if op == ">=" else ratio <= float(goal)
+    return {"row": row, "what": what, "value": round(value, 3), "unit": unit,
+            "baseline": None if baseline is None else round(baseline, 3), "baseline_what": baseline_what,
+            "ratio": round(ratio, 3), "target": target, "met": bool(met)}
 
 
 def honest_throughput(model, size: int, batch: int = 32, batches: int = 4, warmup: int = 2) -> dict:
