@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tl_app.core.errors import ConfigError
-from tl_app.insight.select import candidate_list, parse_budget, probe_scores
+from tl_app.insight.select import candidate_list, parse_budget, probe_scores, weights_for
 
 
 def test_budgets_and_candidates_parse_or_say_what_is_expected():
@@ -20,6 +20,36 @@ def test_budgets_and_candidates_parse_or_say_what_is_expected():
     assert candidate_list("resnet50,vgg16") == ["vgg16", "resnet50"]  # cheapest first
     with pytest.raises(ConfigError, match="backbone"):
         candidate_list("vgg16,alexnet")
+
+
+def test_per_backbone_weights_give_each_candidate_its_own():
+    assert weights_for("none", "vgg16") == "none"
+    assert weights_for("vgg16=hed-vgg16,none", "vgg16") == "hed-vgg16"
+    assert weights_for("vgg16=hed-vgg16,none", "resnet50") == "none"
+    assert weights_for("vgg16=hed-vgg16", "resnet50") == "imagenet"  # no unnamed entry: the default
+    with pytest.raises(ConfigError, match="backbone"):
+        weights_for("alexnet=x,none", "vgg16")
+    with pytest.raises(ConfigError, match="names no weights"):
+        weights_for("vgg16=,none", "vgg16")
+
+
+def test_select_with_per_backbone_weights_probes_each_with_its_own_and_auto_trains_with_the_winners(
+        tiny_config, cli, hed_vgg16_weights):
+    """Offline only VGG16 has pretrained weights: 'vgg16=hed-vgg16,none' probes it with them and the rest with
+    random weights, and train --backbone auto then trains the winner with the weights it was probed with."""
+    config = tiny_config
+    cache = ["--set", f"features.cache_dir={json.dumps(config.features.cache_dir)}"]
+    result = cli("train", config.data.root, "--backbone", "auto", "--weights", "vgg16=hed-vgg16,none",
+                 "--input-size", 32, "--epochs", 1, "--runs-dir", config.train.runs_dir, "--name", "auto", *cache,
+                 "--set", 'backbone.candidates=["vgg16", "resnet50"]', "--set", 'backbone.select_budget="5m"')
+    assert result.exit_code == 0, result.output
+    run = json.loads((Path(config.train.runs_dir) / "auto" / "run.json").read_text())
+    table = {row["backbone"]: row for row in run["backbone_selection"]["table"]}
+    assert table["vgg16"]["weights"] == "hed-vgg16" and table["resnet50"]["weights"] == "none"
+    assert "weights hed-vgg16" in result.output and "weights none" in result.output
+    winner = run["backbone_selection"]["recommended"]
+    assert run["backbone"] == winner and run["backbone_selection"]["recommended_weights"] == table[winner]["weights"]
+    assert run["weights"] == table[winner]["weights"]  # the run trained with them, not the per-backbone list
 
 
 def test_the_probe_tells_informative_features_from_noise():

@@ -67,7 +67,8 @@ def train(config: Config, resume: str | Path | None = None, echo=print, more_epo
         selection = None
         if config.backbone.name == "auto":  # compare the candidates by a linear probe, train the winner
             selection = select(config, config.backbone.candidates or None, config.backbone.select_budget, echo=echo)
-            config = config.with_overrides({"backbone.name": selection["recommended"]})
+            config = config.with_overrides({"backbone.name": selection["recommended"],
+                                            "backbone.weights": selection["recommended_weights"]})
         get_spec(config.backbone.name)  # an unknown name fails before any work
         ignored = ignored_by_strategy(config)
         if ignored and echo:

@@ -14,7 +14,8 @@ from tl_app.cli.common import (echo_json, feature_config, load_api, pipeline_opt
 @click.option("--budget", default="10m", show_default=True,
               help="Time for the whole comparison (90s, 10m, 1h); candidates are tried cheapest first.")
 @click.option("--folds", type=int, default=5, show_default=True, help="K of the K-fold probe.")
-@click.option("--weights", default=None, help="imagenet | none | hed-vgg16 | PATH, for every candidate.")
+@click.option("--weights", default=None, help="imagenet | none | hed-vgg16 | PATH, for every candidate; or per "
+                                             "backbone, e.g. 'vgg16=hed-vgg16,none' (the unnamed entry: the rest).")
 @click.option("--input-size", type=int, default=None, help="One size for every candidate (default: each one's).")
 @click.option("--cache-dir", default=None, help="Bottleneck feature cache (default .cache/features).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table and the recommendation as JSON.")
@@ -31,6 +32,7 @@ def select(data, backbones, budget, folds, weights, input_size, cache_dir, as_js
     Examples:
       tl-app select photos/ --backbones vgg16,resnet50,resnet50v2 --budget 10m
       tl-app select datasets/sample --backbones vgg16,resnet50 --weights none --input-size 64 --json
+      tl-app select photos/ --backbones vgg16,resnet50 --weights vgg16=hed-vgg16,none
     """
     if folds < 2:
         raise click.BadParameter(f"expected 2 or more folds, got {folds}", param_hint="--folds")

@@ -47,6 +47,26 @@ def candidate_list(names: str | Sequence[str] | None) -> list[str]:
     return [spec.name for spec in sorted(unique.values(), key=lambda spec: spec.params)]
 
 
+def weights_for(weights: str, name: str) -> str:
+    """The weights one candidate is probed with: ``weights`` as given, or, for a per-backbone list such as
+    ``vgg16=hed-vgg16,none``, the entry named for this backbone, else the entry without a name (else
+    imagenet, the configuration's default). Offline, only some backbones have pretrained weights; the
+    list lets them be compared with the rest on random weights in one table."""
+    if "=" not in str(weights):
+        return weights
+    named, default = {}, "imagenet"
+    for item in (part.strip() for part in str(weights).split(",") if part.strip()):
+        key, sep, value = item.partition("=")
+        if not sep:
+            default = item
+        elif not value.strip():
+            raise ConfigError(f"--weights {weights!r}: '{item}' names no weights. Expected NAME=WEIGHTS entries "
+                              f"and at most one default, e.g. 'vgg16=hed-vgg16,none'.")
+        else:
+            named[get_spec(key.strip()).name] = value.strip()
+    return named.get(get_spec(name).name, default)
+
+
 def probe_scores(features: np.ndarray, labels: np.ndarray, num_classes: int, folds: int = 5,
                  seed: int = 0) -> dict:
     """Out-of-fold accuracy (mean and sd over folds) and macro-F1 of a logistic probe."""
@@ -92,7 +112,8 @@ def select_backbone(config: Config, candidates: str | Sequence[str] | None = Non
         if spent >= budget_s:
             rows.append({"backbone": name, "status": f"not tried: the {budget_s:g} s budget was spent"})
             continue
-        settings = config.with_overrides({"backbone.name": name, "backbone.layer": ""})
+        settings = config.with_overrides({"backbone.name": name, "backbone.layer": "",
+                                          "backbone.weights": weights_for(config.backbone.weights, name)})
         spec = get_spec(name)
         try:
             size = resolve_input_size(spec, settings.backbone.input_size)
@@ -108,7 +129,7 @@ def select_backbone(config: Config, candidates: str | Sequence[str] | None = Non
         b = settings.backbone
         model = build_feature_model(spec, size, b.weights, b.seed, "", b.pooling)
         params = int(model.count_params()) + (features.shape[1] + 1) * len(feature_set.classes)
-        row = {"backbone": name, "status": "probed", "input_size": size, **scores,
+        row = {"backbone": name, "status": "probed", "input_size": size, "weights": b.weights, **scores,
                "images_per_second": images_per_second(model, size), "params": params,
                "float32_mb": params * 4 / 1e6, "images": int(len(rows_used)),
                "features": {k: feature_set.stats.get(k) for k in ("computed", "cached")}}
@@ -128,12 +149,15 @@ def select_backbone(config: Config, candidates: str | Sequence[str] | None = Non
            f"fastest ({winner['images_per_second']:.1f} images/s) of {len(tied)} backbones whose probe accuracy "
            f"is within {TIE} of the best ({best:.3f})")
     say(f"select: recommended {winner['backbone']}: {why}")
-    return {"recommended": winner["backbone"], "why": why, "table": rows, "budget_s": budget_s,
+    return {"recommended": winner["backbone"], "recommended_weights": winner["weights"], "why": why, "table": rows,
+            "budget_s": budget_s,
             "elapsed_s": time.perf_counter() - started, "weights": config.backbone.weights}
 
 
 def table_text(selection: dict) -> str:
-    """The comparison as an aligned text table, the recommendation marked."""
+    """The comparison as an aligned text table, the recommendation marked (and each row's weights when they
+    differ between rows)."""
+    mixed = len({row.get("weights") for row in selection["table"] if row["status"] == "probed"}) > 1
     lines = [f"{'backbone':<12} {'size':>4} {'probe acc':>15} {'macro-F1':>8} {'img/s':>7} {'params':>11} "
              f"{'fp32 MB':>8}"]
     for row in selection["table"]:
@@ -143,6 +167,7 @@ def table_text(selection: dict) -> str:
             continue
         accuracy = f"{row['probe_accuracy']:.3f} ± {row['probe_accuracy_sd']:.3f}"
         lines.append(f"{row['backbone']:<12} {row['input_size']:>4} {accuracy:>15} {row['macro_f1']:>8.3f} "
-                     f"{row['images_per_second']:>7.1f} {row['params']:>11,} {row['float32_mb']:>8.1f}{mark}")
+                     f"{row['images_per_second']:>7.1f} {row['params']:>11,} {row['float32_mb']:>8.1f}"
+                     f"{'  weights ' + row['weights'] if mixed else ''}{mark}")
     lines.append(f"* recommended: {selection['recommended']} ({selection['why']})")
     return "\n".join(lines)
