@@ -158,15 +158,16 @@ def table_text(selection: dict) -> str:
     """The comparison as an aligned text table, the recommendation marked (and each row's weights when they
     differ between rows)."""
     mixed = len({row.get("weights") for row in selection["table"] if row["status"] == "probed"}) > 1
-    lines = [f"{'backbone':<12} {'size':>4} {'probe acc':>15} {'macro-F1':>8} {'img/s':>7} {'params':>11} "
+    w = max([12] + [len(row["backbone"]) for row in selection["table"]])
+    lines = [f"{'backbone':<{w}} {'size':>4} {'probe acc':>15} {'macro-F1':>8} {'img/s':>7} {'params':>11} "
              f"{'fp32 MB':>8}"]
     for row in selection["table"]:
         mark = " *" if row["backbone"] == selection["recommended"] else ""
         if row["status"] != "probed":
-            lines.append(f"{row['backbone']:<12} {row['status']}")
+            lines.append(f"{row['backbone']:<{w}} {row['status']}")
             continue
         accuracy = f"{row['probe_accuracy']:.3f} ± {row['probe_accuracy_sd']:.3f}"
-        lines.append(f"{row['backbone']:<12} {row['input_size']:>4} {accuracy:>15} {row['macro_f1']:>8.3f} "
+        lines.append(f"{row['backbone']:<{w}} {row['input_size']:>4} {accuracy:>15} {row['macro_f1']:>8.3f} "
                      f"{row['images_per_second']:>7.1f} {row['params']:>11,} {row['float32_mb']:>8.1f}"
                      f"{'  weights ' + row['weights'] if mixed else ''}{mark}")
     lines.append(f"* recommended: {selection['recommended']} ({selection['why']})")
