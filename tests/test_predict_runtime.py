@@ -39,6 +39,18 @@ def read_rows(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open()))
 
 
+def assert_same_rows(expected: list[dict], got: list[dict]) -> None:
+    """Path, classes in order, label and verdict equal; probabilities and OOD score within 1e-4."""
+    assert len(got) == len(expected) == 36 + 6 and "ood_score" in got[0]
+    assert {r["unknown"] for r in expected} == {"true", "false"}  # both verdicts are exercised
+    numbers = [k for k in got[0] if k.startswith("probability_")] + ["ood_score"]
+    for want, have in zip(expected, got):
+        assert {k: v for k, v in have.items() if k not in numbers} == {k: v for k, v in want.items()
+                                                                       if k not in numbers}
+        for k in numbers:
+            assert float(have[k]) == pytest.approx(float(want[k]), rel=1e-4, abs=1e-4)
+
+
 @pytest.mark.slow
 def test_onnxruntime_rows_equal_the_keras_rows(scored_run, cli, tmp_path):
     from tl_app.export.predict_runtime import FOLDER
@@ -53,15 +65,7 @@ def test_onnxruntime_rows_equal_the_keras_rows(scored_run, cli, tmp_path):
     record = json.loads(converted[1].read_text())
     assert record["ok"] and record["top1_agreement"] == 1.0 and record["ood_score"]["ok"]
 
-    expected, got = read_rows(keras_out), read_rows(onnx_out)
-    assert len(got) == len(expected) == 36 + 6 and "ood_score" in got[0]
-    assert {r["unknown"] for r in expected} == {"true", "false"}  # both verdicts are exercised
-    numbers = [k for k in got[0] if k.startswith("probability_")] + ["ood_score"]
-    for want, have in zip(expected, got):  # path, classes in order, label, unknown: equal; numbers within 1e-4
-        assert {k: v for k, v in have.items() if k not in numbers} == {k: v for k, v in want.items()
-                                                                       if k not in numbers}
-        for k in numbers:
-            assert float(have[k]) == pytest.approx(float(want[k]), rel=1e-4, abs=1e-4)
+    assert_same_rows(read_rows(keras_out), read_rows(onnx_out))
 
     # the second run reuses the conversion (nothing rewritten)
     stamp = converted[0].stat().st_mtime_ns
@@ -123,3 +127,37 @@ def test_a_conversion_that_does_not_match_keras_is_refused(scored_run, tmp_path)
         with pytest.raises(TlAppError, match=f"does not match Keras.*{reason}"):
             open_predictor(run_dir, "onnxruntime", converter=converter)
         assert not list((run_dir / FOLDER).glob("*classifier-*"))  # nothing kept, no temporary left
+
+
+@pytest.mark.slow
+def test_tflite_rows_equal_the_keras_rows_and_a_wrong_conversion_is_refused(scored_run, cli, tmp_path):
+    """--runtime tflite: the classifier with its OOD scorer as a float32 .tflite beside the model, the same gate."""
+    from tl_app.core.errors import TlAppError
+    from tl_app.export.predict_runtime import FOLDER, open_predictor, tflite_classifier
+
+    run_dir = scored_run["run_dir"]
+    keras_out, lite_out = tmp_path / "keras.csv", tmp_path / "tflite.csv"
+    assert cli("predict", run_dir, *scored_run["inputs"], "--out", keras_out, "-q").exit_code == 0
+    result = cli("predict", run_dir, *scored_run["inputs"], "--out", lite_out, "-q", "--runtime", "tflite")
+    assert result.exit_code == 0, result.output
+    converted = sorted((run_dir / FOLDER).glob("classifier-*-tflite.*"))
+    assert [p.name.split(".", 1)[1] for p in converted] == ["parity.json", "tflite"]
+    record = json.loads(converted[0].read_text())
+    assert record["ok"] and record["top1_agreement"] == 1.0 and record["ood_score"]["ok"]
+    assert_same_rows(read_rows(keras_out), read_rows(lite_out))
+
+    for earlier in converted:
+        earlier.unlink()
+
+    def wrong_network(model, path, size):  # a small other network in place of the model
+        import keras
+
+        images = keras.Input((size, size, 3))
+        pooled = keras.layers.GlobalAveragePooling2D()(images)
+        probabilities = keras.layers.Dense(len(json.loads((run_dir / "run.json").read_text())["classes"]),
+                                           activation="softmax")(pooled)
+        tflite_classifier(keras.Model(images, [probabilities, keras.ops.mean(pooled, axis=-1)]), path, size)
+
+    with pytest.raises(TlAppError, match="tflite conversion .* does not match Keras.*probabilities differ"):
+        open_predictor(run_dir, "tflite", converter=wrong_network)
+    assert not list((run_dir / FOLDER).glob("*classifier-*-tflite*"))  # nothing kept, no temporary left

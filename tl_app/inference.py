@@ -281,7 +281,7 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
     With ``resume`` the rows ``out`` already holds (from an interrupted run) are kept and their inputs
     skipped; the rest are appended in input order.
 
-    ``runtime``: keras, or onnxruntime (tl_app.export.predict_runtime: converted once, checked against Keras).
+    ``runtime``: keras, onnxruntime or tflite (tl_app.export.predict_runtime: converted once, checked against Keras).
     ``tta`` > 1: probabilities averaged over that many views of each image (models.tta; the OOD score is the
     image's own); refused for a model exported with --tta, which averages in its graph already.
 

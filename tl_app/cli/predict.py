@@ -16,9 +16,9 @@ from tl_app.cli.common import build_config, engine_options, engine_overrides, lo
               help="Pixels per image beyond which a file is refused (default: the model's data.max_pixels).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run: keep the rows --out already holds, predict only the rest.")
-@click.option("--runtime", type=click.Choice(["keras", "onnxruntime"]), default=None,
-              help="Where the model runs (default keras). onnxruntime: converted once, kept beside the model, "
-                   "used only if it matches Keras (top-1, probabilities and OOD score within 1e-4).")
+@click.option("--runtime", type=click.Choice(["keras", "onnxruntime", "tflite"]), default=None,
+              help="Where the model runs (default keras). onnxruntime, tflite: converted once, kept beside the "
+                   "model, used only if it matches Keras (top-1, probabilities and OOD score within 1e-4).")
 @click.option("--tta", type=int, default=None, metavar="N",
               help="Test-time augmentation: average the probabilities over N views (1-12, in this order: the "
                    "image, its horizontal flip, 5 crops, their 5 flips; default 1 = a single pass). The OOD "

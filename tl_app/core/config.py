@@ -207,7 +207,7 @@ class PredictConfig:
     progress: bool = True
     max_pixels: int = 0  # per image; 0: the model card's (or run's) data.max_pixels, else 89478485
     tta: int = 1  # predict and evaluate: average the probabilities over this many views (1: one pass; TTA_VIEWS)
-    runtime: str = "keras"  # keras | onnxruntime (converted once beside the model, refused unless it matches Keras)
+    runtime: str = "keras"  # keras | onnxruntime | tflite (converted once beside the model; refused unless it matches Keras)
 
 
 @dataclass
@@ -367,7 +367,7 @@ def validate(config: Config) -> None:
     check_choice(config.train.ood, OODS, "train.ood")
     check_choice(config.features.dtype, ("float32", "float16"), "features.dtype")
     check_choice(config.features.runtime, ("keras", "onnxruntime", "tflite"), "features.runtime")
-    check_choice(config.predict.runtime, ("keras", "onnxruntime"), "predict.runtime")
+    check_choice(config.predict.runtime, ("keras", "onnxruntime", "tflite"), "predict.runtime")
     check_choice(config.features.precision, ("fp32", "bf16", "int8"), "features.precision")
     if config.features.precision != "fp32" and config.features.runtime != "keras":
         raise ConfigError(f"features.precision = {config.features.precision!r} picks its own runtime (bf16: Keras, "

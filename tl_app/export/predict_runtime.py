@@ -1,7 +1,8 @@
-"""Where batch prediction runs the classifier: Keras (the SavedModel or model.keras), or ONNX Runtime.
+"""Where batch prediction runs the classifier: Keras (the SavedModel or model.keras), ONNX Runtime or TFLite.
 
-For ``onnxruntime`` the classifier (with its temperature and OOD score, as
-predict answers) is converted once and kept beside the model in a hidden
+For ``onnxruntime`` and ``tflite`` (the TFLite interpreter with XNNPACK, full
+precision) the classifier (with its temperature and OOD score, as predict
+answers) is converted once and kept beside the model in a hidden
 ``.runtime/`` folder, named by a key of the model file's bytes, its recorded
 temperature and OOD scorer and the converter and library versions, so a changed
 model never reuses a stale conversion. The conversion is used only after it
@@ -30,7 +31,8 @@ from tl_app.models.ood import LAYER_NAME as OOD_SCORE, OOD_FILE, PROBABILITIES, 
 from tl_app.models.opener import (ModelInfo, Predictor, calibrated_model, config_data_of, ood_threshold_of,
                                   open_model, read_model_info, scored_model)
 
-PREDICT_RUNTIMES = ("keras", "onnxruntime")
+PREDICT_RUNTIMES = ("keras", "onnxruntime", "tflite")
+SUFFIX = {"onnxruntime": "onnx", "tflite": "tflite"}
 FOLDER = ".runtime"
 PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime")
 
@@ -40,8 +42,8 @@ def model_target(info: ModelInfo) -> Path:
     target = info.source / (MODEL_FILE if (info.source / RUN_FILE).is_file() else KERAS_FILE)
     if not target.is_file():
         raise ModelNotFoundError(
-            f"{info.source} has no {KERAS_FILE}, which --runtime onnxruntime converts from. Export with the keras "
-            f"format (tl-app export RUN_DIR --format savedmodel,keras), pass the run directory, or use "
+            f"{info.source} has no {KERAS_FILE}, which --runtime onnxruntime and tflite convert from. Export with the "
+            f"keras format (tl-app export RUN_DIR --format savedmodel,keras), pass the run directory, or use "
             f"--runtime keras.")
     return target
 
@@ -109,6 +111,59 @@ class OnnxClassifier:
         return out
 
 
+def tflite_classifier(model, path: Path, input_size: int) -> None:
+    """The scored Keras classifier to a float32 .tflite: pixels in, probabilities (and the OOD score) out.
+
+    Converted from the Keras model itself (a tf.function's Keras 3 variables would not be frozen)."""
+    import contextlib
+    import io
+
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    with contextlib.redirect_stdout(io.StringIO()):
+        path.write_bytes(converter.convert())
+
+
+class TfliteClassifier:
+    """A converted classifier in TFLite's interpreter (XNNPACK): pixels -> {probabilities, ood_score}.
+
+    TFLite names its outputs after graph tensors, so they are told apart by shape: probabilities are
+    (batch, classes) with two or more classes, the OOD score one number per image."""
+
+    def __init__(self, path: str | Path):
+        import warnings
+
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tf.lite.Interpreter's move-to-LiteRT notice
+            self.interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
+        self.input = self.interpreter.get_input_details()[0]["index"]
+        self.shape = None
+
+    def __call__(self, images) -> dict:
+        images = np.ascontiguousarray(np.asarray(images), np.float32)
+        if self.shape != images.shape:  # one resize per batch shape
+            self.interpreter.resize_tensor_input(self.input, list(images.shape))
+            self.interpreter.allocate_tensors()
+            self.shape = images.shape
+        self.interpreter.set_tensor(self.input, images)
+        self.interpreter.invoke()
+        out = {}
+        for detail in self.interpreter.get_output_details():
+            value = np.array(self.interpreter.get_tensor(detail["index"]))
+            if value.ndim == 2 and value.shape[-1] > 1:
+                out[PROBABILITIES] = value
+            else:
+                out[OOD_SCORE] = value.reshape(-1)
+        return out
+
+
+CONVERTERS = {"onnxruntime": tf2onnx_classifier, "tflite": tflite_classifier}
+CLASSIFIERS = {"onnxruntime": OnnxClassifier, "tflite": TfliteClassifier}
+
+
 def calibration_images(input_size: int) -> np.ndarray:
     """Fixed pixels in 0..255, the same in every check: noise, flat colours and gradients."""
     rng = np.random.default_rng(17)
@@ -171,16 +226,20 @@ def keras_answers(model, images: np.ndarray) -> dict:
     return out
 
 
-def converted_classifier(info: ModelInfo, converter: Callable = tf2onnx_classifier) -> tuple[Path, dict]:
-    """(the checked .onnx file, its parity record), converting and checking it first when none matches the key."""
+def converted_classifier(info: ModelInfo, converter: Callable | None = None,
+                         runtime: str = "onnxruntime") -> tuple[Path, dict]:
+    """(the checked .onnx or .tflite file, its parity record), converting and checking it first when none matches
+    the key."""
     found = versions()
-    if found["onnxruntime"] is None or found["tf2onnx"] is None:
+    converter = converter or CONVERTERS[runtime]
+    if runtime == "onnxruntime" and (found["onnxruntime"] is None or found["tf2onnx"] is None):
         raise ConfigError("--runtime onnxruntime needs onnxruntime and tf2onnx, which are not installed. Install "
                           "them with: pip install 'tl-app[onnx]', or use --runtime keras.")
     target = model_target(info)
     key = conversion_key(info, target)
     folder = info.source / FOLDER
-    path, record = folder / f"classifier-{key}.onnx", folder / f"classifier-{key}.parity.json"
+    stem = f"classifier-{key}-{SUFFIX[runtime]}"
+    path, record = folder / f"{stem}.{SUFFIX[runtime]}", folder / f"{stem}.parity.json"
     try:
         checked = json.loads(record.read_text())
     except (OSError, ValueError):
@@ -190,7 +249,7 @@ def converted_classifier(info: ModelInfo, converter: Callable = tf2onnx_classifi
     try:
         folder.mkdir(exist_ok=True)
     except OSError as exc:
-        raise TlAppError(f"--runtime onnxruntime keeps its converted model in {folder}, which cannot be written "
+        raise TlAppError(f"--runtime {runtime} keeps its converted model in {folder}, which cannot be written "
                          f"({exc.strerror}). Use a copy of the model in a writable folder, or --runtime keras.") from None
     model = scored_model(info, calibrated_model(info, target))
     tmp = folder / f".tmp-{os.getpid()}-{path.name}"
@@ -198,15 +257,15 @@ def converted_classifier(info: ModelInfo, converter: Callable = tf2onnx_classifi
         try:
             converter(model, tmp, info.input_size)
         except Exception as exc:  # the converter's own failure, reported with its reason
-            raise TlAppError(f"The model could not be converted to ONNX ({type(exc).__name__}: {str(exc)[:300]}). "
-                             f"Use --runtime keras.") from None
+            raise TlAppError(f"The model could not be converted for {runtime} ({type(exc).__name__}: "
+                             f"{str(exc)[:300]}). Use --runtime keras.") from None
         images = calibration_images(info.input_size)
-        result = classifier_parity(keras_answers(model, images), OnnxClassifier(tmp)(images),
+        result = classifier_parity(keras_answers(model, images), CLASSIFIERS[runtime](tmp)(images),
                                    ood_threshold_of(info.card))
         if not result["ok"]:
-            raise TlAppError(f"The ONNX conversion of {info.source} does not match Keras ({result['reason']}), so it "
-                             f"is refused: predictions must not depend on the runtime. Use --runtime keras.")
-        for stale in folder.glob("classifier-*"):  # conversions of an earlier state of the model
+            raise TlAppError(f"The {runtime} conversion of {info.source} does not match Keras ({result['reason']}), "
+                             f"so it is refused: predictions must not depend on the runtime. Use --runtime keras.")
+        for stale in folder.glob(f"classifier-*-{SUFFIX[runtime]}.*"):  # this runtime's earlier conversions
             stale.unlink(missing_ok=True)
         os.replace(tmp, path)
         result.update(versions=found, key=key, images=len(images))
@@ -216,8 +275,8 @@ def converted_classifier(info: ModelInfo, converter: Callable = tf2onnx_classifi
     return path, result
 
 
-def open_predictor(model, runtime: str = "keras", converter: Callable = tf2onnx_classifier) -> Predictor:
-    """The Predictor batch prediction uses: ``open_model``'s for keras, a checked ONNX conversion otherwise.
+def open_predictor(model, runtime: str = "keras", converter: Callable | None = None) -> Predictor:
+    """The Predictor batch prediction uses: ``open_model``'s for keras, a checked conversion otherwise.
 
     ``model`` is a path or an opened Predictor (its source is converted for onnxruntime).
     """
@@ -226,10 +285,10 @@ def open_predictor(model, runtime: str = "keras", converter: Callable = tf2onnx_
     if runtime == "keras":
         return model if isinstance(model, Predictor) else open_model(model)
     info = read_model_info(model.source if isinstance(model, Predictor) else model)
-    path, _ = converted_classifier(info, converter)
+    path, _ = converted_classifier(info, converter, runtime)
     config_data = config_data_of(info)
     run_dir = info.source if (info.source / RUN_FILE).is_file() else None
-    return Predictor(info.classes, info.input_size, info.resize_policy, info.source, "onnxruntime",
-                     OnnxClassifier(path), name=info.name, version=info.version, card=info.card,
+    return Predictor(info.classes, info.input_size, info.resize_policy, info.source, runtime,
+                     CLASSIFIERS[runtime](path), name=info.name, version=info.version, card=info.card,
                      background=info.background, run_dir=run_dir,
                      config=Config.from_dict(config_data) if config_data else None)
