@@ -161,3 +161,46 @@ def test_tflite_rows_equal_the_keras_rows_and_a_wrong_conversion_is_refused(scor
     with pytest.raises(TlAppError, match="tflite conversion .* does not match Keras.*probabilities differ"):
         open_predictor(run_dir, "tflite", converter=wrong_network)
     assert not list((run_dir / FOLDER).glob("*classifier-*-tflite*"))  # nothing kept, no temporary left
+
+
+def write_tinted(folder: Path, seed: int, each: int = 24) -> Path:
+    """Red and blue noise images (48 px PNGs): classes a pretrained head separates with wide margins."""
+    rng = np.random.default_rng(seed)
+    for label, tint in (("red", (200, 40, 40)), ("blue", (40, 60, 200))):
+        (folder / label).mkdir(parents=True)
+        for k in range(each):
+            pixels = np.clip(np.array(tint) + rng.normal(0, 30, (48, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / label / f"{k}.png")
+    return folder
+
+
+@pytest.mark.slow
+def test_int8_predict_is_calibrated_and_gated_on_the_users_images(scored_run, cli, tmp_path, hed_vgg16_weights):
+    """--precision int8: a static ONNX Runtime quantisation of the convolutions whose activation ranges come from
+    the first of the images being predicted, used only if it agrees with float32 on >= 99% of top-1 classes and
+    unknown verdicts of the rest. A confident model (hed-vgg16 features, new images) passes; the random-weight
+    run's near-tie answers flip under int8 and it is refused with the measured agreement, nothing kept."""
+    from tl_app import api
+    from tl_app.export.predict_runtime import FOLDER
+
+    config = small_config(tmp_path, write_tinted(tmp_path / "data", seed=0), backbone="vgg16")
+    config.backbone.weights = "hed-vgg16"
+    config.train.strategy, config.train.epochs, config.train.batch_size = "bottleneck", 10, 8
+    run_dir = Path(api.train(config, echo=None)["run_dir"])
+    new = write_tinted(tmp_path / "new", seed=1)
+    keras_out, int8_out = tmp_path / "keras.csv", tmp_path / "int8.csv"
+    assert cli("predict", run_dir, new, "--out", keras_out, "-q").exit_code == 0
+    result = cli("predict", run_dir, new, "--out", int8_out, "-q", "--precision", "int8")
+    assert result.exit_code == 0, result.output
+    record = json.loads(next((run_dir / FOLDER).glob("classifier-*-int8.gate.json")).read_text())
+    assert record["ok"] and record["top1_agreement"] >= 0.99 and record["verdict_agreement"] >= 0.99
+    assert record["calibration_images"] == 16 and record["images"] == 48 - 16  # the rest of the user's images
+    expected, got = read_rows(keras_out), read_rows(int8_out)
+    assert [r["path"] for r in got] == [r["path"] for r in expected] and len(got) == 48
+    assert np.mean([(a["label"], a["unknown"]) == (b["label"], b["unknown"]) for a, b in zip(expected, got)]) >= 0.99
+
+    refused = cli("predict", scored_run["run_dir"], *scored_run["inputs"], "--out", tmp_path / "no.csv", "-q",
+                  "--precision", "int8")
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "--precision int8 is refused" in refused.output and "of your images; the gate is 99%" in refused.output
+    assert not list((scored_run["run_dir"] / FOLDER).glob("*-int8*"))  # nothing kept, no temporary left

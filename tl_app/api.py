@@ -167,6 +167,9 @@ def predict(config: Config, model, inputs, out: str | Path | None = None, echo=p
     if resume and config.engine.name == "ray":
         raise ConfigError("--resume works with the local engine only: drop --engine ray to continue an "
                           "interrupted run, or drop --resume to start the file again.")
+    if config.engine.name == "ray" and settings.precision != "fp32":
+        raise ConfigError(f"--precision {settings.precision} works with the local engine only: drop --engine ray, or "
+                          f"use --precision fp32 with it.")
     if config.engine.name == "ray" and settings.runtime != "keras":
         raise ConfigError(f"--runtime {settings.runtime} works with the local engine only: drop --engine ray, or "
                           f"use --runtime keras with it.")
@@ -179,7 +182,7 @@ def predict(config: Config, model, inputs, out: str | Path | None = None, echo=p
                                  max_pixels=settings.max_pixels)
     return predict_paths(model, inputs, out=out, top_k=settings.top_k, batch_size=settings.batch_size, echo=echo,
                          progress=settings.progress, max_pixels=settings.max_pixels, resume=resume,
-                         runtime=settings.runtime, tta=settings.tta)
+                         runtime=settings.runtime, tta=settings.tta, precision=settings.precision)
 
 
 def serve(config: Config, root: str | Path | None = None, log_level: str = "warning", echo=print) -> None:

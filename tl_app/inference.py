@@ -29,11 +29,11 @@ from tl_app.data.images import probe_header
 from tl_app.core.progress import Progress
 from tl_app.data.scan import IMAGE_SUFFIXES, walk
 from tl_app.models.opener import Predictor, ood_threshold_of, read_model_info
-from tl_app.export.predict_runtime import open_predictor
+from tl_app.export.predict_runtime import SAMPLE_IMAGES, open_predictor
 from tl_app.models.ood import LAYER_NAME as OOD_SCORE, UNKNOWN_LABEL
 from tl_app.models.tta import tta_function, views_to_run
 from tl_app.data.images import probe_file
-from tl_app.data.pipeline import load_image
+from tl_app.data.pipeline import load_image, load_images
 
 MAX_PIXELS = 89_478_485
 MAX_LISTED_BAD = 100  # bad files named in the summary; every one has its row in the output
@@ -272,16 +272,43 @@ class Tally:
         }
 
 
+def user_sample(inputs, info, max_pixels: int = 0, count: int = SAMPLE_IMAGES) -> np.ndarray:
+    """Up to ``count`` of the inputs' readable images, decoded and resized as predict feeds them: what
+    --precision int8 calibrates and gates on (unreadable files are left to the run to report)."""
+    images = []
+    limit = int(max_pixels) or MAX_PIXELS
+    for path, problem in iter_inputs(inputs):
+        if problem or header_probe(path, limit)[1]:
+            continue
+        try:
+            images.append(load_images([path], info.input_size, info.resize_policy, info.background)[0])
+        except Exception:  # a file the decoder refuses: the run itself lists it
+            continue
+        if len(images) >= count:
+            break
+    size = info.input_size
+    return np.stack(images).astype(np.float32) if images else np.zeros((0, size, size, 3), np.float32)
+
+
+def open_for_predict(model, inputs, runtime: str, precision: str, max_pixels: int):
+    """open_predictor, with the user's own images as the int8 calibration and gate sample when asked."""
+    if precision == "fp32":
+        return open_predictor(model, runtime)
+    info = read_model_info(model.source if isinstance(model, Predictor) else model)
+    return open_predictor(model, runtime, precision=precision, sample=user_sample(inputs, info, max_pixels))
+
+
 # ---- the entry point -------------------------------------------------------------------
 def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, batch_size: int = 32,
                   echo=print, progress: bool | None = None, max_pixels: int = 0, resume: bool = False,
-                  runtime: str = "keras", tta: int = 1) -> dict:
+                  runtime: str = "keras", tta: int = 1, precision: str = "fp32") -> dict:
     """Predict every image among ``inputs``; rows go to ``out`` (CSV/JSONL) or stdout, in input order.
 
     With ``resume`` the rows ``out`` already holds (from an interrupted run) are kept and their inputs
     skipped; the rest are appended in input order.
 
     ``runtime``: keras, onnxruntime or tflite (tl_app.export.predict_runtime: converted once, checked against Keras).
+    ``precision``: fp32, or int8 (ONNX Runtime, quantised; calibrated and gated on the first images of ``inputs``).
     ``tta`` > 1: probabilities averaged over that many views of each image (models.tta; the OOD score is the
     image's own); refused for a model exported with --tta, which averages in its graph already.
 
@@ -296,11 +323,11 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
     if resume and not out:
         raise ConfigError("--resume continues the rows of an --out file, and none was given: "
                           "pass the first run's file, e.g. --out preds.csv --resume.")
-    if isinstance(model, Predictor) and runtime != "keras":
+    if isinstance(model, Predictor) and (runtime != "keras" or precision != "fp32"):
         model = model.source  # converted from its files
     predictor = model if isinstance(model, Predictor) else None
     if predictor is None and not resume:  # opened before the out file is started, which a failure would empty
-        predictor = open_predictor(model, runtime)
+        predictor = open_for_predict(model, inputs, runtime, precision, max_pixels)
     # a resumed run reads only the model's files (classes, OOD threshold) until an input is left to predict
     info = predictor if predictor is not None else read_model_info(model)
     views = views_to_run(tta, info.card)
@@ -314,7 +341,7 @@ def predict_paths(model, inputs, out: str | Path | None = None, top_k: int = 5, 
         return tally.summary(info.source, info.version, total, 0.0, skipped=total)
     if predictor is None:
         try:
-            predictor = open_predictor(model, runtime)
+            predictor = open_for_predict(model, inputs, runtime, precision, max_pixels)
         except BaseException:
             writer.close()
             raise

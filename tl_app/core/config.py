@@ -207,7 +207,8 @@ class PredictConfig:
     progress: bool = True
     max_pixels: int = 0  # per image; 0: the model card's (or run's) data.max_pixels, else 89478485
     tta: int = 1  # predict and evaluate: average the probabilities over this many views (1: one pass; TTA_VIEWS)
-    runtime: str = "keras"  # keras | onnxruntime | tflite (converted once beside the model; refused unless it matches Keras)
+    runtime: str = "keras"  # keras | onnxruntime | tflite (converted once beside the model; refused unless = Keras)
+    precision: str = "fp32"  # fp32 | int8 (ONNX Runtime, quantised on the first images; refused below 99% agreement)
 
 
 @dataclass
@@ -368,6 +369,10 @@ def validate(config: Config) -> None:
     check_choice(config.features.dtype, ("float32", "float16"), "features.dtype")
     check_choice(config.features.runtime, ("keras", "onnxruntime", "tflite"), "features.runtime")
     check_choice(config.predict.runtime, ("keras", "onnxruntime", "tflite"), "predict.runtime")
+    check_choice(config.predict.precision, ("fp32", "int8"), "predict.precision")
+    if config.predict.precision == "int8" and config.predict.runtime == "tflite":
+        raise ConfigError("predict.precision = 'int8' runs ONNX Runtime on a quantised copy; drop --runtime tflite, "
+                          "or use --precision fp32.")
     check_choice(config.features.precision, ("fp32", "bf16", "int8"), "features.precision")
     if config.features.precision != "fp32" and config.features.runtime != "keras":
         raise ConfigError(f"features.precision = {config.features.precision!r} picks its own runtime (bf16: Keras, "

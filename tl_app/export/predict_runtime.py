@@ -25,7 +25,7 @@ import numpy as np
 from tl_app.core.errors import ConfigError, ModelNotFoundError, TlAppError
 from tl_app.core.config import Config
 from tl_app.core.files import atomic_write_text
-from tl_app.features.runtime import PARITY_TOLERANCE, parity
+from tl_app.features.runtime import PARITY_TOLERANCE, ort_quantize_static, parity
 from tl_app.models.artifacts import KERAS_FILE, MODEL_FILE, RUN_FILE
 from tl_app.models.ood import LAYER_NAME as OOD_SCORE, OOD_FILE, PROBABILITIES, split_outputs
 from tl_app.models.opener import (ModelInfo, Predictor, calibrated_model, config_data_of, ood_threshold_of,
@@ -33,6 +33,11 @@ from tl_app.models.opener import (ModelInfo, Predictor, calibrated_model, config
 
 PREDICT_RUNTIMES = ("keras", "onnxruntime", "tflite")
 SUFFIX = {"onnxruntime": "onnx", "tflite": "tflite"}
+PREDICT_PRECISIONS = ("fp32", "int8")
+INT8_AGREEMENT = 0.99  # top-1 (and unknown-verdict) agreement of int8 with float32 Keras on the gate images
+CALIBRATE_IMAGES = 16  # the first of the user's images set the int8 activation ranges; the rest gate it
+SAMPLE_IMAGES = 128  # the user's images predict reads for calibration and the gate
+MIN_GATE_IMAGES = 20  # fewer images left after calibration: the gate checks every image of the sample
 FOLDER = ".runtime"
 PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime")
 
@@ -275,20 +280,111 @@ def converted_classifier(info: ModelInfo, converter: Callable | None = None,
     return path, result
 
 
-def open_predictor(model, runtime: str = "keras", converter: Callable | None = None) -> Predictor:
+def agreement(expected: dict, got: dict, threshold: float | None) -> dict:
+    """Top-1 and unknown-verdict agreement of a reduced-precision classifier with float32 Keras, every image
+    counted (near ties too: they are where reduced precision flips answers)."""
+    probs = np.asarray(expected[PROBABILITIES])
+    other = np.asarray(got.get(PROBABILITIES, np.zeros_like(probs))).reshape(probs.shape)
+    result = {"images": int(len(probs)), "gate": INT8_AGREEMENT,
+              "top1_agreement": float(np.mean(probs.argmax(-1) == other.argmax(-1))),
+              "max_abs_probability_diff": float(np.max(np.abs(probs - other)))}
+    reasons = [] if result["top1_agreement"] >= INT8_AGREEMENT else [
+        f"top-1 class agreement {result['top1_agreement']:.3f}"]
+    if OOD_SCORE in expected and threshold is not None:
+        score = np.asarray(expected[OOD_SCORE]).reshape(-1)
+        other_score = np.asarray(got.get(OOD_SCORE, np.full_like(score, np.nan))).reshape(-1)
+        result["verdict_agreement"] = float(np.mean((score > threshold) == (other_score > threshold)))
+        if result["verdict_agreement"] < INT8_AGREEMENT:
+            reasons.append(f"unknown-verdict agreement {result['verdict_agreement']:.3f}")
+    result["ok"] = not reasons
+    if reasons:
+        result["reason"] = "; ".join(reasons)
+    return result
+
+
+def quantize_convolutions(source: Path, target: Path, input_size: int, images: np.ndarray) -> None:
+    """Static int8 for the backbone's convolutions only: the head, the temperature and the OOD scorer's
+    distances stay float32 (quantised, the k-NN distances flipped verdicts)."""
+    ort_quantize_static(source, target, input_size, images, op_types=("Conv",))
+
+
+def int8_classifier(info: ModelInfo, sample: np.ndarray, quantizer: Callable = quantize_convolutions
+                    ) -> tuple[Path, dict]:
+    """(the gated int8 .onnx file, its record): the parity-checked float32 ONNX classifier's convolutions
+    statically quantised with activation ranges from the first CALIBRATE_IMAGES of ``sample`` (the user's own images,
+    as predict feeds them), then gated on the rest of ``sample`` plus the fixed calibration images: top-1
+    and unknown-verdict agreement with float32 Keras of at least INT8_AGREEMENT, or it is refused. Kept
+    beside the fp32 conversion under the same key, so a changed model is quantised and gated again."""
+    source, _ = converted_classifier(info, None, "onnxruntime")
+    stem = source.name[: -len("-onnx.onnx")] + "-int8"
+    path, record = source.with_name(f"{stem}.onnx"), source.with_name(f"{stem}.gate.json")
+    try:
+        checked = json.loads(record.read_text())
+    except (OSError, ValueError):
+        checked = {}
+    if path.is_file() and checked.get("ok"):
+        return path, checked
+    sample = np.asarray(sample, np.float32).reshape(-1, info.input_size, info.input_size, 3)
+    calibrate = sample[:CALIBRATE_IMAGES]
+    if not len(calibrate):
+        raise TlAppError("--precision int8 calibrates on the images it predicts, and none could be read. Use "
+                         "--precision fp32.")
+    # the rest gate it; too few of them (under MIN_GATE_IMAGES), and every image does
+    gate = sample[CALIBRATE_IMAGES:] if len(sample) - CALIBRATE_IMAGES >= MIN_GATE_IMAGES else sample
+    tmp = source.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        try:
+            quantizer(source, tmp, info.input_size, calibrate)
+        except Exception as exc:  # the quantiser's own failure, with its reason
+            raise TlAppError(f"The model could not be quantised to int8 ({type(exc).__name__}: {str(exc)[:300]}). "
+                             f"Use --precision fp32.") from None
+        model = scored_model(info, calibrated_model(info, model_target(info)))
+        expected = {k: np.concatenate([v[k] for v in (keras_answers(model, gate[i:i + 32])
+                                                       for i in range(0, len(gate), 32))])
+                    for k in keras_answers(model, gate[:1])}
+        result = agreement(expected, OnnxClassifier(tmp)(gate), ood_threshold_of(info.card))
+        if not result["ok"]:
+            raise TlAppError(f"--precision int8 is refused for {info.source}: its answers are too far from float32 "
+                             f"({result['reason']} on {result['images']} of your images; the gate is "
+                             f"{INT8_AGREEMENT:.0%}). Use --precision fp32.")
+        for stale in source.parent.glob("classifier-*-int8.*"):
+            stale.unlink(missing_ok=True)
+        os.replace(tmp, path)
+        result.update(calibration_images=int(len(calibrate)), precision="int8")
+        atomic_write_text(record, json.dumps(result, indent=1, default=float))
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path, result
+
+
+def open_predictor(model, runtime: str = "keras", converter: Callable | None = None, precision: str = "fp32",
+                   sample: np.ndarray | None = None) -> Predictor:
     """The Predictor batch prediction uses: ``open_model``'s for keras, a checked conversion otherwise.
 
-    ``model`` is a path or an opened Predictor (its source is converted for onnxruntime).
+    ``model`` is a path or an opened Predictor (its source is converted for onnxruntime and tflite).
+    ``precision`` int8 runs ONNX Runtime on a statically quantised copy, calibrated and gated on ``sample``
+    (the user's images, decoded and resized as predict feeds them; see ``int8_classifier``).
     """
     if runtime not in PREDICT_RUNTIMES:
         raise ConfigError(f"Unknown runtime {runtime!r} for predict: expected one of {', '.join(PREDICT_RUNTIMES)}.")
-    if runtime == "keras":
+    if precision not in PREDICT_PRECISIONS:
+        raise ConfigError(f"Unknown precision {precision!r} for predict: expected one of "
+                          f"{', '.join(PREDICT_PRECISIONS)}.")
+    if precision == "int8" and runtime == "tflite":
+        raise ConfigError("--precision int8 runs ONNX Runtime on a quantised copy; drop --runtime tflite.")
+    if runtime == "keras" and precision == "fp32":
         return model if isinstance(model, Predictor) else open_model(model)
     info = read_model_info(model.source if isinstance(model, Predictor) else model)
-    path, _ = converted_classifier(info, converter, runtime)
+    if precision == "int8":
+        path, _ = int8_classifier(info, np.zeros((0, info.input_size, info.input_size, 3)) if sample is None
+                                  else sample)
+        runtime = "onnxruntime"
+    else:
+        path, _ = converted_classifier(info, converter, runtime)
     config_data = config_data_of(info)
     run_dir = info.source if (info.source / RUN_FILE).is_file() else None
-    return Predictor(info.classes, info.input_size, info.resize_policy, info.source, runtime,
-                     CLASSIFIERS[runtime](path), name=info.name, version=info.version, card=info.card,
+    return Predictor(info.classes, info.input_size, info.resize_policy, info.source,
+                     runtime if precision == "fp32" else f"{runtime}-{precision}", CLASSIFIERS[runtime](path),
+                     name=info.name, version=info.version, card=info.card,
                      background=info.background, run_dir=run_dir,
                      config=Config.from_dict(config_data) if config_data else None)
