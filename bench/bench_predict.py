@@ -14,9 +14,10 @@ folder twice: the first run, and `--resume` once every row is in the file
 (median of three), reported as resumed / first.
 
 P9 (issue 17): the real command, whole process, over the same files with
-`--runtime onnxruntime` (converted and checked once before, not timed) and with
-the Keras runtime (the SavedModel), in interleaved pairs: images/s of onnxruntime
-/ Keras (median pair), whole process and the command's own images/s.
+`--runtime onnxruntime` and `--runtime tflite` (each converted and checked once
+before, not timed) and with the Keras runtime (the SavedModel), in interleaved
+pairs: images/s of the fast runtime / Keras (median pair), whole process and the
+command's own images/s.
 """
 
 from __future__ import annotations
@@ -108,42 +109,50 @@ def said_rate(stderr: str) -> float:
     return float(found.group(1)) if found else float("nan")
 
 
-def runtime_figure(version: Path, photos: Path, tmp: Path, count: int, batch_size: int, rounds: int) -> dict:
-    """P9: `tl-app predict --runtime onnxruntime` vs the Keras runtime, whole process, same files."""
-    convert_s, _ = run_predict(version, photos, tmp / "convert.csv", batch_size, "--runtime", "onnxruntime")
-    pairs = []
-    for _ in range(rounds):  # interleaved: a neighbour's load hits both sides of a pair alike
-        keras_s, keras_said = run_predict(version, photos, tmp / "keras.csv", batch_size)
-        onnx_s, onnx_said = run_predict(version, photos, tmp / "onnx.csv", batch_size, "--runtime", "onnxruntime")
-        pairs.append({"keras_s": keras_s, "onnx_s": onnx_s, "keras_rate": said_rate(keras_said),
-                      "onnx_rate": said_rate(onnx_said)})
-    whole = sorted(p["keras_s"] / p["onnx_s"] for p in pairs)
-    steady = sorted(p["onnx_rate"] / p["keras_rate"] for p in pairs)
-    keras_rows = (tmp / "keras.csv").read_text().splitlines()
-    onnx_rows = (tmp / "onnx.csv").read_text().splitlines()
-    same_labels = sum(a.split(",")[1] == b.split(",")[1] for a, b in zip(keras_rows[1:], onnx_rows[1:]))
-    out = {"ratio_whole_process": round(whole[len(whole) // 2], 3), "pair_ratios_whole": [round(r, 3) for r in whole],
-           "ratio_command": round(steady[len(steady) // 2], 3), "pair_ratios_command": [round(r, 3) for r in steady],
-           "keras_s": [round(p["keras_s"], 2) for p in pairs], "onnx_s": [round(p["onnx_s"], 2) for p in pairs],
-           "first_onnx_run_with_conversion_s": round(convert_s, 2), "top1_equal": same_labels,
-           "rows": len(keras_rows) - 1}
-    print(f"P9 tl-app predict --runtime onnxruntime / Keras runtime (SavedModel), {count} JPEGs, whole process: "
-          f"{out['ratio_whole_process']:.2f}x images/s (median of {rounds} interleaved pairs: "
-          f"{', '.join(f'{r:.2f}' for r in whole)}; keras {', '.join(f'{x:.1f}s' for x in out['keras_s'])}, "
-          f"onnxruntime {', '.join(f'{x:.1f}s' for x in out['onnx_s'])}); the command's own images/s "
-          f"{out['ratio_command']:.2f}x (pairs {', '.join(f'{r:.2f}' for r in steady)}); target >= 1.2x; first "
-          f"onnxruntime run incl. conversion and parity check {convert_s:.1f}s; top-1 equal in "
-          f"{same_labels}/{out['rows']} rows", flush=True)
+def runtime_figure(version: Path, photos: Path, tmp: Path, count: int, batch_size: int, rounds: int,
+                   runtimes=("onnxruntime", "tflite")) -> dict:
+    """P9: `tl-app predict --runtime R` vs the Keras runtime, whole process, same files, for each fast R."""
+    out = {}
+    for runtime in runtimes:
+        convert_s, _ = run_predict(version, photos, tmp / f"convert-{runtime}.csv", batch_size, "--runtime", runtime)
+        pairs = []
+        for _ in range(rounds):  # interleaved: a neighbour's load hits both sides of a pair alike
+            keras_s, keras_said = run_predict(version, photos, tmp / "keras.csv", batch_size)
+            fast_s, fast_said = run_predict(version, photos, tmp / f"{runtime}.csv", batch_size, "--runtime", runtime)
+            pairs.append({"keras_s": keras_s, "fast_s": fast_s, "keras_rate": said_rate(keras_said),
+                          "fast_rate": said_rate(fast_said)})
+        whole = sorted(p["keras_s"] / p["fast_s"] for p in pairs)
+        steady = sorted(p["fast_rate"] / p["keras_rate"] for p in pairs)
+        keras_rows = (tmp / "keras.csv").read_text().splitlines()
+        fast_rows = (tmp / f"{runtime}.csv").read_text().splitlines()
+        same_labels = sum(a.split(",")[1] == b.split(",")[1] for a, b in zip(keras_rows[1:], fast_rows[1:]))
+        x = {"ratio_whole_process": round(whole[len(whole) // 2], 3), "pair_ratios_whole": [round(r, 3) for r in whole],
+             "ratio_command": round(steady[len(steady) // 2], 3),
+             "pair_ratios_command": [round(r, 3) for r in steady],
+             "keras_s": [round(p["keras_s"], 2) for p in pairs], "fast_s": [round(p["fast_s"], 2) for p in pairs],
+             "first_run_with_conversion_s": round(convert_s, 2), "top1_equal": same_labels,
+             "rows": len(keras_rows) - 1}
+        out[runtime] = x
+        print(f"P9 tl-app predict --runtime {runtime} / Keras runtime (SavedModel), {count} JPEGs, whole process: "
+              f"{x['ratio_whole_process']:.2f}x images/s (median of {rounds} interleaved pairs: "
+              f"{', '.join(f'{r:.2f}' for r in whole)}; keras {', '.join(f'{v:.1f}s' for v in x['keras_s'])}, "
+              f"{runtime} {', '.join(f'{v:.1f}s' for v in x['fast_s'])}); the command's own images/s "
+              f"{x['ratio_command']:.2f}x (pairs {', '.join(f'{r:.2f}' for r in steady)}); target >= 1.2x; first "
+              f"{runtime} run incl. conversion and parity check {convert_s:.1f}s; top-1 equal in "
+              f"{same_labels}/{x['rows']} rows", flush=True)
     return out
 
 
-def p9_row(runtime: dict, count: int, backbone: str, size: int) -> list[dict]:
-    """Issue 17's P9: images/s of `predict --runtime onnxruntime` over Keras `predict` on the same files."""
-    keras_s, onnx_s = statistics.median(runtime["keras_s"]), statistics.median(runtime["onnx_s"])
-    return [target_row("P9", f"tl-app predict --runtime onnxruntime, whole process, {count} JPEGs, {backbone} at "
-                              f"{size} px", count / onnx_s, "img/s", count / keras_s,
-                       "tl-app predict with the Keras runtime (SavedModel) on the same files, interleaved pairs",
-                       runtime["ratio_whole_process"], ">= 1.2")]
+def p9_row(runtimes: dict, count: int, backbone: str, size: int) -> list[dict]:
+    """Issue 17's P9: images/s of `predict --runtime R` over Keras `predict` on the same files, per runtime."""
+    rows = []
+    for name, x in runtimes.items():
+        keras_s, fast_s = statistics.median(x["keras_s"]), statistics.median(x["fast_s"])
+        rows.append(target_row("P9", f"tl-app predict --runtime {name}, whole process, {count} JPEGs, {backbone} "
+                                     f"at {size} px", count / fast_s, "img/s", count / keras_s,
+                               "tl-app predict with the Keras runtime (SavedModel) on the same files, interleaved "
+                               "pairs", x["ratio_whole_process"], ">= 1.2"))
+    return rows
 
 
 def main() -> None:
