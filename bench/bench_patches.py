@@ -24,13 +24,15 @@ import numpy as np
 from common import emit
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from tl_app.insight.patches import patches
 start = time.perf_counter()
 summary = patches("vgg16", sys.argv[1], layer=sys.argv[2], input_size=int(sys.argv[3]), units=8, per_unit=16,
                   out=sys.argv[4], echo=None)
+# this process's own high-water mark (ru_maxrss would carry the parent's across fork and exec)
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0].split()[1]
 print(json.dumps({"images": summary["images"], "seconds": time.perf_counter() - start,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": int(hwm) / 1024}))
 """
 
 
