@@ -39,6 +39,17 @@ def read_rows(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open()))
 
 
+def keras_and(cli, run_dir: Path, inputs: list, tmp_path: Path, *options) -> tuple[list[dict], list[dict]]:
+    """The rows of `tl-app predict` over ``inputs`` with the Keras runtime, and with ``options``."""
+    rows = []
+    for k, extra in enumerate(((), options)):
+        out = tmp_path / f"rows-{k}.csv"
+        result = cli("predict", run_dir, *inputs, "--out", out, "-q", *extra)
+        assert result.exit_code == 0, result.output
+        rows.append(read_rows(out))
+    return rows[0], rows[1]
+
+
 def assert_same_rows(expected: list[dict], got: list[dict]) -> None:
     """Path, classes in order, label and verdict equal; probabilities and OOD score within 1e-4."""
     assert len(got) == len(expected) == 36 + 6 and "ood_score" in got[0]
@@ -56,16 +67,14 @@ def test_onnxruntime_rows_equal_the_keras_rows(scored_run, cli, tmp_path):
     from tl_app.export.predict_runtime import FOLDER
 
     run_dir = scored_run["run_dir"]
-    keras_out, onnx_out = tmp_path / "keras.csv", tmp_path / "onnx.csv"
-    assert cli("predict", run_dir, *scored_run["inputs"], "--out", keras_out, "-q").exit_code == 0
-    result = cli("predict", run_dir, *scored_run["inputs"], "--out", onnx_out, "-q", "--runtime", "onnxruntime")
-    assert result.exit_code == 0, result.output
-    converted = sorted((run_dir / FOLDER).glob("classifier-*"))  # key.onnx, key.parity.json
+    onnx_out = tmp_path / "onnx.csv"
+    expected, got = keras_and(cli, run_dir, scored_run["inputs"], tmp_path, "--runtime", "onnxruntime")
+    converted = sorted((run_dir / FOLDER).glob("classifier-*-onnx.*"))  # key-onnx.onnx, key-onnx.parity.json
     assert [p.name.split(".", 1)[1] for p in converted] == ["onnx", "parity.json"]
     record = json.loads(converted[1].read_text())
     assert record["ok"] and record["top1_agreement"] == 1.0 and record["ood_score"]["ok"]
 
-    assert_same_rows(read_rows(keras_out), read_rows(onnx_out))
+    assert_same_rows(expected, got)
 
     # the second run reuses the conversion (nothing rewritten)
     stamp = converted[0].stat().st_mtime_ns
@@ -97,6 +106,17 @@ def test_a_changed_model_gets_another_conversion_key(scored_run, tmp_path):
     assert conversion_key(read_model_info(copy), model_target(info)) != key
 
 
+def other_network(run_dir: Path, size: int):
+    """A small network with the run's classes and an OOD score, which is not the run's model."""
+    import keras
+
+    images = keras.Input((size, size, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(images)
+    probabilities = keras.layers.Dense(len(json.loads((run_dir / "run.json").read_text())["classes"]),
+                                       activation="softmax")(pooled)
+    return keras.Model(images, {"probabilities": probabilities, "ood_score": keras.ops.mean(pooled, axis=-1)})
+
+
 @pytest.mark.slow
 def test_a_conversion_that_does_not_match_keras_is_refused(scored_run, tmp_path):
     from tl_app.core.errors import TlAppError
@@ -108,14 +128,7 @@ def test_a_conversion_that_does_not_match_keras_is_refused(scored_run, tmp_path)
         earlier.unlink()
 
     def wrong_network(model, path, size):  # a small other network in place of the model
-        import keras
-
-        images = keras.Input((size, size, 3))
-        pooled = keras.layers.GlobalAveragePooling2D()(images)
-        probabilities = keras.layers.Dense(len(json.loads((run_dir / "run.json").read_text())["classes"]),
-                                           activation="softmax")(pooled)
-        tf2onnx_classifier(keras.Model(images, {"probabilities": probabilities,
-                                                "ood_score": keras.ops.mean(pooled, axis=-1)}), path, size)
+        tf2onnx_classifier(other_network(run_dir, size), path, size)
 
     def unscored(model, path, size):  # a converter that dropped the OOD scorer
         import keras
@@ -136,27 +149,18 @@ def test_tflite_rows_equal_the_keras_rows_and_a_wrong_conversion_is_refused(scor
     from tl_app.export.predict_runtime import FOLDER, open_predictor, tflite_classifier
 
     run_dir = scored_run["run_dir"]
-    keras_out, lite_out = tmp_path / "keras.csv", tmp_path / "tflite.csv"
-    assert cli("predict", run_dir, *scored_run["inputs"], "--out", keras_out, "-q").exit_code == 0
-    result = cli("predict", run_dir, *scored_run["inputs"], "--out", lite_out, "-q", "--runtime", "tflite")
-    assert result.exit_code == 0, result.output
+    expected, got = keras_and(cli, run_dir, scored_run["inputs"], tmp_path, "--runtime", "tflite")
     converted = sorted((run_dir / FOLDER).glob("classifier-*-tflite.*"))
     assert [p.name.split(".", 1)[1] for p in converted] == ["parity.json", "tflite"]
     record = json.loads(converted[0].read_text())
     assert record["ok"] and record["top1_agreement"] == 1.0 and record["ood_score"]["ok"]
-    assert_same_rows(read_rows(keras_out), read_rows(lite_out))
+    assert_same_rows(expected, got)
 
     for earlier in converted:
         earlier.unlink()
 
     def wrong_network(model, path, size):  # a small other network in place of the model
-        import keras
-
-        images = keras.Input((size, size, 3))
-        pooled = keras.layers.GlobalAveragePooling2D()(images)
-        probabilities = keras.layers.Dense(len(json.loads((run_dir / "run.json").read_text())["classes"]),
-                                           activation="softmax")(pooled)
-        tflite_classifier(keras.Model(images, [probabilities, keras.ops.mean(pooled, axis=-1)]), path, size)
+        tflite_classifier(other_network(run_dir, size), path, size)
 
     with pytest.raises(TlAppError, match="tflite conversion .* does not match Keras.*probabilities differ"):
         open_predictor(run_dir, "tflite", converter=wrong_network)
@@ -187,15 +191,10 @@ def test_int8_predict_is_calibrated_and_gated_on_the_users_images(scored_run, cl
     config.backbone.weights = "hed-vgg16"
     config.train.strategy, config.train.epochs, config.train.batch_size = "bottleneck", 10, 8
     run_dir = Path(api.train(config, echo=None)["run_dir"])
-    new = write_tinted(tmp_path / "new", seed=1)
-    keras_out, int8_out = tmp_path / "keras.csv", tmp_path / "int8.csv"
-    assert cli("predict", run_dir, new, "--out", keras_out, "-q").exit_code == 0
-    result = cli("predict", run_dir, new, "--out", int8_out, "-q", "--precision", "int8")
-    assert result.exit_code == 0, result.output
+    expected, got = keras_and(cli, run_dir, [write_tinted(tmp_path / "new", seed=1)], tmp_path, "--precision", "int8")
     record = json.loads(next((run_dir / FOLDER).glob("classifier-*-int8.gate.json")).read_text())
     assert record["ok"] and record["top1_agreement"] >= 0.99 and record["verdict_agreement"] >= 0.99
     assert record["calibration_images"] == 16 and record["images"] == 48 - 16  # the rest of the user's images
-    expected, got = read_rows(keras_out), read_rows(int8_out)
     assert [r["path"] for r in got] == [r["path"] for r in expected] and len(got) == 48
     assert np.mean([(a["label"], a["unknown"]) == (b["label"], b["unknown"]) for a, b in zip(expected, got)]) >= 0.99
 

@@ -231,6 +231,15 @@ def keras_answers(model, images: np.ndarray) -> dict:
     return out
 
 
+def passed_record(path: Path, record: Path) -> dict:
+    """The record of a conversion kept at ``path`` that passed its check, or {} (none, unreadable, refused)."""
+    try:
+        checked = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+    return checked if path.is_file() and checked.get("ok") else {}
+
+
 def converted_classifier(info: ModelInfo, converter: Callable | None = None,
                          runtime: str = "onnxruntime") -> tuple[Path, dict]:
     """(the checked .onnx or .tflite file, its parity record), converting and checking it first when none matches
@@ -245,11 +254,8 @@ def converted_classifier(info: ModelInfo, converter: Callable | None = None,
     folder = info.source / FOLDER
     stem = f"classifier-{key}-{SUFFIX[runtime]}"
     path, record = folder / f"{stem}.{SUFFIX[runtime]}", folder / f"{stem}.parity.json"
-    try:
-        checked = json.loads(record.read_text())
-    except (OSError, ValueError):
-        checked = {}
-    if path.is_file() and checked.get("ok"):
+    checked = passed_record(path, record)
+    if checked:
         return path, checked
     try:
         folder.mkdir(exist_ok=True)
@@ -311,18 +317,17 @@ def quantize_convolutions(source: Path, target: Path, input_size: int, images: n
 def int8_classifier(info: ModelInfo, sample: np.ndarray, quantizer: Callable = quantize_convolutions
                     ) -> tuple[Path, dict]:
     """(the gated int8 .onnx file, its record): the parity-checked float32 ONNX classifier's convolutions
-    statically quantised with activation ranges from the first CALIBRATE_IMAGES of ``sample`` (the user's own images,
-    as predict feeds them), then gated on the rest of ``sample`` plus the fixed calibration images: top-1
-    and unknown-verdict agreement with float32 Keras of at least INT8_AGREEMENT, or it is refused. Kept
-    beside the fp32 conversion under the same key, so a changed model is quantised and gated again."""
+    statically quantised with activation ranges from the first CALIBRATE_IMAGES of ``sample`` (the user's
+    own images, as predict feeds them), then gated on the rest of ``sample`` (all of it when fewer than
+    MIN_GATE_IMAGES are left): top-1 and unknown-verdict agreement with float32 Keras of at least
+    INT8_AGREEMENT, or it is refused. The fixed synthetic calibration images are not used: noise and flat
+    colours sit on decision boundaries no photo is near. Kept beside the fp32 conversion under the same
+    key, so a changed model is quantised and gated again."""
     source, _ = converted_classifier(info, None, "onnxruntime")
     stem = source.name[: -len("-onnx.onnx")] + "-int8"
     path, record = source.with_name(f"{stem}.onnx"), source.with_name(f"{stem}.gate.json")
-    try:
-        checked = json.loads(record.read_text())
-    except (OSError, ValueError):
-        checked = {}
-    if path.is_file() and checked.get("ok"):
+    checked = passed_record(path, record)
+    if checked:
         return path, checked
     sample = np.asarray(sample, np.float32).reshape(-1, info.input_size, info.input_size, 3)
     calibrate = sample[:CALIBRATE_IMAGES]
