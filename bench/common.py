@@ -53,8 +53,8 @@ def timed(fn, *args, **kwargs):
 
 
 def emit(name: str, results: dict, rows: list[dict] | None = None) -> None:
-    """The last line of every benchmark: one JSON document (with its target rows, if any, under "rows")."""
-    print(json.dumps({"bench": name, **results, **({"rows": rows} if rows else {})}, sort_keys=True))
+    """The last line of every benchmark: one JSON document (with its target rows, if any, under "target_rows")."""
+    print(json.dumps({"bench": name, **results, **({"target_rows": rows} if rows else {})}, sort_keys=True))
 
 
 def target_row(row: str, what: str, value: float, unit: str, baseline: float | None, baseline_what: str,

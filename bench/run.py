@@ -6,7 +6,7 @@
 Each benchmark measures its own baseline in the same run and prints ratios;
 results are appended to bench/results/results.jsonl. A benchmark that measures
 an issue's target rows (issue 17's P1, P1b, P1c, P2, P7, P9) lists them under
-"rows", and this script ends with one table of every row: the figure, the
+"target_rows", and this script ends with one table of every row: the figure, the
 baseline it was divided by, the ratio and the target.
 """
 
@@ -71,7 +71,7 @@ def last_records(path: Path, quick: bool, only: list[str] | None) -> list[dict]:
 def print_table(records: list[dict]) -> None:
     """Every target row of these records, ordered by row name: figure, baseline, ratio, target, met."""
     rows = [dict(row, bench=record["bench"], time=record["time"]) for record in records
-            for row in record.get("rows", [])]
+            for row in record.get("target_rows", [])]
     if not rows:
         return
     rows.sort(key=lambda row: row["row"])
