@@ -146,7 +146,8 @@ def test_a_conversion_that_does_not_match_keras_is_refused(scored_run, tmp_path)
 def test_tflite_rows_equal_the_keras_rows_and_a_wrong_conversion_is_refused(scored_run, cli, tmp_path):
     """--runtime tflite: the classifier with its OOD scorer as a float32 .tflite beside the model, the same gate."""
     from tl_app.core.errors import TlAppError
-    from tl_app.export.predict_runtime import FOLDER, open_predictor, tflite_classifier
+    from tl_app.export.predict_runtime import FOLDER, open_predictor
+    from tl_app.features.runtime import tflite_convert
 
     run_dir = scored_run["run_dir"]
     expected, got = keras_and(cli, run_dir, scored_run["inputs"], tmp_path, "--runtime", "tflite")
@@ -160,7 +161,7 @@ def test_tflite_rows_equal_the_keras_rows_and_a_wrong_conversion_is_refused(scor
         earlier.unlink()
 
     def wrong_network(model, path, size):  # a small other network in place of the model
-        tflite_classifier(other_network(run_dir, size), path, size)
+        tflite_convert(other_network(run_dir, size), path, size)
 
     with pytest.raises(TlAppError, match="tflite conversion .* does not match Keras.*probabilities differ"):
         open_predictor(run_dir, "tflite", converter=wrong_network)

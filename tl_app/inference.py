@@ -295,7 +295,8 @@ def open_for_predict(model, inputs, runtime: str, precision: str, max_pixels: in
     if precision == "fp32":
         return open_predictor(model, runtime)
     info = read_model_info(model.source if isinstance(model, Predictor) else model)
-    return open_predictor(model, runtime, precision=precision, sample=user_sample(inputs, info, max_pixels))
+    return open_predictor(model, runtime, precision=precision,
+                          sample=lambda: user_sample(inputs, info, max_pixels))  # read only to quantise
 
 
 # ---- the entry point -------------------------------------------------------------------

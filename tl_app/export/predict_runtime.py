@@ -25,7 +25,7 @@ import numpy as np
 from tl_app.core.errors import ConfigError, ModelNotFoundError, TlAppError
 from tl_app.core.config import Config
 from tl_app.core.files import atomic_write_text
-from tl_app.features.runtime import PARITY_TOLERANCE, ort_quantize_static, parity
+from tl_app.features.runtime import PARITY_TOLERANCE, TfliteRuntime, ort_quantize_static, parity, tflite_convert
 from tl_app.models.artifacts import KERAS_FILE, MODEL_FILE, RUN_FILE
 from tl_app.models.ood import LAYER_NAME as OOD_SCORE, OOD_FILE, PROBABILITIES, split_outputs
 from tl_app.models.opener import (ModelInfo, Predictor, calibrated_model, config_data_of, ood_threshold_of,
@@ -116,45 +116,14 @@ class OnnxClassifier:
         return out
 
 
-def tflite_classifier(model, path: Path, input_size: int) -> None:
-    """The scored Keras classifier to a float32 .tflite: pixels in, probabilities (and the OOD score) out.
-
-    Converted from the Keras model itself (a tf.function's Keras 3 variables would not be frozen)."""
-    import contextlib
-    import io
-
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    with contextlib.redirect_stdout(io.StringIO()):
-        path.write_bytes(converter.convert())
-
-
-class TfliteClassifier:
+class TfliteClassifier(TfliteRuntime):
     """A converted classifier in TFLite's interpreter (XNNPACK): pixels -> {probabilities, ood_score}.
 
     TFLite names its outputs after graph tensors, so they are told apart by shape: probabilities are
     (batch, classes) with two or more classes, the OOD score one number per image."""
 
-    def __init__(self, path: str | Path):
-        import warnings
-
-        import tensorflow as tf
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tf.lite.Interpreter's move-to-LiteRT notice
-            self.interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
-        self.input = self.interpreter.get_input_details()[0]["index"]
-        self.shape = None
-
     def __call__(self, images) -> dict:
-        images = np.ascontiguousarray(np.asarray(images), np.float32)
-        if self.shape != images.shape:  # one resize per batch shape
-            self.interpreter.resize_tensor_input(self.input, list(images.shape))
-            self.interpreter.allocate_tensors()
-            self.shape = images.shape
-        self.interpreter.set_tensor(self.input, images)
-        self.interpreter.invoke()
+        self.run(np.asarray(images))
         out = {}
         for detail in self.interpreter.get_output_details():
             value = np.array(self.interpreter.get_tensor(detail["index"]))
@@ -165,7 +134,7 @@ class TfliteClassifier:
         return out
 
 
-CONVERTERS = {"onnxruntime": tf2onnx_classifier, "tflite": tflite_classifier}
+CONVERTERS = {"onnxruntime": tf2onnx_classifier, "tflite": tflite_convert}  # tflite: from the Keras model itself
 CLASSIFIERS = {"onnxruntime": OnnxClassifier, "tflite": TfliteClassifier}
 
 
@@ -314,22 +283,22 @@ def quantize_convolutions(source: Path, target: Path, input_size: int, images: n
     ort_quantize_static(source, target, input_size, images, op_types=("Conv",))
 
 
-def int8_classifier(info: ModelInfo, sample: np.ndarray, quantizer: Callable = quantize_convolutions
+def int8_classifier(info: ModelInfo, sample: Callable[[], np.ndarray], quantizer: Callable = quantize_convolutions
                     ) -> tuple[Path, dict]:
     """(the gated int8 .onnx file, its record): the parity-checked float32 ONNX classifier's convolutions
-    statically quantised with activation ranges from the first CALIBRATE_IMAGES of ``sample`` (the user's
-    own images, as predict feeds them), then gated on the rest of ``sample`` (all of it when fewer than
-    MIN_GATE_IMAGES are left): top-1 and unknown-verdict agreement with float32 Keras of at least
-    INT8_AGREEMENT, or it is refused. The fixed synthetic calibration images are not used: noise and flat
-    colours sit on decision boundaries no photo is near. Kept beside the fp32 conversion under the same
-    key, so a changed model is quantised and gated again."""
+    statically quantised with activation ranges from the first CALIBRATE_IMAGES of ``sample()`` (the user's
+    own images, as predict feeds them; read only when there is no gated copy yet), then gated on the rest
+    (all of them when fewer than MIN_GATE_IMAGES are left): top-1 and unknown-verdict agreement with float32
+    Keras of at least INT8_AGREEMENT, or it is refused. The fixed synthetic calibration images are not used:
+    noise and flat colours sit on decision boundaries no photo is near. Kept beside the fp32 conversion under
+    the same key, so a changed model is quantised and gated again."""
     source, _ = converted_classifier(info, None, "onnxruntime")
     stem = source.name[: -len("-onnx.onnx")] + "-int8"
     path, record = source.with_name(f"{stem}.onnx"), source.with_name(f"{stem}.gate.json")
     checked = passed_record(path, record)
     if checked:
         return path, checked
-    sample = np.asarray(sample, np.float32).reshape(-1, info.input_size, info.input_size, 3)
+    sample = np.asarray(sample(), np.float32).reshape(-1, info.input_size, info.input_size, 3)
     calibrate = sample[:CALIBRATE_IMAGES]
     if not len(calibrate):
         raise TlAppError("--precision int8 calibrates on the images it predicts, and none could be read. Use "
@@ -344,9 +313,8 @@ def int8_classifier(info: ModelInfo, sample: np.ndarray, quantizer: Callable = q
             raise TlAppError(f"The model could not be quantised to int8 ({type(exc).__name__}: {str(exc)[:300]}). "
                              f"Use --precision fp32.") from None
         model = scored_model(info, calibrated_model(info, model_target(info)))
-        expected = {k: np.concatenate([v[k] for v in (keras_answers(model, gate[i:i + 32])
-                                                       for i in range(0, len(gate), 32))])
-                    for k in keras_answers(model, gate[:1])}
+        batches = [keras_answers(model, gate[i:i + 32]) for i in range(0, len(gate), 32)]
+        expected = {k: np.concatenate([batch[k] for batch in batches]) for k in batches[0]}
         result = agreement(expected, OnnxClassifier(tmp)(gate), ood_threshold_of(info.card))
         if not result["ok"]:
             raise TlAppError(f"--precision int8 is refused for {info.source}: its answers are too far from float32 "
@@ -363,11 +331,11 @@ def int8_classifier(info: ModelInfo, sample: np.ndarray, quantizer: Callable = q
 
 
 def open_predictor(model, runtime: str = "keras", converter: Callable | None = None, precision: str = "fp32",
-                   sample: np.ndarray | None = None) -> Predictor:
+                   sample: Callable[[], np.ndarray] | None = None) -> Predictor:
     """The Predictor batch prediction uses: ``open_model``'s for keras, a checked conversion otherwise.
 
     ``model`` is a path or an opened Predictor (its source is converted for onnxruntime and tflite).
-    ``precision`` int8 runs ONNX Runtime on a statically quantised copy, calibrated and gated on ``sample``
+    ``precision`` int8 runs ONNX Runtime on a statically quantised copy, calibrated and gated on ``sample()``
     (the user's images, decoded and resized as predict feeds them; see ``int8_classifier``).
     """
     if runtime not in PREDICT_RUNTIMES:
@@ -381,8 +349,7 @@ def open_predictor(model, runtime: str = "keras", converter: Callable | None = N
         return model if isinstance(model, Predictor) else open_model(model)
     info = read_model_info(model.source if isinstance(model, Predictor) else model)
     if precision == "int8":
-        path, _ = int8_classifier(info, np.zeros((0, info.input_size, info.input_size, 3)) if sample is None
-                                  else sample)
+        path, _ = int8_classifier(info, sample or (lambda: np.zeros((0, info.input_size, info.input_size, 3))))
         runtime = "onnxruntime"
     else:
         path, _ = converted_classifier(info, converter, runtime)

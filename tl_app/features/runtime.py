@@ -89,19 +89,24 @@ class TfliteRuntime:
         self.output = self.interpreter.get_output_details()[0]["index"]
         self.batch = None
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def run(self, images: np.ndarray) -> None:
+        """Resize for this batch shape if it is new (extraction pads to one), set the input and invoke."""
         images = np.ascontiguousarray(images, np.float32)
-        if self.batch != images.shape:  # one resize per batch shape (extraction pads to one)
+        if self.batch != images.shape:
             self.interpreter.resize_tensor_input(self.input, list(images.shape))
             self.interpreter.allocate_tensors()
             self.batch = images.shape
         self.interpreter.set_tensor(self.input, images)
         self.interpreter.invoke()
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.run(images)
         return np.array(self.interpreter.get_tensor(self.output))
 
 
 def tflite_convert(model, path: Path, input_size: int) -> None:
-    """The Keras feature model to a float32 .tflite (raw pixels in, features out; batch resized at run time)."""
+    """A Keras model to a float32 .tflite (raw pixels in; batch resized at run time): the feature model, or
+    predict's scored classifier."""
     import contextlib
     import io
 
