@@ -71,8 +71,7 @@ def last_records(path: Path, quick: bool, only: list[str] | None) -> list[dict]:
 def print_table(records: list[dict]) -> None:
     """Every target row of these records, ordered by row name: figure, baseline, ratio, target, met."""
     rows = [dict(row, bench=record["bench"], time=record["time"]) for record in records
-            for row in record.get("target_rows", []) or record.get("rows", [])  # "rows": the first records' name
-            if isinstance(row, dict) and "row" in row]
+            for row in record.get("target_rows", [])]
     if not rows:
         return
     rows.sort(key=lambda row: row["row"])
